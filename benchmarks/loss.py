@@ -1,0 +1,204 @@
+"""Speed and memory of the FreeAnchor loss at COCO scale (issue #2, design.md §8).
+
+Compares, on identical inputs, forward + backward of
+  - `free_anchor_loss`: batched over images and objects, fused negative term (freeanchor.py);
+  - `per-image loop`: the same loss written the way the published implementations do it, one image
+    at a time with plain autograd (kept here as the baseline every ratio refers to);
+  - `retinanet_loss`: the hand-crafted IoU assignment + focal loss baseline (Eq. 1);
+  - `sigmoid pass`: one elementwise torch.sigmoid over the B x A x K logits, forward only (the
+    floor: the negative term must touch every logit at least once).
+at a padded 800x1344 image (201,600 anchors), K = 80 classes, B in {2, 16}, G in {8, 100} objects
+per image. Every configuration runs in a fresh subprocess so that its peak memory is its own
+(CPU: peak resident memory over what the inputs already took; CUDA: torch.cuda.max_memory_allocated).
+
+    python benchmarks/loss.py                      # CPU, all configurations (~15 min on 2 cores)
+    python benchmarks/loss.py --batch 2 --objects 8
+    python benchmarks/loss.py --device cuda
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from freeanchor import FreeAnchorConfig, free_anchor_loss, retinanet_loss  # noqa: E402
+from model import box_iou, decode, encode  # noqa: E402
+
+H, W, K = 800, 1344, 80
+
+
+def coco_anchors():
+    """torchvision's RetinaNet anchors for an 800x1344 input: 201,600 of them (P3-P7, 9 per cell)."""
+    out = []
+    for level, stride in enumerate((8, 16, 32, 64, 128)):
+        x = 32 * 2 ** level
+        sizes = torch.tensor([x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))], dtype=torch.float32)
+        ratios = torch.tensor([0.5, 1.0, 2.0])
+        hr = ratios.sqrt()
+        ws = (sizes[None, :] / hr[:, None]).reshape(-1)
+        hs = (sizes[None, :] * hr[:, None]).reshape(-1)
+        cell = (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()  # [9, 4]
+        ys = torch.arange(0, H // stride) * stride
+        xs = torch.arange(0, W // stride) * stride
+        sy, sx = torch.meshgrid(ys, xs, indexing="ij")
+        shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 1, 4).float()
+        out.append((shifts + cell[None]).reshape(-1, 4))
+    return torch.cat(out)
+
+
+def make_inputs(B, G, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    anchors = coco_anchors()
+    gt_boxes, gt_labels = [], []
+    for _ in range(B):
+        wh = torch.rand(G, 2, generator=g) * 300 + 16
+        xy = torch.rand(G, 2, generator=g) * (torch.tensor([W, H]) - wh)
+        gt_boxes.append(torch.cat([xy, xy + wh], 1).to(device))
+        gt_labels.append(torch.randint(0, K, (G,), generator=g).to(device))
+    cls_logits = (torch.randn(B, len(anchors), K, generator=g) - 4).to(device)
+    box_deltas = (torch.randn(B, len(anchors), 4, generator=g) * 0.5).to(device)
+    # a share of predictions lands on objects so that P{a_j in A+} has work to do
+    for b in range(B):
+        near = box_iou(gt_boxes[b].cpu(), anchors).argmax(0)
+        box_deltas[b] = (encode(anchors, gt_boxes[b].cpu()[near]) + torch.randn(len(anchors), 4, generator=g) * 0.5).to(device)
+    return cls_logits, box_deltas, anchors.to(device), gt_boxes, gt_labels
+
+
+def per_image_loop(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=FreeAnchorConfig()):
+    """FreeAnchor one image at a time with plain autograd, as the published implementations do."""
+    B, A, K = cls_logits.shape
+    n = min(cfg.bag_size, A)
+    cls_prob = torch.sigmoid(cls_logits)
+    num_objects = max(1, sum(len(b) for b in gt_boxes))
+    positive, box_probs = [], []
+    for b in range(B):
+        boxes, labels = gt_boxes[b], gt_labels[b]
+        with torch.no_grad():
+            pred = decode(anchors, box_deltas[b].detach())
+            iou = box_iou(boxes, pred)
+            t2 = iou.max(dim=1, keepdim=True).values.clamp(min=cfg.iou_threshold + 1e-12)
+            prob = ((iou - cfg.iou_threshold) / (t2 - cfg.iou_threshold)).clamp(0, 1)
+            box_prob = torch.zeros(A, K, device=cls_logits.device)
+            for i in range(len(boxes)):
+                box_prob[:, labels[i]] = torch.maximum(box_prob[:, labels[i]], prob[i])
+            box_probs.append(box_prob)
+        if len(boxes) == 0:
+            continue
+        bag = box_iou(boxes, anchors).topk(n, dim=1).indices
+        p_cls = cls_prob[b][bag, labels[:, None]]
+        loss_loc = F.smooth_l1_loss(box_deltas[b][bag], encode(anchors[bag], boxes[:, None]),
+                                    beta=cfg.smooth_l1_beta, reduction="none").sum(-1)
+        x = p_cls * torch.exp(-cfg.loc_weight * loss_loc)
+        w = 1 / (1 - x).clamp(min=1e-12)
+        bag_prob = (w / w.sum(1, keepdim=True) * x).sum(1)
+        positive.append(F.binary_cross_entropy(bag_prob.clamp(max=1), torch.ones_like(bag_prob), reduction="sum"))
+    q = (cls_prob * (1 - torch.stack(box_probs))).clamp(1e-12, 1 - 1e-12)
+    negative = (q.pow(cfg.gamma) * -torch.log1p(-q)).sum()
+    pos = sum(positive) if positive else box_deltas.sum() * 0
+    return {"positive": cfg.alpha * pos / num_objects,
+            "negative": (1 - cfg.alpha) * negative / (n * num_objects)}
+
+
+def sigmoid_pass(cls_logits, *rest):
+    return {"sigmoid": torch.sigmoid(cls_logits).sum() * 0}
+
+
+METHODS = {"free_anchor_loss": free_anchor_loss, "per-image loop": per_image_loop,
+           "retinanet_loss": retinanet_loss, "sigmoid pass": sigmoid_pass}
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_one(method, B, G, device, repeats):
+    """Time one configuration in this process; prints one JSON line."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_inputs(B, G, device)
+    fn = METHODS[method]
+    forward_only = method == "sigmoid pass"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times, values = [], None
+    for r in range(repeats + 1):  # the first run warms up (allocator, kernels)
+        x = cls_logits.clone().requires_grad_(not forward_only)
+        d = box_deltas.clone().requires_grad_(not forward_only)
+        if r == 1:  # measure memory from here: inputs exist, the loss's own tensors don't
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            else:
+                base = rss_bytes()
+        sync()
+        t0 = time.perf_counter()
+        out = fn(x, d, anchors, gt_boxes, gt_labels)
+        if not forward_only:
+            sum(out.values()).backward()
+        sync()
+        times.append(time.perf_counter() - t0)
+        values = {k: float(v) for k, v in out.items()}
+        del x, d, out
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = sorted(times[1:])
+    print(json.dumps({"method": method, "B": B, "G": G, "seconds": times[len(times) // 2],
+                      "peak_mb": max(peak, 0) / 2**20, "values": values}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[2, 16], help="images per batch (B)")
+    ap.add_argument("--objects", type=int, nargs="+", default=[8, 100], help="objects per image (G)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._one:
+        method, B, G = args._one
+        run_one(method, int(B), int(G), args.device, args.repeats)
+        return
+
+    if args.device == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        model_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+        machine = f"{model_name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    print(f"# FreeAnchor loss, forward + backward, A = 201,600 anchors (800x1344), K = {K}")
+    print(f"# {args.device}: {machine}; torch {torch.__version__}; median of {args.repeats} runs\n")
+    print("| B | G | method | time (ms) | vs per-image loop | vs retinanet_loss | x sigmoid pass | peak extra memory (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for B in args.batch:
+        for G in args.objects:
+            rows = {}
+            for method in args.methods:
+                cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device,
+                       "--repeats", str(args.repeats), "--_one", method, str(B), str(G)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    print(f"| {B} | {G} | {method} | failed: {res.stderr.strip().splitlines()[-1]} | | | | |")
+                    continue
+                rows[method] = json.loads(res.stdout.strip().splitlines()[-1])
+            loop = rows.get("per-image loop", {}).get("seconds")
+            retina = rows.get("retinanet_loss", {}).get("seconds")
+            sig = rows.get("sigmoid pass", {}).get("seconds")
+            for method, r in rows.items():
+                ratio = lambda base: f"{r['seconds'] / base:.2f}" if base else "-"
+                print(f"| {B} | {G} | {method} | {r['seconds'] * 1e3:.0f} | {ratio(loop)} | {ratio(retina)} "
+                      f"| {ratio(sig)} | {r['peak_mb']:.0f} |", flush=True)
+            if "free_anchor_loss" in rows and "per-image loop" in rows:  # same loss, two implementations
+                a, b = rows["free_anchor_loss"]["values"], rows["per-image loop"]["values"]
+                rel = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in a)
+                assert rel < 1e-4, f"free_anchor_loss and the per-image loop disagree: {a} vs {b}"
+
+
+if __name__ == "__main__":
+    main()
