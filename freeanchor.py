@@ -27,7 +27,10 @@ import torch.nn.functional as F
 from model import box_iou, decode, encode
 
 EPS = 1e-12  # the clamps of the authors' code: Mean-max weights, t2 and q of the negative term
-LOGIT_EPS = math.log((1 - EPS) / EPS)  # logit(1 - 1e-12): clamping q = p to [EPS, 1 - EPS] == clamping its logit here
+ONE_MINUS_Q_MIN = 1.0 - (1.0 - EPS)  # 1 - q once q is clamped to 1 - EPS (9.99978e-13 in float64, not 1e-12)
+# clamping q = p to [EPS, 1 - EPS] is clamping its logit to [LOGIT_LOW, LOGIT_HIGH]
+LOGIT_LOW = -math.log((1 - EPS) / EPS)
+LOGIT_HIGH = math.log((1 - ONE_MINUS_Q_MIN) / ONE_MINUS_Q_MIN)
 IOU_CHUNK = 1 << 22  # max elements of one [B, g, A] IoU block: bounds memory for crowded images
 
 
@@ -84,6 +87,21 @@ def _pad_objects(gt_boxes, gt_labels, dtype, device):
     return boxes, labels, valid
 
 
+def _top_n(iou, n):
+    """Indices [B, g, n] of the n largest IoUs of each row of iou [B, g, A], ties broken towards
+    the lower anchor index. topk alone leaves ties to chance, and they do happen: a small object
+    overlaps few anchors, and its bag is filled with anchors of IoU 0. A deterministic rule makes
+    the loss reproducible across devices and batch layouts (the oracle uses the same rule)."""
+    values, index = iou.topk(n, dim=2)  # [B, g, n], [B, g, n]
+    edge = values[..., -1:]  # [B, g, 1]  the smallest IoU that made it into the bag
+    if not ((iou >= edge).sum(2) > n).any():  # no tie across the bag's edge: topk's choice is the only one
+        return index
+    tied = iou == edge  # [B, g, A]
+    room = n - (values > edge).sum(2, keepdim=True)  # [B, g, 1]  places left for the tied anchors
+    keep = (iou > edge) | (tied & (tied.cumsum(2) <= room))  # [B, g, A]  exactly n per row
+    return keep.nonzero()[:, 2].view(iou.shape[0], iou.shape[1], n)  # [B, g, n]
+
+
 @torch.no_grad()
 def _match(anchors, pred_boxes, boxes, labels, valid, n, t, K):
     """Bags and P{a_j in A+}, none of which carries gradient.
@@ -105,7 +123,7 @@ def _match(anchors, pred_boxes, boxes, labels, valid, n, t, K):
     step = max(1, IOU_CHUNK // max(1, B * A))
     for g0 in range(0, G, step):
         box = boxes[:, g0:g0 + step]  # [B, g, 4]
-        bag[:, g0:g0 + step] = box_iou(box, anchors).topk(n, dim=2).indices  # [B, g, n]
+        bag[:, g0:g0 + step] = _top_n(box_iou(box, anchors), n)  # [B, g, n]
 
         iou_loc = box_iou(box, pred_boxes)  # [B, g, A]  IoU(b_i, decoded prediction of a_j)
         t2 = iou_loc.amax(dim=2, keepdim=True).clamp(min=t + EPS)  # [B, g, 1]
@@ -129,8 +147,8 @@ def _focal_terms(q, one_minus_q, gamma):
     """FL(q) = q^gamma * -log(1 - q), dFL/dq, and where q lies inside the authors' clamp
     [EPS, 1 - EPS] (outside it the gradient is zero). 1 - q comes separately so that it can be
     exact where q is close to 1 (float32 would round 1 - q to 0 there)."""
-    in_range = (q >= EPS) & (one_minus_q >= EPS)
-    q, one_minus_q = q.clamp(min=EPS), one_minus_q.clamp(min=EPS)
+    in_range = (q >= EPS) & (one_minus_q >= ONE_MINUS_Q_MIN)
+    q, one_minus_q = q.clamp(EPS, 1 - EPS), one_minus_q.clamp(min=ONE_MINUS_Q_MIN)
     nlog = -torch.log(one_minus_q)
     fl = q.pow(gamma) * nlog
     dfl_dq = torch.where(in_range, gamma * q.pow(gamma - 1) * nlog + q.pow(gamma) / one_minus_q, 0.0)
@@ -153,7 +171,7 @@ class _NegativeBagLoss(torch.autograd.Function):
     (plus_index, plus_prob) are corrected afterwards. In terms of the logit x, with p = sigmoid(x),
     -log(1 - p) = softplus(x) (exact, finite in float32) and
         FL(p) = p^g softplus(x),    dFL/dx = p^g (g (1 - p) softplus(x) + p) = p^g lerp(p, 1, g softplus(x)).
-    Clamping q = p to [EPS, 1 - EPS] (authors' code) is clamping x to +-LOGIT_EPS, with zero
+    Clamping q = p to [EPS, 1 - EPS] (authors' code) is clamping x to [LOGIT_LOW, LOGIT_HIGH], with zero
     gradient outside: only done when some logit is out there.
     """
 
@@ -162,9 +180,9 @@ class _NegativeBagLoss(torch.autograd.Function):
         x = cls_logits.detach().contiguous()  # [B, A, K]
         lo, hi = torch.aminmax(x)  # one pass, no allocation: is any q clamped?
         clamped = None
-        if lo < -LOGIT_EPS or hi > LOGIT_EPS:
-            clamped = (x < -LOGIT_EPS) | (x > LOGIT_EPS)  # [B, A, K]
-            x = x.clamp(-LOGIT_EPS, LOGIT_EPS)  # [B, A, K]
+        if lo < LOGIT_LOW or hi > LOGIT_HIGH:
+            clamped = (x < LOGIT_LOW) | (x > LOGIT_HIGH)  # [B, A, K]
+            x = x.clamp(LOGIT_LOW, LOGIT_HIGH)  # [B, A, K]
         p = torch.sigmoid(x)  # [B, A, K]
         nlog = F.softplus(x)  # [B, A, K]  -log(1 - p)
         p_gamma = p.pow(gamma)  # [B, A, K]
@@ -174,7 +192,7 @@ class _NegativeBagLoss(torch.autograd.Function):
         xs = cls_logits.detach().reshape(-1)[plus_index]  # [U]
         ps = torch.sigmoid(xs)  # [U]
         fl_s, dfl_dq = _focal_terms(ps * (1 - plus_prob), torch.sigmoid(-xs) + ps * plus_prob, gamma)  # [U], [U]
-        xsc = xs.clamp(-LOGIT_EPS, LOGIT_EPS)  # [U]
+        xsc = xs.clamp(LOGIT_LOW, LOGIT_HIGH)  # [U]
         fl_dense = torch.sigmoid(xsc).pow(gamma) * F.softplus(xsc)  # [U]  what the dense pass counted
         total = total + (fl_s - fl_dense).sum()  # []
 
@@ -226,7 +244,7 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
         boxes, labels, valid = _pad_objects(gt_boxes, gt_labels, box_deltas.dtype, box_deltas.device)  # [B, G, 4], [B, G], [B, G]
         if num_objects is None:
             num_objects = valid.sum()
-        num_objects = torch.as_tensor(num_objects, dtype=box_deltas.dtype, device=box_deltas.device).clamp(min=1)  # []  ||B||
+        num_objects = torch.as_tensor(num_objects, dtype=box_deltas.dtype, device=box_deltas.device)  # []  ||B||
 
         pred_boxes = decode(anchors, box_deltas.detach())  # [B, A, 4]
         bag, plus_index, plus_prob = _match(anchors, pred_boxes, boxes, labels, valid, n, cfg.iou_threshold, K)
@@ -251,10 +269,10 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
             bag_prob = (w * x).sum(-1) / w.sum(-1)  # [B, G]  Mean-max(X_i) of Eq. 5
             loss_obj = F.binary_cross_entropy(bag_prob.clamp(max=1), torch.ones_like(bag_prob),
                                               reduction="none")  # [B, G]  -log Mean-max
-            positive = cfg.alpha * torch.where(valid, loss_obj, 0.0).sum() / num_objects  # []
+            positive = cfg.alpha * torch.where(valid, loss_obj, 0.0).sum() / num_objects.clamp(min=1)  # []
 
         # negative term: precision, every anchor-class pair not clearly matched is background (Eqs. 6-7)
-        negative = (1 - cfg.alpha) * negative / (n * num_objects)  # []
+        negative = (1 - cfg.alpha) * negative / (n * num_objects).clamp(min=1)  # []  max(1, n ||B||), as the authors
     return {"positive": positive, "negative": negative}
 
 
@@ -294,7 +312,8 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Ret
             ignored = ~positive & (best_iou >= cfg.bg_iou)  # [B, A]
             cls_target = torch.zeros_like(cls_logits)  # [B, A, K]
             img = torch.arange(B, device=boxes.device)[:, None].expand(B, A)  # [B, A]
-            cls_target[img[positive], positive.nonzero()[:, 1], labels[img, best_obj][positive]] = 1
+            if G > 0:
+                cls_target[img[positive], positive.nonzero()[:, 1], labels[img, best_obj][positive]] = 1
             num_pos = positive.sum().clamp(min=1)  # []
 
         # sigmoid focal loss (Lin et al. 2017, Eq. 5) on every non-ignored anchor-class pair
@@ -305,7 +324,7 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Ret
         focal = alpha_t * (1 - p_t).pow(cfg.gamma) * ce  # [B, A, K]
         classification = torch.where(ignored[:, :, None], 0.0, focal).sum() / num_pos  # []
 
-        target = encode(anchors, boxes[img, best_obj])  # [B, A, 4]
+        target = encode(anchors, boxes[img, best_obj]) if G > 0 else box_deltas.detach()  # [B, A, 4]
         loss_loc = F.smooth_l1_loss(box_deltas, target, beta=cfg.smooth_l1_beta, reduction="none")  # [B, A, 4]
         regression = torch.where(positive[:, :, None], loss_loc, 0.0).sum() / (4 * num_pos)  # []
     return {"classification": classification, "regression": regression}

@@ -1,0 +1,472 @@
+"""Tests of freeanchor.py: the batched FreeAnchor loss against the numpy oracle
+(reference/freeanchor_np.py), its gradients (finite differences of the oracle, gradcheck), its
+numerics, the semantics that are easy to get wrong (design.md §4), and the RetinaNet baseline.
+
+    python -m pytest tests/test_freeanchor.py
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import freeanchor
+from freeanchor import FreeAnchorConfig, RetinaNetLossConfig, free_anchor_loss, retinanet_loss
+from model import box_iou, decode, encode
+from reference import freeanchor_np as oracle
+
+TERMS = ("positive", "negative")
+
+
+# ----------------------------------------------------------------------------- batches
+
+def random_boxes(gen, n, size, min_wh=4.0, max_wh=60.0):
+    """n xyxy boxes inside a size x size image, float64."""
+    wh = min_wh + torch.rand(n, 2, generator=gen, dtype=torch.float64) * (max_wh - min_wh)
+    xy = torch.rand(n, 2, generator=gen, dtype=torch.float64) * (size - wh)
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def make_batch(seed, counts, A=300, K=4, size=128, hit=0.5, logit_scale=2.0, same_box=False):
+    """A batch with `counts[b]` objects in image b. Random (jittered) anchors avoid IoU ties; a
+    share `hit` of the anchors predicts its best object (plus noise) so that P{a_j in A+} > 0."""
+    gen = torch.Generator().manual_seed(seed)
+    anchors = random_boxes(gen, A, size, 6.0, 70.0)  # [A, 4]
+    gt_boxes, gt_labels = [], []
+    for G in counts:
+        boxes = random_boxes(gen, G, size, 8.0, 80.0)
+        if same_box and G > 1:  # objects of different classes on the very same box
+            boxes[1::2] = boxes[0::2][: len(boxes[1::2])]
+        gt_boxes.append(boxes)
+        gt_labels.append(torch.randint(0, K, (G,), generator=gen))
+    B = len(counts)
+    cls_logits = torch.randn(B, A, K, generator=gen, dtype=torch.float64) * logit_scale
+    box_deltas = torch.randn(B, A, 4, generator=gen, dtype=torch.float64) * 0.3
+    for b in range(B):
+        if counts[b]:
+            best = box_iou(gt_boxes[b], anchors).argmax(0)  # [A]
+            hits = torch.rand(A, generator=gen) < hit
+            box_deltas[b, hits] = encode(anchors[hits], gt_boxes[b][best[hits]]) + \
+                torch.randn(int(hits.sum()), 4, generator=gen, dtype=torch.float64) * 0.2
+    return cls_logits, box_deltas, anchors, gt_boxes, gt_labels
+
+
+def num_matched(box_deltas, anchors, gt_boxes, gt_labels, K, cfg=FreeAnchorConfig()):
+    """U, the number of anchor-class pairs with P{a_j in A+} > 0 (to make sure a case tests it)."""
+    boxes, labels, valid = freeanchor._pad_objects(gt_boxes, gt_labels, box_deltas.dtype, "cpu")
+    n = min(cfg.bag_size, len(anchors))
+    _, index, _ = freeanchor._match(anchors, decode(anchors, box_deltas), boxes, labels, valid, n,
+                                    cfg.iou_threshold, K)
+    return len(index)
+
+
+def oracle_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=None, num_objects=None):
+    return oracle.free_anchor_loss(cls_logits.detach().numpy(), box_deltas.detach().numpy(),
+                                   anchors.numpy(), [b.numpy() for b in gt_boxes],
+                                   [l.numpy() for l in gt_labels], cfg=cfg, num_objects=num_objects)
+
+
+def assert_matches_oracle(batch, cfg=FreeAnchorConfig(), num_objects=None, rel=1e-9):
+    ours = free_anchor_loss(*batch, cfg=cfg, num_objects=num_objects)
+    ref = oracle_loss(*batch, cfg=cfg, num_objects=num_objects)
+    for term in TERMS:
+        got, want = float(ours[term]), ref[term]
+        assert abs(got - want) <= rel * max(abs(want), 1e-300), f"{term}: {got!r} vs oracle {want!r}"
+    return ours, ref
+
+
+# ----------------------------------------------------------------------------- values vs the oracle
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_batches_match_oracle(seed):
+    gen = torch.Generator().manual_seed(1000 + seed)
+    B = 1 + seed % 3
+    counts = torch.randint(0, 12, (B,), generator=gen).tolist()
+    batch = make_batch(seed, counts, K=2 + seed % 5)
+    assert_matches_oracle(batch)
+
+
+CASES = {
+    "image_without_objects": dict(counts=[3, 0, 5]),
+    "batch_without_objects": dict(counts=[0, 0]),
+    "one_object": dict(counts=[1]),
+    "hundred_objects": dict(counts=[110, 4], A=600, size=256),
+    "different_classes_sharing_anchors": dict(counts=[6], same_box=True),
+    "all_predictions_on_objects": dict(counts=[5], hit=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_edge_cases_match_oracle(name):
+    assert_matches_oracle(make_batch(7, **CASES[name]))
+
+
+def test_large_logits_match_oracle():
+    """Logits up to +-40, some beyond the clamp (|x| > 27.6). Here the oracle itself is the less
+    accurate one: it evaluates -log(1 - sigmoid(x)) literally, and 1 - p loses ~1e-6 (relative) to
+    cancellation in float64 at x ~ 25, where our softplus(x) is exact. Hence 1e-6, not 1e-9."""
+    batch = make_batch(7, [4, 2], logit_scale=12.0)
+    assert (batch[0].abs() > freeanchor.LOGIT_HIGH).sum() > 20
+    assert_matches_oracle(batch, rel=1e-6)
+
+
+def test_overlapping_objects_of_one_class_match_oracle():
+    cls_logits, box_deltas, anchors, _, _ = make_batch(3, [0], A=300, hit=0.0)
+    base = torch.tensor([30.0, 30.0, 90.0, 80.0], dtype=torch.float64)
+    boxes = torch.stack([base, base + torch.tensor([4.0, 3, 4, 3]), base + torch.tensor([-5.0, 2, 1, 6])])
+    labels = torch.tensor([1, 1, 1])
+    box_deltas = box_deltas.clone()
+    box_deltas[0, ::2] = encode(anchors[::2], boxes[torch.arange(150) % 3])  # predictions on all three
+    batch = (cls_logits, box_deltas, anchors, [boxes], [labels])
+    assert num_matched(box_deltas, anchors, [boxes], [labels], 4) > 0
+    assert_matches_oracle(batch)
+
+
+def test_boxes_touching_the_border_match_oracle():
+    size = 128
+    cls_logits, box_deltas, anchors, _, _ = make_batch(5, [0, 0], size=size)
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 25.0], [90.0, 100.0, 128.0, 128.0],
+                          [0.0, 60.0, 128.0, 90.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 2, 3])
+    box_deltas = box_deltas.clone()
+    best = box_iou(boxes, anchors).argmax(0)
+    box_deltas[0] = encode(anchors, boxes[best])
+    batch = (cls_logits, box_deltas, anchors, [boxes, boxes[:1]], [labels, labels[:1]])
+    assert_matches_oracle(batch)
+
+
+def test_fewer_anchors_than_bag_size_match_oracle():
+    batch = make_batch(11, [3, 1], A=20)
+    assert len(batch[2]) < FreeAnchorConfig().bag_size
+    ours, _ = assert_matches_oracle(batch)
+    assert all(torch.isfinite(v) for v in ours.values())
+
+
+def test_non_default_config_matches_oracle():
+    cfg = FreeAnchorConfig(bag_size=7, iou_threshold=0.4, alpha=0.3, gamma=1.5, loc_weight=1.1,
+                           smooth_l1_beta=0.2)
+    assert_matches_oracle(make_batch(13, [4, 6]), cfg=cfg)
+
+
+def test_num_objects_overrides_the_normaliser():
+    batch = make_batch(17, [3, 2])
+    assert_matches_oracle(batch, num_objects=2.5)
+    assert_matches_oracle(batch, num_objects=0.5)  # floored at 1
+    default = free_anchor_loss(*batch)
+    explicit = free_anchor_loss(*batch, num_objects=torch.tensor(5.0, dtype=torch.float64))
+    for term in TERMS:
+        torch.testing.assert_close(default[term], explicit[term])
+
+
+def test_cases_exercise_p_plus():
+    """The oracle comparisons above are only meaningful if P{a_j in A+} is often non-zero."""
+    batch = make_batch(0, [5, 3])
+    assert num_matched(batch[1], batch[2], batch[3], batch[4], 4) >= 20
+
+
+def test_iou_blocks_give_the_same_loss(monkeypatch):
+    """Crowded images are processed in blocks of objects; the block size must not matter."""
+    batch = make_batch(19, [40, 25], A=400)
+    whole = free_anchor_loss(*batch)
+    monkeypatch.setattr(freeanchor, "IOU_CHUNK", 1000)  # a few objects per block
+    blocks = free_anchor_loss(*batch)
+    for term in TERMS:
+        torch.testing.assert_close(whole[term], blocks[term], rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def finite_difference(f, x, h=1e-6):
+    """Central differences of the scalar numpy function f at the float64 array x."""
+    grad = np.zeros_like(x)
+    flat, g = x.reshape(-1), grad.reshape(-1)
+    for k in range(flat.size):
+        old = flat[k]
+        flat[k] = old + h
+        up = f(x)
+        flat[k] = old - h
+        down = f(x)
+        flat[k] = old
+        g[k] = (up - down) / (2 * h)
+    return grad
+
+
+def test_gradients_match_finite_differences_of_the_oracle():
+    """cls_logits: the whole loss (P{a_j in A+} does not depend on the logits). box_deltas: the
+    positive term (the negative one reaches box_deltas only through P{a_j in A+}, which carries
+    no gradient by design). This also proves the Mean-max weights keep their gradient."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(23, [2, 1], A=30, K=3, size=64)
+    assert num_matched(box_deltas, anchors, gt_boxes, gt_labels, 3) > 0
+    x = cls_logits.clone().requires_grad_()
+    d = box_deltas.clone().requires_grad_()
+    out = free_anchor_loss(x, d, anchors, gt_boxes, gt_labels)
+    gx, = torch.autograd.grad(out["positive"] + out["negative"], x, retain_graph=True)
+    gd, = torch.autograd.grad(out["positive"], d)
+
+    boxes_np, labels_np = [b.numpy() for b in gt_boxes], [l.numpy() for l in gt_labels]
+    total = lambda xn: sum(oracle.free_anchor_loss(xn, box_deltas.numpy(), anchors.numpy(), boxes_np, labels_np).values())
+    positive = lambda dn: oracle.free_anchor_loss(cls_logits.numpy(), dn, anchors.numpy(), boxes_np, labels_np)["positive"]
+    np.testing.assert_allclose(gx.numpy(), finite_difference(total, cls_logits.numpy().copy()), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(gd.numpy(), finite_difference(positive, box_deltas.numpy().copy()), rtol=1e-5, atol=1e-9)
+
+
+def test_gradcheck_through_logits_and_deltas():
+    """Predictions away from the objects: P{a_j in A+} is 0 around this point, so the whole loss
+    is differentiable in both inputs and gradcheck sees everything."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(29, [2, 0, 1], A=40, K=3, size=64, hit=0.0)
+    box_deltas = box_deltas - 6.0  # tiny predicted boxes: no IoU above t
+    assert num_matched(box_deltas, anchors, gt_boxes, gt_labels, 3) == 0
+    x = cls_logits.clone().requires_grad_()
+    d = box_deltas.clone().requires_grad_()
+    total = lambda x, d: sum(free_anchor_loss(x, d, anchors, gt_boxes, gt_labels).values())
+    assert torch.autograd.gradcheck(total, (x, d))
+
+
+def test_gradcheck_with_matched_pairs():
+    """With P{a_j in A+} > 0: logits through the whole loss, deltas through the positive term."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(31, [3, 1], A=40, K=3, size=64, hit=0.8)
+    assert num_matched(box_deltas, anchors, gt_boxes, gt_labels, 3) > 0
+    x = cls_logits.clone().requires_grad_()
+    d = box_deltas.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: sum(free_anchor_loss(x, box_deltas, anchors, gt_boxes, gt_labels).values()), (x,))
+    assert torch.autograd.gradcheck(lambda d: free_anchor_loss(cls_logits, d, anchors, gt_boxes, gt_labels)["positive"], (d,))
+
+
+def test_no_gradient_through_p_plus():
+    """The negative term depends on box_deltas (through P{a_j in A+}) but sends them no gradient."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(37, [4], hit=1.0)
+    d = box_deltas.clone().requires_grad_()
+    negative = free_anchor_loss(cls_logits.requires_grad_(), d, anchors, gt_boxes, gt_labels)["negative"]
+    assert torch.autograd.grad(negative, d, allow_unused=True)[0] is None
+    moved = free_anchor_loss(cls_logits, box_deltas + 0.3, anchors, gt_boxes, gt_labels)["negative"]
+    assert abs(moved.item() - negative.item()) > 1e-6  # yet its value does depend on them
+
+
+def test_mean_max_weights_carry_gradient():
+    """Detaching the Mean-max weights (a tempting shortcut that lowers AP) changes the gradient,
+    and ours is the one of the undetached formula."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(41, [1], A=60, K=2, logit_scale=1.0)
+    x = cls_logits.clone().requires_grad_()
+    ours, = torch.autograd.grad(free_anchor_loss(x, box_deltas, anchors, gt_boxes, gt_labels)["positive"], x)
+
+    def positive(x, detach):
+        bag = freeanchor._top_n(box_iou(gt_boxes[0], anchors)[None], 50)[0, 0]
+        p_cls = torch.sigmoid(x[0, bag, gt_labels[0][0]])
+        target = encode(anchors[bag], gt_boxes[0][0])
+        loss_loc = torch.nn.functional.smooth_l1_loss(box_deltas[0, bag], target, beta=0.11, reduction="none").sum(-1)
+        p = p_cls * torch.exp(-0.75 * loss_loc)
+        w = 1 / (1 - p).clamp(min=1e-12)
+        w = w.detach() if detach else w
+        return -0.5 * torch.log((w * p).sum() / w.sum())
+
+    undetached, = torch.autograd.grad(positive(x, False), x)
+    detached, = torch.autograd.grad(positive(x, True), x)
+    torch.testing.assert_close(ours, undetached)
+    assert (ours - detached).abs().max() > 1e-3 * ours.abs().max()
+
+
+def test_fused_negative_term_equals_plain_autograd():
+    """_NegativeBagLoss (closed-form gradient, sparse correction) == the dense autograd version,
+    including clamped logits at +-30 and pairs with P{a_j in A+} = 1."""
+    gen = torch.Generator().manual_seed(43)
+    x = torch.randn(2, 50, 6, generator=gen, dtype=torch.float64) * 5
+    x[0, :3, 0] = torch.tensor([30.0, -30.0, 28.0])
+    index = torch.randperm(600, generator=gen)[:80]
+    index[:3] = torch.tensor([0, 6, 12])  # the clamped logits are matched too
+    prob = torch.rand(80, generator=gen, dtype=torch.float64)
+    prob[3:8] = 1.0
+    bag_index = torch.randint(0, 600, (2, 3, 5), generator=gen)
+
+    a = x.clone().requires_grad_()
+    value, bag_logits = freeanchor._NegativeBagLoss.apply(a, index, prob, 2.0, bag_index)
+    (value + (bag_logits ** 2).sum()).backward()
+    b = x.clone().requires_grad_()
+    (freeanchor.negative_bag_loss_reference(b, index, prob, 2.0) + (b.reshape(-1)[bag_index] ** 2).sum()).backward()
+    torch.testing.assert_close(value, freeanchor.negative_bag_loss_reference(x, index, prob, 2.0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_fused_negative_term_gradcheck():
+    gen = torch.Generator().manual_seed(47)
+    x = (torch.randn(2, 10, 3, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    index = torch.randperm(60, generator=gen)[:15]
+    prob = torch.rand(15, generator=gen, dtype=torch.float64)
+    bag_index = torch.randint(0, 60, (2, 2, 4), generator=gen)
+    f = lambda t: [o.sum() for o in freeanchor._NegativeBagLoss.apply(t, index, prob, 2.0, bag_index)]
+    assert torch.autograd.gradcheck(lambda t: f(t)[0] + 0.3 * f(t)[1], (x,))
+
+
+# ----------------------------------------------------------------------------- numerics
+
+def test_float32_close_to_float64():
+    batch = make_batch(53, [6, 3, 0], A=400)
+    ref = free_anchor_loss(*batch)
+    f32 = [t.float() if torch.is_tensor(t) else [b.float() if b.is_floating_point() else b for b in t] for t in batch]
+    out = free_anchor_loss(*f32)
+    for term in TERMS:
+        assert out[term].dtype == torch.float32
+        assert abs(float(out[term]) - float(ref[term])) <= 1e-4 * abs(float(ref[term]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_logits_stay_finite(dtype):
+    """Logits in [-30, 30], predictions exactly on the objects (P_loc = 1, so P_cls * P_loc can
+    reach 1 and the Mean-max weights their clamp), tiny and huge boxes: values and gradients finite."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(59, [5, 2], A=200, hit=1.0)
+    gt_boxes[1] = torch.tensor([[10.0, 10.0, 11.0, 11.0], [0.0, 0.0, 128.0, 128.0]], dtype=torch.float64)
+    for b in range(2):
+        box_deltas[b] = encode(anchors, gt_boxes[b][box_iou(gt_boxes[b], anchors).argmax(0)])
+    for fill in (30.0, -30.0, None):
+        x = (torch.full_like(cls_logits, fill) if fill is not None else
+             torch.linspace(-30, 30, cls_logits.numel(), dtype=torch.float64).reshape(cls_logits.shape))
+        x = x.to(dtype).requires_grad_()
+        d = box_deltas.to(dtype).requires_grad_()
+        out = free_anchor_loss(x, d, anchors.to(dtype), [b.to(dtype) for b in gt_boxes], gt_labels)
+        (out["positive"] + out["negative"]).backward()
+        assert all(torch.isfinite(v) for v in out.values()), (fill, out)
+        assert torch.isfinite(x.grad).all() and torch.isfinite(d.grad).all(), fill
+
+
+def test_float32_loss_under_autocast():
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(61, [3, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = free_anchor_loss(cls_logits.bfloat16(), box_deltas.bfloat16(), anchors.float(),
+                               [b.float() for b in gt_boxes], gt_labels)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
+
+
+def test_batch_without_objects_gives_zero_positive_and_zero_gradient():
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(67, [0, 0])
+    x = cls_logits.clone().requires_grad_()
+    d = box_deltas.clone().requires_grad_()
+    out = free_anchor_loss(x, d, anchors, gt_boxes, gt_labels)
+    assert out["positive"].item() == 0.0 and out["negative"].item() > 0
+    (out["positive"] + out["negative"]).backward()
+    assert d.grad is not None and torch.equal(d.grad, torch.zeros_like(d))
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- semantics
+
+def test_p_plus_is_a_per_class_max():
+    """Two objects of class 1 claim the same predictions with different P{a_j -> b_i}:
+    P{a_j in A+} is the larger one whatever the objects' order (never the last written), and the
+    other classes of those anchors stay 0."""
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 11.0], [40.0, 40.0, 60.0, 60.0]],
+                           dtype=torch.float64)
+    deltas = torch.zeros(1, 3, 4, dtype=torch.float64)  # predictions = anchors
+    X = torch.tensor([0.0, 0.0, 10.0, 9.0], dtype=torch.float64)
+    Y = torch.tensor([0.0, 0.0, 10.0, 10.5], dtype=torch.float64)
+    iou = box_iou(torch.stack([X, Y]), anchors)  # X: 0.9, 0.818 / Y: 0.952, 0.955
+    t = 0.6
+    p_match = ((iou - t) / (iou.amax(1, keepdim=True) - t)).clamp(0, 1)  # [2, 3]
+    assert p_match[0, 1] < 0.8 and p_match[1, 1] == 1.0  # anchor 1: X says 0.73, Y says 1
+    assert p_match[0, 0] == 1.0 and 0.98 < p_match[1, 0] < 1.0  # anchor 0: X says 1, Y says 0.99
+    K = 3
+    for order in ([0, 1], [1, 0]):
+        boxes = torch.stack([X, Y])[order]
+        padded = freeanchor._pad_objects([boxes], [torch.tensor([1, 1])], torch.float64, "cpu")
+        _, index, prob = freeanchor._match(anchors, decode(anchors, deltas), *padded, 2, t, K)
+        p_plus = torch.zeros(3 * K, dtype=torch.float64)
+        p_plus[index] = prob
+        p_plus = p_plus.view(3, K)
+        torch.testing.assert_close(p_plus[:, 1], p_match.amax(0), rtol=0, atol=0)
+        assert p_plus[:, [0, 2]].abs().sum() == 0
+    batch = (torch.randn(1, 3, K, dtype=torch.float64), deltas, anchors, [torch.stack([X, Y])], [torch.tensor([1, 1])])
+    assert_matches_oracle(batch, cfg=FreeAnchorConfig(bag_size=2))
+
+
+def test_p_plus_max_not_last_write_end_to_end():
+    """Same objects, all orders: a last-write implementation would depend on the order."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(71, [6], hit=1.0, K=2)
+    gt_labels = [torch.tensor([0, 0, 0, 0, 1, 1])]
+    values = []
+    for seed in range(4):
+        perm = torch.randperm(6, generator=torch.Generator().manual_seed(seed))
+        values.append(float(free_anchor_loss(cls_logits, box_deltas, anchors, [gt_boxes[0][perm]],
+                                             [gt_labels[0][perm]])["negative"]))
+    assert max(values) - min(values) < 1e-12 * abs(values[0])
+    assert_matches_oracle((cls_logits, box_deltas, anchors, gt_boxes, gt_labels))
+
+
+def test_normalised_by_the_objects_of_the_whole_batch():
+    """Eq. 7 divides by ||B||, the objects of the batch, not per image: a two-image batch is the
+    object-weighted mean of the two images alone."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(73, [2, 6])
+    whole = free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)
+    parts = [free_anchor_loss(cls_logits[b:b + 1], box_deltas[b:b + 1], anchors, gt_boxes[b:b + 1], gt_labels[b:b + 1])
+             for b in range(2)]
+    for term in TERMS:
+        expected = (2 * parts[0][term] + 6 * parts[1][term]) / 8
+        torch.testing.assert_close(whole[term], expected)
+
+
+def test_bad_shapes_are_refused():
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(79, [2])
+    with pytest.raises(AssertionError, match="box_deltas"):
+        free_anchor_loss(cls_logits, box_deltas[:, :-1], anchors, gt_boxes, gt_labels)
+    with pytest.raises(AssertionError, match="one gt_boxes"):
+        free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes * 2, gt_labels)
+
+
+# ----------------------------------------------------------------------------- RetinaNet baseline
+
+def test_retinanet_loss_hand_worked_case():
+    """One image, five anchors, two objects of classes 0 and 1, K = 2:
+      anchor 0 = object A exactly (IoU 1)           -> positive, class 0
+      anchor 1 overlaps A by 0.45                   -> ignored
+      anchor 2 overlaps A by 0.2                    -> negative
+      anchor 3 overlaps B by 0.3, B's best anchor   -> positive (low-quality match), class 1
+      anchor 4 far from both                        -> negative
+    """
+    A_box = [0.0, 0.0, 20.0, 20.0]
+    B_box = [100.0, 100.0, 110.0, 130.0]  # 10 x 30
+    anchors = torch.tensor([
+        A_box,
+        [0.0, 0.0, 20.0, 9.0],  # inside A: IoU = 180 / 400 = 0.45
+        [0.0, 0.0, 20.0, 4.0],  # IoU = 80 / 400 = 0.2
+        [100.0, 100.0, 110.0, 109.0],  # IoU = 90 / 300 = 0.3
+        [200.0, 200.0, 220.0, 220.0],
+    ], dtype=torch.float64)
+    boxes = torch.tensor([A_box, B_box], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    torch.testing.assert_close(box_iou(boxes, anchors)[0, :3], torch.tensor([1.0, 0.45, 0.2], dtype=torch.float64))
+    torch.testing.assert_close(box_iou(boxes, anchors)[1, 3], torch.tensor(0.3, dtype=torch.float64))
+
+    gen = torch.Generator().manual_seed(83)
+    x = torch.randn(1, 5, 2, generator=gen, dtype=torch.float64)
+    d = torch.randn(1, 5, 4, generator=gen, dtype=torch.float64)
+    out = retinanet_loss(x, d, anchors, [boxes], [labels])
+
+    cfg = RetinaNetLossConfig()
+    p = torch.sigmoid(x[0])
+    target = torch.zeros(5, 2, dtype=torch.float64)
+    target[0, 0] = 1
+    target[3, 1] = 1
+
+    def focal(p, t):
+        p_t = p if t else 1 - p
+        a_t = cfg.alpha if t else 1 - cfg.alpha
+        return -a_t * (1 - p_t) ** cfg.gamma * math.log(p_t)
+
+    counted = [0, 2, 3, 4]  # anchor 1 is ignored
+    expected_cls = sum(focal(float(p[j, c]), int(target[j, c])) for j in counted for c in range(2)) / 2
+    sl1 = lambda e: torch.where(e.abs() < cfg.smooth_l1_beta, 0.5 * e ** 2 / cfg.smooth_l1_beta, e.abs() - 0.5 * cfg.smooth_l1_beta)
+    expected_reg = (sl1(d[0, 0] - encode(anchors[0], boxes[0])).sum() + sl1(d[0, 3] - encode(anchors[3], boxes[1])).sum()) / (4 * 2)
+    assert abs(float(out["classification"]) - expected_cls) < 1e-12
+    assert abs(float(out["regression"]) - float(expected_reg)) < 1e-12
+
+
+def test_retinanet_loss_batched_and_empty_images():
+    """Per-image computations stitched together equal the batched call, images without objects
+    are pure negatives, and an empty batch gives zero regression with a (zero) gradient."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(89, [3, 0, 5], A=300)
+    x = cls_logits.clone().requires_grad_()
+    d = box_deltas.clone().requires_grad_()
+    out = retinanet_loss(x, d, anchors, gt_boxes, gt_labels)
+    assert all(torch.isfinite(v) for v in out.values())
+    (out["classification"] + out["regression"]).backward()
+    assert x.grad[1].abs().sum() > 0 and d.grad[1].abs().sum() == 0  # image 1: negatives only
+    empty = retinanet_loss(x, d, anchors, [gt_boxes[1]] * 3, [gt_labels[1]] * 3)
+    assert empty["regression"].item() == 0.0 and empty["classification"].item() > 0
