@@ -1,0 +1,622 @@
+"""Data for FreeAnchor training and evaluation: COCO-layout datasets, transforms, batching,
+sampling, and the built-in synthetic `shapes` dataset.
+
+- `CocoDataset(root, split, train)` reads `root/annotations/instances_<split>.json` (pycocotools)
+  and the images in `root/<split>/`: COCO 2017 itself, or any data laid out the same way. Every
+  problem with the user's files is found up front and raised as a one-line `DataError`.
+- Transforms follow the paper's recipe (§4.1, authors' configs): shorter side resized to
+  `min_size` (one value, or several for multi-scale training, drawn per image) with the longer
+  side capped at `max_size`, horizontal flip with probability 0.5 for training; `collate`
+  normalises and pads a batch to a multiple of 32 with `model.py`'s arithmetic, so training and
+  `RetinaNet.detect` agree.
+- `TrainSampler` yields iteration-based batches grouped by aspect ratio (landscape and portrait
+  apart, as the authors' maskrcnn-benchmark code does), sharded over DDP ranks, and a pure
+  function of (seed, iteration), so a resumed run sees exactly the batches of an uninterrupted one.
+- `prepare_shapes()` builds `datasets/shapes` once: rendered squares, disks, triangles, bars (1:5)
+  and needles (1:8 and thinner) on textured, noisy backgrounds, with a share of crowded images, to
+  probe offline the paper's claims about slender (Fig. 5) and crowded (Fig. 6) objects.
+
+Use it as train.py does:
+
+    ds = CocoDataset(resolve_root("shapes"), "train2017", train=True)
+    loader = DataLoader(ds, batch_sampler=TrainSampler(ds, batch_size=8, min_sizes=(320,)),
+                        collate_fn=collate, num_workers=2)
+
+Build the shapes dataset by hand with `python data.py`; tests: `python -m pytest tests/test_data.py`.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import operator
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from model import batch_images, normalize, resize_boxes, resize_image
+
+
+class DataError(Exception):
+    """A problem with the user's data. str(e) is one line that names the culprit (file path,
+    image file names, annotation id), meant to be printed as is, without a traceback."""
+
+    def __init__(self, message):
+        # A DataError raised inside a DataLoader worker comes back to the main process rebuilt
+        # from "Caught DataError in DataLoader worker ...\nOriginal Traceback ...\n
+        # data.DataError: <message>": keep only our own last line so the message stays one line.
+        message = str(message)
+        if "\n" in message:
+            message = message.rstrip().splitlines()[-1]
+            message = message.split("DataError: ", 1)[-1]
+        super().__init__(message)
+
+
+def _name_some(names, limit=10):
+    """'a, b, c' for at most `limit` names, then '... and N more'."""
+    names = [str(n) for n in names]
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ----------------------------------------------------------------------------- COCO layout
+
+def resolve_root(data):
+    """`--data` argument -> dataset root: "shapes" builds (once) and returns the synthetic
+    dataset; anything else is a COCO-layout root that must exist."""
+    if data == "shapes":
+        return prepare_shapes()
+    if not os.path.exists(data):
+        raise DataError(f"data root not found: {data}")
+    if not os.path.isdir(data):
+        raise DataError(f"data root is not a directory: {data}")
+    return data
+
+
+def _duplicates(values):
+    return [v for v, n in Counter(values).items() if n > 1]
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_id(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _load_annotations(ann_file):
+    """Read and validate a COCO instances file; returns its dict with every field we and
+    COCOeval need present ('iscrowd' and 'area' filled in when absent). Raises DataError."""
+    if not os.path.isfile(ann_file):
+        raise DataError(f"annotation file not found: {ann_file}")
+    try:
+        with open(ann_file, "rb") as f:
+            coco = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{ann_file}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise DataError(f"{ann_file}: cannot be read ({e.strerror})") from None
+    if not isinstance(coco, dict):
+        raise DataError(f"{ann_file}: expected a JSON object with 'images', 'annotations' "
+                        f"and 'categories'")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise DataError(f"{ann_file}: missing the '{key}' list")
+
+    def bad(kind, culprits, what):  # one error naming every offending entry
+        raise DataError(f"{ann_file}: {kind} {_name_some(culprits)} {what}")
+
+    cats = coco["categories"]
+    if not cats:
+        raise DataError(f"{ann_file}: the 'categories' list is empty")
+    broken = [i for i, c in enumerate(cats) if not isinstance(c, dict) or not _is_id(c.get("id"))
+              or not isinstance(c.get("name"), str)]
+    if broken:
+        bad("categories at list positions", broken, "need an integer 'id' and a string 'name'")
+    cat_ids = [c["id"] for c in cats]
+    if _duplicates(cat_ids):
+        bad("category ids", _duplicates(cat_ids), "appear more than once")
+
+    images = coco["images"]
+    broken = [i for i, im in enumerate(images) if not isinstance(im, dict) or not _is_id(im.get("id"))
+              or not isinstance(im.get("file_name"), str) or not im.get("file_name")
+              or not _is_number(im.get("width")) or not _is_number(im.get("height"))
+              or im["width"] < 1 or im["height"] < 1]
+    if broken:
+        bad("images at list positions", broken,
+            "need an integer 'id', a non-empty 'file_name' and a positive 'width' and 'height'")
+    image_ids = [im["id"] for im in images]
+    if _duplicates(image_ids):
+        bad("image ids", _duplicates(image_ids), "appear more than once")
+
+    anns = coco["annotations"]
+    broken = [i for i, a in enumerate(anns) if not isinstance(a, dict) or not _is_id(a.get("id"))]
+    if broken:
+        bad("annotations at list positions", broken, "need an integer 'id'")
+    broken = [a["id"] for a in anns if not isinstance(a.get("bbox"), list) or len(a["bbox"]) != 4
+              or not all(_is_number(v) for v in a["bbox"])]
+    if broken:
+        bad("annotation ids", broken, "need a 'bbox' of 4 finite numbers [x, y, w, h]")
+    ann_ids = [a["id"] for a in anns]
+    if _duplicates(ann_ids):
+        bad("annotation ids", _duplicates(ann_ids), "appear more than once")
+    known_images = set(image_ids)
+    broken = [a["id"] for a in anns if not _is_id(a.get("image_id")) or a["image_id"] not in known_images]
+    if broken:
+        bad("annotation ids", broken, "refer to an image_id that is not in 'images'")
+    known_cats = set(cat_ids)
+    broken = [a for a in anns if not _is_id(a.get("category_id")) or a["category_id"] not in known_cats]
+    if broken:
+        culprits = [f"{a['id']} (category_id {a.get('category_id')!r})" for a in broken]
+        bad("annotation ids", culprits,
+            f"have a category_id not in 'categories' ({', '.join(map(str, sorted(known_cats)))})")
+    broken = [a["id"] for a in anns if "iscrowd" in a and a["iscrowd"] not in (0, 1)]
+    if broken:
+        bad("annotation ids", broken, "have an 'iscrowd' other than 0 or 1")
+    for a in anns:  # COCOeval reads both fields of every ground truth
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", float(max(a["bbox"][2], 0) * max(a["bbox"][3], 0)))
+    return coco
+
+
+class CocoDataset(torch.utils.data.Dataset):
+    """A COCO-layout dataset: `root/annotations/instances_<split>.json`, images in `root/<split>/`.
+
+    Labels are contiguous 0..K-1 in the order of the sorted category ids (`categories[k]` is the
+    dataset's own category of label k; it travels with the model so results map back). Boxes are
+    COCO [x, y, w, h] -> xyxy, clipped to the image; crowd regions and boxes under 1 px wide or
+    high after clipping never reach the loss. train=True keeps only images with at least one
+    usable box; train=False keeps every image (evaluation).
+
+    dataset[i] -> (image [3, h, w] float32 RGB in [0, 1], target) at the original size;
+    dataset[(i, min_size, flip)] -> resized (shorter side min_size, longer at most max_size),
+    then flipped horizontally if flip. target = {"boxes" [G, 4] float32 xyxy in the returned
+    image's pixels, "labels" [G] int64, "image_id", "orig_size" (h, w), "size" (h, w)}.
+    """
+
+    def __init__(self, root, split, train, max_size=1333):
+        if not os.path.exists(root):
+            raise DataError(f"data root not found: {root}")
+        if not os.path.isdir(root):
+            raise DataError(f"data root is not a directory: {root}")
+        self.root, self.split, self.train, self.max_size = root, split, train, max_size
+        self.ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
+        self.img_dir = os.path.join(root, split)
+        coco = _load_annotations(self.ann_file)
+        if not coco["images"]:
+            raise DataError(f"{self.ann_file}: the 'images' list is empty")
+
+        # Every listed image must exist: say so now, naming all of them, not hours into a run.
+        if not os.path.isdir(self.img_dir):
+            raise DataError(f"image folder not found: {self.img_dir} (images of {self.ann_file})")
+        present = set(os.listdir(self.img_dir))
+        missing = [im["file_name"] for im in coco["images"] if im["file_name"] not in present
+                   and not os.path.isfile(os.path.join(self.img_dir, im["file_name"]))]
+        if missing:
+            raise DataError(f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
+                            f"{self.img_dir}: {_name_some(missing)}")
+
+        # pycocotools keeps the ground truth for COCOeval; its index prints to stdout: silence it.
+        from pycocotools.coco import COCO
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO()
+            self.coco.dataset = coco
+            self.coco.createIndex()
+
+        self.categories = [{"id": c["id"], "name": c["name"]}
+                           for c in sorted(coco["categories"], key=lambda c: c["id"])]
+        label_of = {c["id"]: k for k, c in enumerate(self.categories)}
+
+        # Usable boxes of every image, in flat arrays (image i owns rows offsets[i]:offsets[i+1])
+        # so that DataLoader workers share them instead of copying many small Python objects.
+        anns_of = {im["id"]: [] for im in coco["images"]}
+        for a in coco["annotations"]:
+            anns_of[a["image_id"]].append(a)
+        self.image_ids, self.aspect_ratios, self._files, self._sizes = [], [], [], []
+        boxes, labels, offsets = [], [], [0]
+        for im in coco["images"]:
+            w, h = int(im["width"]), int(im["height"])
+            usable = []
+            for a in anns_of[im["id"]]:
+                x, y, bw, bh = a["bbox"]
+                x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
+                x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+                if not a["iscrowd"] and x2 - x1 >= 1 and y2 - y1 >= 1:
+                    usable.append(((x1, y1, x2, y2), label_of[a["category_id"]]))
+            if train and not usable:
+                continue
+            self.image_ids.append(im["id"])
+            self.aspect_ratios.append(w / h)
+            self._files.append(im["file_name"])
+            self._sizes.append((h, w))
+            boxes += [b for b, _ in usable]
+            labels += [k for _, k in usable]
+            offsets.append(len(boxes))
+        if not self.image_ids:
+            raise DataError(f"{self.ann_file}: no image has a usable box (not crowd, at least "
+                            f"1 px wide and high): nothing to train on")
+        self._boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)  # [sum G, 4]
+        self._labels = np.asarray(labels, dtype=np.int64)  # [sum G]
+        self._offsets = np.asarray(offsets, dtype=np.int64)  # [N + 1]
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def read_image(self, i):
+        """The i-th image as [3, h, w] float32 RGB in [0, 1]; any PIL mode becomes RGB."""
+        path = os.path.join(self.img_dir, self._files[i])
+        try:
+            with Image.open(path) as img:
+                img.load()
+                image = _to_rgb(img)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+        if image.shape[:2] != self._sizes[i]:
+            (h, w), (H, W) = image.shape[:2], self._sizes[i]
+            raise DataError(f"image {path} is {w}x{h} pixels but {self.ann_file} says {W}x{H}")
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous().float().div_(255)  # [3, h, w]
+
+    def __getitem__(self, key):
+        i, min_size, flip = key if isinstance(key, tuple) else (key, None, False)
+        i = operator.index(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for a dataset of {len(self)} images")
+        image = self.read_image(i)  # [3, h, w]
+        orig_size = tuple(image.shape[-2:])
+        lo, hi = self._offsets[i], self._offsets[i + 1]
+        boxes = torch.from_numpy(self._boxes[lo:hi].copy())  # [G, 4]
+        labels = torch.from_numpy(self._labels[lo:hi].copy())  # [G]
+        if min_size is not None:
+            image = resize_image(image, min_size, self.max_size)  # [3, h', w']
+            boxes = resize_boxes(boxes, orig_size, tuple(image.shape[-2:]))  # [G, 4]
+        if flip:
+            image = image.flip(-1)
+            W = image.shape[-1]
+            boxes = torch.stack((W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3]), dim=1)
+        target = {"boxes": boxes, "labels": labels, "image_id": self.image_ids[i],
+                  "orig_size": orig_size, "size": tuple(image.shape[-2:])}
+        return image, target
+
+
+def _to_rgb(img):
+    """PIL image of any mode -> uint8 numpy [h, w, 3]."""
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        # 16-bit / integer / float grey: PIL's convert("RGB") would clip at 255, so rescale.
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when converting such palettes straight to RGB
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def collate(batch):
+    """[(image [3, h_i, w_i], target)] -> (images [B, 3, H, W], [target]): ImageNet-normalised
+    and zero-padded to the largest image rounded up to a multiple of 32 (model.py's arithmetic,
+    shared with RetinaNet.detect); each target keeps its image's own "size"."""
+    images = batch_images([normalize(image) for image, _ in batch])  # [B, 3, H, W]
+    return images, [target for _, target in batch]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _generator(seed, epoch, stream):
+    """A torch.Generator that depends only on (seed, epoch, stream)."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class TrainSampler:
+    """Iteration-based batch sampler for DataLoader(batch_sampler=...).
+
+    Iteration `it` (start_iter <= it < max_iter) yields rank `rank`'s contiguous share of global
+    batch `it`: keys (index, min_size, flip). Epoch e walks torch.randperm seeded from (seed, e)
+    and fills one batch per orientation group (landscape w >= h, portrait w < h), emitting a batch
+    when it is full; each group's leftover at the end of the epoch is padded by wrapping around the
+    group's own images, so every image is seen at least once per epoch and every batch has
+    batch_size images of one orientation. min_size (uniform over min_sizes) and flip (p = 0.5)
+    are drawn per key from a second generator seeded from (seed, e). Nothing depends on what came
+    before, so start_iter=k yields exactly iterations k.. of an uninterrupted run, and
+    1 rank x 2 images sees the same global batches as 2 ranks x 1 image.
+    """
+
+    def __init__(self, dataset, batch_size, min_sizes=(800,), flip=True, rank=0, world_size=1,
+                 seed=0, start_iter=0, max_iter=90000):
+        if batch_size < 1 or world_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} (global) must be a positive multiple of "
+                             f"world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        min_sizes = tuple(min_sizes)
+        if not min_sizes or not all(float(s).is_integer() and s > 0 for s in min_sizes):
+            raise ValueError(f"min_sizes must be positive integers, got {min_sizes}")
+        min_sizes = tuple(int(s) for s in min_sizes)
+        if not 0 <= start_iter <= max_iter:
+            raise ValueError(f"need 0 <= start_iter ({start_iter}) <= max_iter ({max_iter})")
+        if len(dataset) == 0:
+            raise ValueError("TrainSampler needs a non-empty dataset")
+        self.batch_size, self.min_sizes, self.flip = batch_size, min_sizes, flip
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.start_iter, self.max_iter = start_iter, max_iter
+        self._landscape = [ar >= 1 for ar in dataset.aspect_ratios]
+        n_land = sum(self._landscape)
+        # Group sizes are fixed, so the batch count of an epoch does not depend on the shuffle.
+        self.epoch_length = sum(math.ceil(n / batch_size) for n in (n_land, len(dataset) - n_land))
+        self._cached = (None, None)
+
+    def __len__(self):
+        return self.max_iter - self.start_iter
+
+    def _epoch(self, epoch):
+        """All global batches of `epoch`: [epoch_length][batch_size] keys (index, min_size, flip)."""
+        if self._cached[0] == epoch:
+            return self._cached[1]
+        bs = self.batch_size
+        order = torch.randperm(len(self._landscape), generator=_generator(self.seed, epoch, "order"))
+        buckets, seen, batches = [[], []], [[], []], []
+        for i in order.tolist():
+            g = 0 if self._landscape[i] else 1
+            buckets[g].append(i)
+            seen[g].append(i)
+            if len(buckets[g]) == bs:
+                batches.append(buckets[g])
+                buckets[g] = []
+        for g in (0, 1):  # leftovers: wrap around the group's own images of this epoch
+            if buckets[g]:
+                batches.append(buckets[g] + [seen[g][k % len(seen[g])] for k in range(bs - len(buckets[g]))])
+        assert len(batches) == self.epoch_length
+        aug = _generator(self.seed, epoch, "augment")
+        size_idx = torch.randint(len(self.min_sizes), (len(batches), bs), generator=aug)  # [L, bs]
+        flips = (torch.rand((len(batches), bs), generator=aug) < 0.5) & self.flip  # [L, bs]
+        keys = [[(i, self.min_sizes[s], f) for i, s, f in zip(b, size_idx[t].tolist(), flips[t].tolist())]
+                for t, b in enumerate(batches)]
+        self._cached = (epoch, keys)
+        return keys
+
+    def global_batch(self, it):
+        """Keys of global batch `it` (all ranks together)."""
+        epoch, t = divmod(it, self.epoch_length)
+        return self._epoch(epoch)[t]
+
+    def __iter__(self):
+        share = self.batch_size // self.world_size
+        for it in range(self.start_iter, self.max_iter):
+            yield self.global_batch(it)[self.rank * share:(self.rank + 1) * share]
+
+
+# ----------------------------------------------------------------------------- shapes
+
+# (category id, name): non-contiguous ids on purpose, to exercise the label <-> id mapping.
+SHAPES_CATEGORIES = ((1, "square"), (3, "disk"), (4, "triangle"), (7, "bar"), (9, "needle"))
+SHAPES_SQUARE = ("square", "disk")  # boxes of aspect ~1
+SHAPES_SLENDER = ("bar", "needle")  # boxes ~1:5 and ~1:8 (to 1:12), mostly horizontal or vertical
+SHAPES_IMAGE_SIZES = ((320, 256), (320, 320), (384, 288), (256, 320), (288, 384))  # (w, h)
+SHAPES_CROWDED_SHARE = 0.18  # images with 20-35 overlapping objects; the rest have 1-8
+_SHAPES_VERSION = 1  # bump when the generator changes, so old copies get rebuilt
+_SHAPES_MARKER = "COMPLETE"  # written last: a folder without it is incomplete
+
+
+def _shape_geometry(rng, name, crowded):
+    """One object around the origin: ("polygon", [(x, y), ...]) or ("disk", radius), and its
+    extent (x0, y0, x1, y1) relative to the origin (the exact box comes from the raster)."""
+    small = 0.55 if crowded else 1.0  # crowded images hold smaller objects
+    if name == "disk":
+        r = rng.uniform(7, 50 * small)
+        return ("disk", r), (-r, -r, r, r)
+    if name == "square":
+        s = rng.uniform(14, 86 * small)
+        angle = 0.0 if rng.random() < 0.5 else rng.uniform(0, math.pi / 2)
+        corners = [(-s / 2, -s / 2), (s / 2, -s / 2), (s / 2, s / 2), (-s / 2, s / 2)]
+    elif name == "triangle":
+        r = rng.uniform(10, 55 * small)  # circumradius of an equilateral triangle
+        angle = rng.uniform(0, 2 * math.pi)
+        corners = [(r * math.cos(2 * math.pi * k / 3), r * math.sin(2 * math.pi * k / 3)) for k in range(3)]
+    else:  # bar ~1:5, needle ~1:8 and thinner: horizontal or vertical, a few slightly tilted
+        length = rng.uniform(36, 120 * (0.65 if crowded else 1.0))
+        thick = length / (rng.uniform(5, 6) if name == "bar" else rng.uniform(9, 13))  # raster adds ~1 px
+        thick = max(thick, 2.5)  # stay visible through the noise
+        angle = 0.0 if rng.random() < 0.5 else math.pi / 2
+        if rng.random() < 0.15:
+            angle += rng.uniform(-0.1, 0.1)  # up to ~6 degrees: the box stays slender
+        corners = [(-length / 2, -thick / 2), (length / 2, -thick / 2), (length / 2, thick / 2),
+                   (-length / 2, thick / 2)]
+    c, s = math.cos(angle), math.sin(angle)
+    poly = [(x * c - y * s, x * s + y * c) for x, y in corners]
+    xs, ys = [x for x, _ in poly], [y for _, y in poly]
+    return ("polygon", poly), (min(xs), min(ys), max(xs), max(ys))
+
+
+def _paint_shape(img, geometry, extent, cx, cy, fill, outline):
+    """Paint a shape centred at (cx, cy) into `img`; returns its exact pixel box (x1, y1, x2, y2)
+    (tight around the painted pixels, continuous coordinates: pixel k spans [k, k+1]) and area.
+
+    The shape is rasterised into its own mask first, so the box is what was drawn, to the pixel.
+    """
+    kind, g = geometry
+    x0, y0, x1, y1 = extent
+    ox, oy = max(int(cx + x0) - 2, 0), max(int(cy + y0) - 2, 0)  # mask window around the shape
+    mask = Image.new("L", (min(int(cx + x1) + 3, img.width) - ox, min(int(cy + y1) + 3, img.height) - oy))
+    draw, x, y = ImageDraw.Draw(mask), cx - ox - 0.5, cy - oy - 0.5  # -0.5: PIL's pixel centres
+    if kind == "disk":
+        draw.ellipse((x - g, y - g, x + g, y + g), fill=255, outline=128 if outline else None)
+    else:
+        draw.polygon([(x + px, y + py) for px, py in g], fill=255, outline=128 if outline else None)
+    m = np.asarray(mask)  # [h_m, w_m]
+    img.paste(fill, (ox, oy), Image.fromarray(((m > 0) * 255).astype(np.uint8)))
+    if outline:
+        img.paste(outline, (ox, oy), Image.fromarray(((m == 128) * 255).astype(np.uint8)))
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    box = (ox + int(cols[0]), oy + int(rows[0]), ox + int(cols[-1]) + 1, oy + int(rows[-1]) + 1)
+    return box, int((m > 0).sum())
+
+
+def _hsv_to_rgb(h, s, v):
+    i, f = int(h * 6) % 6, h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    r, g, b = ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))[i]
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _render_shapes_image(rng, noise_bank):
+    """One synthetic image: (PIL RGB image, [(category index, (x, y, w, h), area)])."""
+    w, h = SHAPES_IMAGE_SIZES[rng.integers(len(SHAPES_IMAGE_SIZES))]
+    crowded = rng.random() < SHAPES_CROWDED_SHARE
+    count = int(rng.integers(20, 36) if crowded else rng.integers(1, 9))
+
+    # Background: a linear gradient between two muted colours with blurred blobs, painted at a
+    # quarter of the resolution and upsampled (it is smooth anyway, and 16x cheaper), then noise.
+    sw, sh = w // 4, h // 4
+    c0, c1 = rng.uniform(30, 170, 3), rng.uniform(30, 170, 3)
+    theta = rng.uniform(0, 2 * math.pi)
+    t = np.arange(sw)[None, :] * math.cos(theta) + np.arange(sh)[:, None] * math.sin(theta)  # [sh, sw]
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
+    small = Image.fromarray((c0 + (c1 - c0) * t[:, :, None]).astype(np.uint8))  # [sh, sw, 3]
+    draw = ImageDraw.Draw(small)
+    for _ in range(int(rng.integers(3, 9))):
+        bx, by, rx, ry = rng.uniform(0, sw), rng.uniform(0, sh), rng.uniform(4, 22), rng.uniform(4, 22)
+        base = small.getpixel((min(int(bx), sw - 1), min(int(by), sh - 1)))
+        tint = tuple(min(max(int(v + d), 0), 255) for v, d in zip(base, rng.uniform(-45, 45, 3)))
+        draw.ellipse((bx - rx, by - ry, bx + rx, by + ry), fill=tint)
+    small = small.filter(ImageFilter.GaussianBlur(float(rng.uniform(1, 2.2))))
+    img = small.resize((w, h), Image.BILINEAR)
+    background = np.asarray(img)  # [h, w, 3], to keep objects visible against it
+
+    # Objects: crowded images cluster them around a few centres so that they overlap; elsewhere
+    # they barely touch. Either way none hides most of another (objects stay clearly visible).
+    centres = [(rng.uniform(0.25, 0.75) * w, rng.uniform(0.25, 0.75) * h)
+               for _ in range(int(rng.integers(1, 4)))]
+    max_iou, max_cover = (0.45, 0.6) if crowded else (0.15, 0.3)
+    placed, objects = [], []
+    for _ in range(count):
+        for _attempt in range(25):
+            cat = int(rng.integers(len(SHAPES_CATEGORIES)))
+            geometry, (x0, y0, x1, y1) = _shape_geometry(rng, SHAPES_CATEGORIES[cat][1], crowded)
+            if x1 - x0 > w - 6 or y1 - y0 > h - 6:
+                continue
+            if crowded:
+                ccx, ccy = centres[int(rng.integers(len(centres)))]
+                cx, cy = rng.normal(ccx, 0.22 * w), rng.normal(ccy, 0.22 * h)
+            else:
+                cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+            cx, cy = min(max(cx, 3 - x0), w - 3 - x1), min(max(cy, 3 - y0), h - 3 - y1)  # inside
+            if all(_overlap_ok((cx + x0, cy + y0, cx + x1, cy + y1), other, max_iou, max_cover)
+                   for other in placed):
+                break
+        else:
+            continue  # no room for this one
+        hue = (cat / len(SHAPES_CATEGORIES) + rng.uniform(-0.22, 0.22)) % 1.0  # class-biased, overlapping
+        fill = _hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.55, 1.0))
+        local = background[int(cy), int(cx)].tolist()
+        if sum(abs(a - b) for a, b in zip(fill, local)) < 150:  # too close to the background: go dark
+            fill = tuple(int(v * 0.3) for v in fill)
+        outline = tuple(int(v * 0.5) for v in fill) if rng.random() < 0.3 else None
+        box, area = _paint_shape(img, geometry, (x0, y0, x1, y1), cx, cy, fill, outline)
+        placed.append(box)
+        objects.append((cat, (box[0], box[1], box[2] - box[0], box[3] - box[1]), area))
+
+    # Gaussian noise over everything, cropped from a shared bank (drawing fresh noise per image
+    # would dominate the generation time).
+    sigma = rng.uniform(4, 12)
+    oy, ox = int(rng.integers(noise_bank.shape[0] - h)), int(rng.integers(noise_bank.shape[1] - w))
+    pixels = np.asarray(img, dtype=np.float32) + sigma * noise_bank[oy:oy + h, ox:ox + w]  # [h, w, 3]
+    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8)), objects
+
+
+def _overlap_ok(a, b, max_iou, max_cover):
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return True
+    inter = iw * ih
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    return inter / (area_a + area_b - inter) <= max_iou and inter / min(area_a, area_b) <= max_cover
+
+
+def _write_shapes_split(folder, split, num_images, first_id, seed, noise_bank):
+    os.makedirs(os.path.join(folder, split))
+    images, annotations = [], []
+    for k in range(num_images):
+        rng = np.random.default_rng([seed, first_id + k])  # per image: order-independent
+        img, objects = _render_shapes_image(rng, noise_bank)
+        image_id = first_id + k
+        file_name = f"{image_id:012d}.jpg"
+        img.save(os.path.join(folder, split, file_name), quality=92)
+        images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
+        for cat, (x, y, bw, bh), area in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": SHAPES_CATEGORIES[cat][0],
+                                "bbox": [x, y, bw, bh], "area": area, "iscrowd": 0})
+    coco = {"info": {"description": "FreeAnchor synthetic shapes", "version": _SHAPES_VERSION},
+            "licenses": [], "images": images, "annotations": annotations,
+            "categories": [{"id": i, "name": n, "supercategory": "shape"} for i, n in SHAPES_CATEGORIES]}
+    with open(os.path.join(folder, "annotations", f"instances_{split}.json"), "w") as f:
+        json.dump(coco, f)
+
+
+def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
+    """Build the synthetic shapes dataset under `root` unless a complete copy with the same
+    parameters is there; returns root. COCO layout with splits "train2017" and "val2017".
+
+    Deterministic (every image from its own generator seeded by (seed, image id)) and atomic:
+    written into a temporary folder next to `root`, marker file last, then renamed into place,
+    so an interrupted build never looks complete and concurrent builders (DDP ranks) are safe.
+    """
+    params = {"version": _SHAPES_VERSION, "num_train": num_train, "num_val": num_val, "seed": seed}
+    marker = os.path.join(root, _SHAPES_MARKER)
+
+    def complete():
+        try:
+            with open(marker) as f:
+                return json.load(f) == params
+        except (OSError, ValueError):
+            return False
+
+    if complete():
+        return root
+    if os.path.exists(root):  # replace only what can be an old or half-built copy of ours
+        if not os.path.isdir(root):
+            raise DataError(f"{root} exists but is not a shapes dataset (a file); move it away")
+        strangers = set(os.listdir(root)) - {"annotations", "train2017", "val2017", _SHAPES_MARKER}
+        if strangers:
+            raise DataError(f"{root} exists but is not a shapes dataset (it holds "
+                            f"{_name_some(sorted(strangers))}); move it away")
+
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    print(f"shapes: generating {num_train} + {num_val} images in {root} (once) ...", end="", flush=True)
+    start = time.time()
+    tmp = tempfile.mkdtemp(prefix=".shapes-tmp-", dir=parent)
+    try:
+        os.makedirs(os.path.join(tmp, "annotations"))
+        noise_bank = np.random.default_rng([seed, 0]).standard_normal((512, 512, 3), dtype=np.float32)
+        _write_shapes_split(tmp, "train2017", num_train, 1, seed, noise_bank)
+        _write_shapes_split(tmp, "val2017", num_val, 1_000_001, seed, noise_bank)
+        with open(os.path.join(tmp, _SHAPES_MARKER), "w") as f:
+            json.dump(params, f)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private
+        if os.path.exists(root) and not complete():  # stale copy: move it aside, then drop it
+            stale = tempfile.mkdtemp(prefix=".shapes-stale-", dir=parent)
+            os.rename(root, os.path.join(stale, "old"))
+            shutil.rmtree(stale)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not complete():  # another process renamed its own copy first: use that one
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f" done in {time.time() - start:.0f} s", flush=True)
+    return root
+
+
+if __name__ == "__main__":
+    prepare_shapes()

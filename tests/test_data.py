@@ -1,0 +1,471 @@
+"""Tests of data.py: COCO-layout loading and validation, transforms, batching, sampling, shapes.
+
+Every dataset here is a handful of tiny images written into tmp_path. Run:
+    python -m pytest -q tests/test_data.py
+"""
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import CocoDataset, DataError, TrainSampler, collate, prepare_shapes, resolve_root
+from model import normalize
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def write_coco(root, split, images, annotations, categories):
+    """Write root/annotations/instances_<split>.json; returns its path."""
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    path = os.path.join(root, "annotations", f"instances_{split}.json")
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return path
+
+
+def image_entry(image_id, file_name, w, h):
+    return {"id": image_id, "file_name": file_name, "width": w, "height": h}
+
+
+def ann(ann_id, image_id, category_id, bbox, iscrowd=0):
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
+            "iscrowd": iscrowd, "area": bbox[2] * bbox[3]}
+
+
+CATEGORIES = [{"id": 42, "name": "c42"}, {"id": 3, "name": "c3"}, {"id": 10, "name": "c10"}]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A user's own dataset: odd category ids, JPEG/PNG in modes RGB, L, RGBA, P and 16-bit,
+    crowd regions, an empty image, zero-width and out-of-image boxes."""
+    root = str(tmp_path / "tiny")
+    os.makedirs(os.path.join(root, "val"))
+    Image.new("RGB", (64, 48), (200, 100, 50)).save(os.path.join(root, "val", "a.jpg"), quality=95)
+    Image.new("L", (40, 60), 128).save(os.path.join(root, "val", "b.png"))
+    Image.new("RGBA", (50, 50), (10, 20, 30, 0)).save(os.path.join(root, "val", "c.png"))
+    p = Image.new("P", (30, 20), 1)
+    p.putpalette([0, 0, 0, 255, 0, 255] + [0] * 762)
+    p.save(os.path.join(root, "val", "d.png"), transparency=0)
+    Image.fromarray(np.full((16, 24), 65535 // 2, dtype=np.uint16)).save(os.path.join(root, "val", "e.png"))
+    images = [image_entry(1, "a.jpg", 64, 48), image_entry(2, "b.png", 40, 60),
+              image_entry(3, "c.png", 50, 50), image_entry(4, "d.png", 30, 20),
+              image_entry(5, "e.png", 24, 16)]
+    annotations = [
+        ann(11, 1, 10, [4, 6, 20, 10]),  # usable, label 1
+        ann(12, 1, 3, [30, 5, 20, 20], iscrowd=1),  # crowd: never reaches the loss
+        ann(13, 1, 42, [10, 10, 0, 5]),  # zero width
+        ann(14, 1, 42, [50, 30, 30, 40]),  # crosses the border: clipped to [50, 30, 64, 48]
+        ann(21, 2, 3, [0, 0, 10, 30.5]),  # usable, label 0
+        ann(41, 4, 3, [1, 1, 5, 5], iscrowd=1),  # image 4 has only unusable boxes
+        ann(42, 4, 10, [100, 100, 10, 10]),  # entirely outside: nothing left after clipping
+        ann(43, 4, 10, [2, 2, 10, 0.5]),  # under 1 px high
+    ]
+    write_coco(root, "val", images, annotations, CATEGORIES)
+    return root
+
+
+def one_line(e):
+    message = str(e.value)
+    assert "\n" not in message and message.strip() == message and message
+    return message
+
+
+# ----------------------------------------------------------------------------- COCO layout
+
+def test_labels_are_contiguous_from_sorted_category_ids(tiny, capsys):
+    ds = CocoDataset(tiny, "val", train=False)
+    assert capsys.readouterr().out == ""  # pycocotools' chatter is silenced
+    assert ds.categories == [{"id": 3, "name": "c3"}, {"id": 10, "name": "c10"}, {"id": 42, "name": "c42"}]
+    image, target = ds[0]
+    assert target["labels"].tolist() == [1, 2]
+    assert [ds.categories[k]["id"] for k in target["labels"]] == [10, 42]
+    assert target["labels"].dtype == torch.int64
+
+
+def test_crowd_and_degenerate_boxes_are_dropped_and_boxes_clipped(tiny):
+    ds = CocoDataset(tiny, "val", train=False)
+    _, target = ds[0]
+    assert target["boxes"].dtype == torch.float32
+    assert target["boxes"].tolist() == [[4, 6, 24, 16], [50, 30, 64, 48]]
+    assert ds[1][1]["boxes"].tolist() == [[0, 0, 10, 30.5]]
+    for i in (2, 3, 4):  # empty image, only-unusable image, no annotations
+        assert ds[i][1]["boxes"].shape == (0, 4) and ds[i][1]["labels"].shape == (0,)
+
+
+def test_training_skips_images_without_usable_box_evaluation_keeps_all(tiny):
+    train = CocoDataset(tiny, "val", train=True)
+    evaluation = CocoDataset(tiny, "val", train=False)
+    assert train.image_ids == [1, 2]
+    assert evaluation.image_ids == [1, 2, 3, 4, 5]
+    assert evaluation.aspect_ratios == [64 / 48, 40 / 60, 1.0, 30 / 20, 24 / 16]
+    _, target = train[1]
+    assert target["image_id"] == 2 and target["orig_size"] == (60, 40) and target["size"] == (60, 40)
+    # The COCO ground truth for COCOeval keeps every annotation, crowd included.
+    assert len(evaluation.coco.getAnnIds()) == 8
+
+
+def test_every_pil_mode_becomes_rgb(tiny):
+    ds = CocoDataset(tiny, "val", train=False)
+    expected = {0: (200, 100, 50), 1: (128, 128, 128), 2: (10, 20, 30), 3: (255, 0, 255), 4: (127.5, 127.5, 127.5)}
+    for i, rgb in expected.items():
+        image, target = ds[i]
+        assert image.dtype == torch.float32 and image.shape[0] == 3
+        assert tuple(image.shape[-2:]) == target["size"] == target["orig_size"]
+        mean = image.mean(dim=(1, 2)) * 255
+        assert torch.allclose(mean, torch.tensor(rgb, dtype=torch.float32), atol=3), (i, mean)
+
+
+def box_image(tmp_path, w=80, h=60, box=(10, 20, 40, 30)):
+    """A black image with one white box, and its dataset."""
+    root = str(tmp_path / "box")
+    os.makedirs(os.path.join(root, "s"))
+    pixels = np.zeros((h, w, 3), dtype=np.uint8)
+    pixels[box[1]:box[3], box[0]:box[2]] = 255
+    Image.fromarray(pixels).save(os.path.join(root, "s", "x.png"))
+    x1, y1, x2, y2 = box
+    write_coco(root, "s", [image_entry(7, "x.png", w, h)], [ann(1, 7, 5, [x1, y1, x2 - x1, y2 - y1])],
+               [{"id": 5, "name": "box"}])
+    return root
+
+
+def bright_box(image):
+    """Tight xyxy box of the pixels brighter than half."""
+    mask = image.mean(0) > 0.5  # [h, w]
+    rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    return [cols[0].item(), rows[0].item(), cols[-1].item() + 1, rows[-1].item() + 1]
+
+
+@pytest.mark.parametrize("min_size, max_size, size",
+                         [(120, 1333, (120, 160)), (120, 100, (75, 100)), (45, 1333, (45, 60))])
+def test_resize_and_flip_move_boxes_with_the_pixels(tmp_path, min_size, max_size, size):
+    ds = CocoDataset(box_image(tmp_path), "s", train=True, max_size=max_size)
+    plain, t0 = ds[0]
+    assert t0["boxes"].tolist() == [[10, 20, 40, 30]] and bright_box(plain) == [10, 20, 40, 30]
+
+    image, t = ds[(0, min_size, False)]
+    assert t["size"] == size == tuple(image.shape[-2:]) and t["orig_size"] == (60, 80)
+    s = size[0] / 60
+    assert torch.allclose(t["boxes"], torch.tensor([[10 * s, 20 * s, 40 * s, 30 * s]]))
+    assert np.allclose(bright_box(image), t["boxes"][0].tolist(), atol=1)
+
+    flipped, tf = ds[(0, min_size, True)]
+    W = size[1]
+    assert torch.equal(flipped, image.flip(-1))
+    assert torch.allclose(tf["boxes"], torch.tensor([[W - 40 * s, 20 * s, W - 10 * s, 30 * s]]))
+    assert np.allclose(bright_box(flipped), tf["boxes"][0].tolist(), atol=1)
+    assert tf["labels"].tolist() == [0]
+
+
+def test_collate_pads_to_multiple_of_32_and_keeps_sizes(tiny):
+    ds = CocoDataset(tiny, "val", train=False)
+    batch = [ds[0], ds[(1, 70, True)]]  # [3, 48, 64] and [3, 105, 70]
+    images, targets = collate(batch)
+    assert images.shape == (2, 3, 128, 96)
+    assert [t["size"] for t in targets] == [(48, 64), (105, 70)]
+    assert torch.equal(images[0, :, :48, :64], normalize(batch[0][0]))
+    assert torch.equal(images[1, :, :105, :70], normalize(batch[1][0]))
+    assert images[0, :, 48:].abs().sum() == 0 and images[0, :, :, 64:].abs().sum() == 0
+    assert images[1, :, 105:].abs().sum() == 0 and images[1, :, :, 70:].abs().sum() == 0
+
+
+def test_dataloader_end_to_end(tiny):
+    ds = CocoDataset(tiny, "val", train=True)
+    sampler = TrainSampler(ds, batch_size=2, min_sizes=(64, 96), max_iter=3)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    seen = 0
+    for images, targets in loader:
+        assert images.shape[0] == 2 and images.shape[-1] % 32 == 0 and images.shape[-2] % 32 == 0
+        for t in targets:
+            assert min(t["size"]) in (64, 96) and t["boxes"].shape[0] == t["labels"].shape[0] >= 1
+        seen += 1
+    assert seen == 3
+
+
+# ----------------------------------------------------------------------------- sampling
+
+class Fake:
+    def __init__(self, n_landscape, n_portrait):
+        ratios = [1.0 + 0.1 * (i % 3) for i in range(n_landscape)] + [0.75] * n_portrait
+        order = np.random.default_rng(0).permutation(len(ratios))  # orientations interleaved
+        self.aspect_ratios = [ratios[i] for i in order]
+
+    def __len__(self):
+        return len(self.aspect_ratios)
+
+
+def per_rank(ds, world_size, **kw):
+    """[iteration][rank] -> keys."""
+    samplers = [list(TrainSampler(ds, rank=r, world_size=world_size, **kw)) for r in range(world_size)]
+    return list(zip(*samplers))
+
+
+def test_sampler_covers_every_image_once_per_epoch_across_two_ranks():
+    ds = Fake(8, 4)  # group sizes divisible by the batch: exactly once
+    sampler = TrainSampler(ds, batch_size=4, world_size=2)
+    assert sampler.epoch_length == 3
+    for epoch in range(2):
+        its = per_rank(ds, 2, batch_size=4, start_iter=3 * epoch, max_iter=3 * epoch + 3)
+        indices = [k[0] for it in its for rank_keys in it for k in rank_keys]
+        assert sorted(indices) == list(range(12))
+        assert all(len(rank_keys) == 2 for it in its for rank_keys in it)
+
+
+def test_sampler_leftovers_are_padded_and_every_image_still_seen():
+    ds = Fake(7, 5)
+    sampler = TrainSampler(ds, batch_size=4, world_size=2, max_iter=40)
+    assert sampler.epoch_length == 2 + 2
+    its = per_rank(ds, 2, batch_size=4, max_iter=40)
+    for epoch in range(10):
+        keys = [k for it in its[4 * epoch: 4 * epoch + 4] for rank_keys in it for k in rank_keys]
+        counts = Counter(k[0] for k in keys)
+        assert set(counts) == set(range(12)) and len(keys) == 16
+    # aspect grouping: one orientation per global batch
+    for it in its:
+        orientations = {ds.aspect_ratios[k[0]] >= 1 for rank_keys in it for k in rank_keys}
+        assert len(orientations) == 1
+
+
+def test_sampler_tiny_group_smaller_than_batch():
+    ds = Fake(9, 1)  # a lone portrait image fills a whole batch by wrapping around
+    assert TrainSampler(ds, batch_size=4).epoch_length == 3 + 1
+    batches = [[k[0] for k in keys] for keys in TrainSampler(ds, batch_size=4, max_iter=4)]
+    portrait = [i for i, r in enumerate(ds.aspect_ratios) if r < 1]
+    assert sum(b == portrait * 4 for b in batches) == 1
+    assert Counter(i for b in batches for i in b).keys() == set(range(10))
+
+
+def test_two_ranks_see_the_same_global_batches_as_one():
+    ds = Fake(13, 6)
+    kw = dict(batch_size=4, min_sizes=(32, 48, 64), seed=3, max_iter=25)
+    one = list(TrainSampler(ds, **kw))
+    two = per_rank(ds, 2, **kw)
+    four = per_rank(ds, 4, **kw)
+    assert [r0 + r1 for r0, r1 in two] == one
+    assert [sum(ranks, []) for ranks in four] == one
+
+
+def test_sampler_restarts_mid_epoch_identically():
+    ds = Fake(11, 6)
+    kw = dict(batch_size=2, min_sizes=(32, 48), seed=5, max_iter=30)
+    full = per_rank(ds, 2, **kw)
+    epoch_length = TrainSampler(ds, batch_size=2).epoch_length
+    assert epoch_length == 6 + 3
+    for k in (1, epoch_length // 2, epoch_length + 3, 29):
+        resumed = per_rank(ds, 2, start_iter=k, **kw)
+        assert resumed == full[k:]
+        assert len(TrainSampler(ds, start_iter=k, **kw)) == 30 - k
+
+
+def test_sampler_is_a_function_of_seed_and_draws_sizes_and_flips():
+    ds = Fake(40, 24)
+    kw = dict(batch_size=8, min_sizes=(640, 800), max_iter=16)
+    a, b = list(TrainSampler(ds, seed=1, **kw)), list(TrainSampler(ds, seed=1, **kw))
+    c = list(TrainSampler(ds, seed=2, **kw))
+    assert a == b and a != c
+    epoch_length = TrainSampler(ds, **kw).epoch_length
+    assert [k[0] for k in a[0]] != [k[0] for k in a[epoch_length]]  # reshuffled each epoch
+    keys = [k for batch in a for k in batch]
+    assert {k[1] for k in keys} == {640, 800}
+    assert 0.3 < sum(k[2] for k in keys) / len(keys) < 0.7
+    no_flip = [k for batch in TrainSampler(ds, seed=1, flip=False, **kw) for k in batch]
+    assert not any(k[2] for k in no_flip)
+    assert [k[:2] for k in no_flip] == [k[:2] for k in keys]  # flip=False changes nothing else
+
+
+def test_sampler_rejects_batch_not_divisible_by_world_size():
+    with pytest.raises(ValueError, match="world_size 4"):
+        TrainSampler(Fake(4, 4), batch_size=6, world_size=4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_root(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(DataError) as e:
+        resolve_root(missing)
+    assert missing in one_line(e)
+    with pytest.raises(DataError) as e:
+        CocoDataset(missing, "val", train=True)
+    assert missing in one_line(e)
+    assert resolve_root(str(tmp_path)) == str(tmp_path)
+
+
+def test_missing_annotation_file(tiny):
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "train", train=True)
+    assert os.path.join(tiny, "annotations", "instances_train.json") in one_line(e)
+
+
+@pytest.mark.parametrize("content, culprit", [
+    ("{not json", "not valid JSON"),
+    ('{"images": [], "annotations": []}', "'categories'"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_malformed_annotation_file(tiny, content, culprit):
+    path = os.path.join(tiny, "annotations", "instances_val.json")
+    with open(path, "w") as f:
+        f.write(content)
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "val", train=True)
+    assert path in one_line(e) and culprit in one_line(e)
+
+
+@pytest.mark.parametrize("break_it, culprit", [
+    (lambda d: d["images"][1].pop("file_name"), "images at list positions 1 need"),
+    (lambda d: d["images"][0].update(width=0), "images at list positions 0 need"),
+    (lambda d: d["images"].append(dict(d["images"][2])), "image ids 3 appear more than once"),
+    (lambda d: d["annotations"][2].update(bbox=[1, 2, 3]), "annotation ids 13 need a 'bbox'"),
+    (lambda d: d["annotations"][1].update(bbox=[1, 2, "3", None]), "annotation ids 12 need a 'bbox'"),
+    (lambda d: d["annotations"][3].pop("id"), "annotations at list positions 3 need"),
+    (lambda d: d["annotations"][4].update(image_id=99), "annotation ids 21 refer to an image_id"),
+    (lambda d: d["categories"][0].pop("name"), "categories at list positions 0 need"),
+    (lambda d: d["annotations"].append(dict(d["annotations"][0])), "annotation ids 11 appear more"),
+])
+def test_incomplete_entries_are_named(tiny, break_it, culprit):
+    path = os.path.join(tiny, "annotations", "instances_val.json")
+    with open(path) as f:
+        d = json.load(f)
+    break_it(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "val", train=False)
+    assert path in one_line(e) and culprit in one_line(e)
+
+
+def test_unknown_category_names_the_annotation(tiny):
+    path = os.path.join(tiny, "annotations", "instances_val.json")
+    with open(path) as f:
+        d = json.load(f)
+    d["annotations"][4]["category_id"] = 7  # annotation 21
+    with open(path, "w") as f:
+        json.dump(d, f)
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "val", train=True)
+    message = one_line(e)
+    assert "annotation ids 21 (category_id 7) have a category_id not in 'categories' (3, 10, 42)" in message
+    assert path in message
+
+
+def test_missing_images_are_all_named(tiny):
+    path = os.path.join(tiny, "annotations", "instances_val.json")
+    with open(path) as f:
+        d = json.load(f)
+    d["images"] += [image_entry(100 + k, f"gone{k:02d}.jpg", 10, 10) for k in range(12)]
+    with open(path, "w") as f:
+        json.dump(d, f)
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "val", train=True)
+    message = one_line(e)
+    assert "12 image(s)" in message and path in message
+    assert all(f"gone{k:02d}.jpg" in message for k in range(10)) and "... and 2 more" in message
+    os.rename(os.path.join(tiny, "val"), os.path.join(tiny, "elsewhere"))
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "val", train=True)
+    assert os.path.join(tiny, "val") in one_line(e)
+
+
+def test_corrupt_image_names_the_file_also_from_a_worker(tiny):
+    good = open(os.path.join(tiny, "val", "a.jpg"), "rb").read()
+    with open(os.path.join(tiny, "val", "a.jpg"), "wb") as f:
+        f.write(good[: len(good) // 2])  # truncated JPEG
+    with open(os.path.join(tiny, "val", "b.png"), "wb") as f:
+        f.write(b"not a png at all")
+    ds = CocoDataset(tiny, "val", train=True)  # exists: fine up front
+    for i, name in ((0, "a.jpg"), (1, "b.png")):
+        with pytest.raises(DataError) as e:
+            ds[i]
+        assert os.path.join(tiny, "val", name) in one_line(e)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate)
+    batches = iter(loader)
+    with pytest.raises(DataError) as e:
+        next(batches)
+    assert one_line(e).startswith("cannot read image ") and "a.jpg" in one_line(e)
+    batches._shutdown_workers()  # now, rather than whenever the garbage collector gets to it
+
+
+def test_image_size_disagreeing_with_annotations(tiny):
+    Image.new("RGB", (65, 48)).save(os.path.join(tiny, "val", "a.jpg"))
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "val", train=True)[0]
+    assert "a.jpg" in one_line(e) and "65x48" in one_line(e) and "64x48" in one_line(e)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def test_shapes_small_build_loads_through_the_coco_path(tmp_path, capsys):
+    root = str(tmp_path / "shapes")
+    assert prepare_shapes(root, num_train=30, num_val=4) == root
+    assert "shapes: generating 30 + 4 images" in capsys.readouterr().out
+    train = CocoDataset(root, "train2017", train=True)
+    val = CocoDataset(root, "val2017", train=False)
+    assert len(val) == 4 and len(train) >= 28
+    names = [c["name"] for c in train.categories]
+    ids = [c["id"] for c in train.categories]
+    assert len(names) >= 4 and set(data.SHAPES_SQUARE + data.SHAPES_SLENDER) <= set(names)
+    assert ids != list(range(1, len(ids) + 1))  # non-contiguous on purpose
+    assert any(r >= 1 for r in train.aspect_ratios) and any(r < 1 for r in train.aspect_ratios)
+
+    coco = train.coco
+    per_image = Counter(a["image_id"] for a in coco.dataset["annotations"])
+    assert max(per_image.values()) >= 20 and min(per_image.values()) <= 8  # crowded and sparse
+    aspect = {n: [] for n in names}
+    for a in coco.dataset["annotations"]:
+        w, h = a["bbox"][2:]
+        aspect[coco.cats[a["category_id"]]["name"]].append(max(w, h) / min(w, h))
+    for n in data.SHAPES_SQUARE:
+        assert max(aspect[n]) <= 1.25, n
+    for n in data.SHAPES_SLENDER:
+        assert np.median(aspect[n]) >= 4.5, n
+    assert max(aspect["needle"]) >= 8
+    image, target = train[0]
+    assert image.shape[0] == 3 and target["boxes"].shape[0] >= 1
+
+
+def test_shapes_is_deterministic_atomic_and_built_once(tmp_path, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    prepare_shapes(a, num_train=5, num_val=2)
+    prepare_shapes(b, num_train=5, num_val=2)
+    for rel in ("annotations/instances_train2017.json", "annotations/instances_val2017.json",
+                "train2017/000000000003.jpg", "val2017/000001000002.jpg"):
+        assert open(os.path.join(a, rel), "rb").read() == open(os.path.join(b, rel), "rb").read(), rel
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".shapes")]  # no temp dirs left
+    capsys.readouterr()
+
+    prepare_shapes(a, num_train=5, num_val=2)  # complete: nothing to do
+    assert capsys.readouterr().out == ""
+    os.remove(os.path.join(a, "COMPLETE"))  # as if interrupted: rebuilt
+    prepare_shapes(a, num_train=5, num_val=2)
+    assert "generating" in capsys.readouterr().out and os.path.exists(os.path.join(a, "COMPLETE"))
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError) as e:
+        prepare_shapes(str(foreign), num_train=1, num_val=1)
+    assert "precious.txt" in one_line(e) and (foreign / "precious.txt").exists()
+
+
+@pytest.mark.parametrize("name", [n for _, n in data.SHAPES_CATEGORIES])
+def test_shapes_boxes_are_tight_around_painted_pixels(name):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        geometry, extent = data._shape_geometry(rng, name, crowded=False)
+        img = Image.new("RGB", (300, 300))
+        cx, cy = 150 + rng.uniform(), 150 + rng.uniform()
+        box, area = data._paint_shape(img, geometry, extent, cx, cy, (255, 255, 255), (128, 128, 128))
+        painted = np.asarray(img).max(axis=2) > 0  # [h, w]
+        rows, cols = np.flatnonzero(painted.any(1)), np.flatnonzero(painted.any(0))
+        assert box == (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+        assert area == painted.sum()
+        # and the raster is the geometry: within a pixel and a half of the exact extent
+        exact = (cx + extent[0], cy + extent[1], cx + extent[2], cy + extent[3])
+        assert np.allclose(box, exact, atol=1.5), (box, exact)
