@@ -19,7 +19,7 @@ Checked against the numpy transcription of the equations in reference/freeanchor
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +36,16 @@ IOU_CHUNK = 1 << 22  # max elements of one [B, g, A] IoU block: bounds memory fo
 
 @dataclass
 class FreeAnchorConfig:
-    bag_size: int = 50  # n, anchors in each object's bag A_i (§4.3, "pre_anchor_topk" in the authors' code)
-    iou_threshold: float = 0.6  # t, the saturated linear's lower knee t1 in P{a_j -> b_i} (§4.3, Eq. 6)
-    alpha: float = 0.5  # weight of the positive term, 1 - alpha of the negative one (§4.3, Eq. 7)
-    gamma: float = 2.0  # focal exponent of the negative term (§4.3, Eq. 7)
-    loc_weight: float = 0.75  # beta of Eq. 1, in P_loc = exp(-beta * L_loc) (§4.3)
-    smooth_l1_beta: float = 0.11  # SmoothL1 transition point of L_loc (authors' code)
+    """The loss's hyper-parameters; `metadata["help"]` becomes train.py's --help for each."""
+    bag_size: int = field(default=50, metadata={"help": "n, anchors in each object's bag A_i (paper §4.3: 50)"})
+    iou_threshold: float = field(default=0.6, metadata={
+        "help": "t, lower knee of the saturated linear P{a_j -> b_i} (paper §4.3: 0.6)"})
+    alpha: float = field(default=0.5, metadata={
+        "help": "weight of the positive term; the negative one gets 1 - alpha (paper §4.3: 0.5)"})
+    gamma: float = field(default=2.0, metadata={"help": "focal exponent of the negative term (paper §4.3: 2.0)"})
+    loc_weight: float = field(default=0.75, metadata={
+        "help": "beta of Eq. 1, in P_loc = exp(-beta L_loc) (paper §4.3: 0.75)"})
+    smooth_l1_beta: float = field(default=0.11, metadata={"help": "SmoothL1 beta of L_loc (authors' code: 0.11)"})
 
 
 @dataclass
@@ -88,18 +92,20 @@ def _pad_objects(gt_boxes, gt_labels, dtype, device):
 
 
 def _top_n(iou, n):
-    """Indices [B, g, n] of the n largest IoUs of each row of iou [B, g, A], ties broken towards
-    the lower anchor index. topk alone leaves ties to chance, and they do happen: a small object
-    overlaps few anchors, and its bag is filled with anchors of IoU 0. A deterministic rule makes
-    the loss reproducible across devices and batch layouts (the oracle uses the same rule)."""
-    values, index = iou.topk(n, dim=2)  # [B, g, n], [B, g, n]
-    edge = values[..., -1:]  # [B, g, 1]  the smallest IoU that made it into the bag
-    if not ((iou >= edge).sum(2) > n).any():  # no tie across the bag's edge: topk's choice is the only one
-        return index
-    tied = iou == edge  # [B, g, A]
-    room = n - (values > edge).sum(2, keepdim=True)  # [B, g, 1]  places left for the tied anchors
-    keep = (iou > edge) | (tied & (tied.cumsum(2) <= room))  # [B, g, A]  exactly n per row
-    return keep.nonzero()[:, 2].view(iou.shape[0], iou.shape[1], n)  # [B, g, n]
+    """Indices [B, g, n] of the n largest IoUs in each row of iou [B, g, A], ties broken towards
+    the lower anchor index (as the oracle does). topk alone leaves ties to chance, and they are
+    common: every anchor of one shape that lies inside an object has the same IoU with it, and a
+    small object's bag is topped up with anchors of IoU 0. A fixed rule makes the loss the same
+    on every device and batch layout."""
+    B, g, A = iou.shape
+    edge = iou.topk(n, dim=2).values[..., -1:]  # [B, g, 1]  the smallest IoU that makes the bag
+    row, j = (iou >= edge).view(B * g, A).nonzero(as_tuple=True)  # [C], [C]  candidates, by row then index
+    order = torch.sort(iou.view(B * g, A)[row, j], descending=True, stable=True).indices  # [C]  ties keep index order
+    order = order[torch.sort(row[order], stable=True).indices]  # [C]  grouped by row again, best first
+    row, j = row[order], j[order]  # [C]
+    start = torch.searchsorted(row, torch.arange(B * g, device=row.device))  # [B*g]  first candidate of each row
+    rank = torch.arange(len(row), device=row.device) - start[row]  # [C]  place within its row
+    return j[rank < n].view(B, g, n)  # [B, g, n]
 
 
 @torch.no_grad()

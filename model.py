@@ -1,28 +1,55 @@
 """RetinaNet (Lin et al., 2017), the detector that FreeAnchor (Zhang et al., NeurIPS 2019) trains.
 
-This file holds everything geometric that the loss and the detector share, with torchvision's
-conventions (design.md §5), so that a model trained here can be exported to
-`torchvision.models.detection.RetinaNet`:
+The network of FreeAnchor §4.1 / design.md §5, with torchvision's conventions throughout so that a
+model trained here converts both ways to `torchvision.models.detection.RetinaNet`:
 
+- backbone: a torchvision ResNet / ResNeXt (`BACKBONES`); with pretrained weights, FrozenBatchNorm
+  and the stem + res2 frozen; from scratch, BatchNorm trains (train.py turns it into SyncBatchNorm
+  under DDP);
+- FPN P3-P7: P3-P5 from C3-C5, P6 = stride-2 conv on P5 and P7 = stride-2 conv on ReLU(P6)
+  (torchvision's `retinanet_resnet50_fpn`, LastLevelP6P7(256, 256));
+- heads: 4 x (3x3 conv 256 + ReLU) per branch, weights N(0, 0.01), class prior 0.02 (§4.1);
+- anchors: exactly torchvision's (3 sizes x 3 ratios per position on P3-P7, same order);
 - boxes are xyxy in pixels, width = x2 - x1 (no legacy +1);
 - box coding: R-CNN deltas (dx, dy, dw, dh) with weights (10, 10, 5, 5), the authors' setting;
+  `to_torchvision` rescales the last regression conv for torchvision's (1, 1, 1, 1);
 - images: RGB in [0, 1], ImageNet mean/std, shorter side resized to `min_size` (longer side at
   most `max_size`), batched with zero padding to a multiple of 32, exactly as torchvision's
-  `GeneralizedRCNNTransform` does it.
+  `GeneralizedRCNNTransform` does it;
+- inference (`RetinaNet.detect`): score > 0.05, top 1000 per level, class-wise NMS 0.5, 100
+  detections per image, as torchvision's `RetinaNet.postprocess_detections`.
+
+    m = RetinaNet(num_classes=80, backbone="resnet50", weights="imagenet")
+    cls_logits, box_deltas, anchors = m(images)    # [B, A, K], [B, A, 4], [A, 4]
+    detections = m.detect([image])                 # [{"boxes", "scores", "labels"}]
+    tv = to_torchvision(m)                         # same detections from torchvision's RetinaNet
 
 Run the tests with `python -m pytest tests/test_model.py`.
 """
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d, batched_nms
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # (wx, wy, ww, wh): stds 0.1/0.1/0.2/0.2, authors' code
 BOX_CLIP = math.log(1000.0 / 16)  # decode clamps dw, dh here (as torchvision and Detectron)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SIZE_DIVISIBLE = 32
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+             "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")  # paper: R-50, R-101, X-101-64x4d
+# Anchors of P3..P7 (torchvision's _default_anchorgen, RetinaNet paper §4): 3 scales x 3 ratios.
+ANCHOR_SIZES = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
+ANCHOR_RATIOS = (0.5, 1.0, 2.0)  # height / width
+NUM_ANCHORS = len(ANCHOR_RATIOS) * 3  # per position
+FPN_CHANNELS = 256
+PRIOR_PROB = 0.02  # class prior at init (FreeAnchor §4.1; RetinaNet and torchvision use 0.01)
 
 
 # ----------------------------------------------------------------------------- boxes
@@ -120,3 +147,442 @@ def batch_images(images, size_divisible=SIZE_DIVISIBLE):
     for b, img in enumerate(images):
         batch[b, :, : img.shape[-2], : img.shape[-1]].copy_(img)
     return batch
+
+
+# ----------------------------------------------------------------------------- anchors
+
+def cell_anchors(sizes, ratios=ANCHOR_RATIOS):
+    """The zero-centred anchors of one position, [len(ratios) * len(sizes), 4], ratio-major and
+    rounded to whole pixels, as torchvision's AnchorGenerator.generate_anchors makes them."""
+    scales = torch.tensor(sizes, dtype=torch.float32)  # [S]
+    h_ratios = torch.sqrt(torch.tensor(ratios, dtype=torch.float32))  # [R]
+    w_ratios = 1 / h_ratios  # [R]
+    ws = (w_ratios[:, None] * scales[None, :]).view(-1)  # [R*S]
+    hs = (h_ratios[:, None] * scales[None, :]).view(-1)  # [R*S]
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()  # [R*S, 4]
+
+
+def grid_anchors(feature_sizes, image_size, device):
+    """Anchors of every level, concatenated: [A, 4] float32, A = sum over levels of h*w*9, ordered
+    level, then y, then x, then the 9 cell anchors (torchvision's RetinaNet layout).
+
+    feature_sizes: [(h, w)] of P3..P7; image_size: (H, W) of the padded batch.
+    """
+    anchors = []
+    for (h, w), sizes in zip(feature_sizes, ANCHOR_SIZES):
+        # torchvision's stride rule, image // feature, rather than 2**level: the two differ for
+        # P6/P7 when H or W is not a multiple of 128 (e.g. 800 // 13 = 61, not 64), and we must
+        # match its anchors exactly.
+        stride_y, stride_x = image_size[0] // h, image_size[1] // w
+        shift_x = torch.arange(w, dtype=torch.int32, device=device) * stride_x  # [w]
+        shift_y = torch.arange(h, dtype=torch.int32, device=device) * stride_y  # [h]
+        shift_y, shift_x = torch.meshgrid(shift_y, shift_x, indexing="ij")  # [h, w]
+        shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=-1).view(-1, 1, 4)  # [h*w, 1, 4]
+        cells = cell_anchors(sizes).to(device)  # [9, 4]
+        anchors.append((shifts + cells[None]).reshape(-1, 4))  # [h*w*9, 4] float32
+    return torch.cat(anchors)  # [A, 4]
+
+
+# ----------------------------------------------------------------------------- the network
+
+def _head(out_channels, bias):
+    """One RetinaNet subnet (RetinaNet §4, FreeAnchor §4.1): 4 x (3x3 conv 256 + ReLU) and a 3x3
+    prediction conv; indices 0, 2, 4, 6 are the hidden convs, 8 the prediction conv."""
+    layers = []
+    for _ in range(4):
+        layers += [nn.Conv2d(FPN_CHANNELS, FPN_CHANNELS, 3, padding=1), nn.ReLU(inplace=True)]
+    layers.append(nn.Conv2d(FPN_CHANNELS, out_channels, 3, padding=1))
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+    nn.init.constant_(layers[-1].bias, bias)
+    return nn.Sequential(*layers)
+
+
+def _resnet(backbone, frozen_bn):
+    """A torchvision ResNet/ResNeXt without its ImageNet classifier (avgpool, fc)."""
+    norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    body = torchvision.models.get_model(backbone, weights=None, norm_layer=norm_layer)
+    del body.avgpool, body.fc
+    return body
+
+
+def _read_backbone_weights(backbone, weights):
+    """The ImageNet state dict to start `backbone` from: torchvision's (weights="imagenet") or a
+    local file in torchvision's format. Returns (state_dict, where it came from)."""
+    if weights == "imagenet":
+        # IMAGENET1K_V1, not DEFAULT (= V2 for most ResNets): the classic weights, those of the
+        # paper's era and of torchvision's own retinanet_resnet50_fpn.
+        enum = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
+        try:
+            return enum.get_state_dict(progress=True, check_hash=True), enum.url
+        except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash a RuntimeError
+            raise RuntimeError(
+                f"cannot get the ImageNet weights of {backbone} from {enum.url} ({e}); pass a local "
+                f"backbone state dict with --weights PATH, or train from scratch with --weights none"
+            ) from None
+    if not os.path.isfile(weights):
+        raise ValueError(f"weights must be 'imagenet', 'none' or the path of a backbone state dict; "
+                         f"{weights!r} is none of these (no such file)")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever torch.load chokes on, the user needs the file name
+        raise ValueError(f"{weights}: not a torch state dict ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights}: expected a state dict (a dict of tensors), got {type(state).__name__}")
+    return state, weights
+
+
+def _load_backbone(body, state, source, backbone):
+    """Copy a torchvision-format ResNet state dict into `body`; the classifier (fc.*) is ignored,
+    anything else that does not fit is one clear error naming the file and the first keys."""
+    own = body.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    # FrozenBatchNorm2d has no num_batches_tracked buffer: its presence or absence is not a mismatch.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    problems = [f"{what} {items[:3]}{' ...' if len(items) > 3 else ''}"
+                for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if items]
+    if problems:
+        raise ValueError(f"{source} does not fit a torchvision {backbone}: " + "; ".join(problems))
+    body.load_state_dict(state, strict=False)
+
+
+class RetinaNet(nn.Module):
+    """RetinaNet with a ResNet/ResNeXt-FPN backbone, laid out like torchvision's.
+
+    num_classes: K, without background (sigmoid classifier).
+    backbone: one of BACKBONES.
+    weights: "imagenet" (torchvision's IMAGENET1K_V1 download), "none" (from scratch) or the path
+        of a torchvision-format backbone state dict (e.g. `torchvision.models.resnet50().state_dict()`).
+    min_size, max_size: the test-time resize (shorter side, longer-side cap); min_size may be a
+        tuple, of which detect uses the last value, as torchvision does.
+    frozen_bn: None = FrozenBatchNorm2d iff the weights are pretrained; True/False forces it.
+
+    With pretrained weights the stem and res2 (body.conv1, body.bn1, body.layer1) are frozen.
+    `m.config` holds what rebuilds the same architecture without downloading:
+    `RetinaNet(**{**m.config, "weights": "none"})` then `load_state_dict`.
+    Module names: `body` (the ResNet trunk), `fpn`, `cls_head`, `box_head`.
+    """
+
+    def __init__(self, num_classes, backbone="resnet50", weights="imagenet", min_size=800, max_size=1333,
+                 frozen_bn=None):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if not isinstance(weights, (str, os.PathLike)):
+            raise ValueError(f"weights must be 'imagenet', 'none' or a path, got {weights!r}")
+        weights = os.fspath(weights)
+        sizes = min_size if isinstance(min_size, (tuple, list)) else (min_size,)
+        if not sizes or not all(isinstance(s, int) and s > 0 for s in sizes):
+            raise ValueError(f"min_size must be a positive int or a tuple of them, got {min_size!r}")
+        if not isinstance(max_size, int) or max_size <= 0:
+            raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+        pretrained = weights != "none"
+        frozen_bn = pretrained if frozen_bn is None else bool(frozen_bn)
+
+        self.num_classes = num_classes
+        self.min_size = tuple(min_size) if isinstance(min_size, list) else min_size
+        self.max_size = max_size
+        self.config = dict(num_classes=num_classes, backbone=backbone, min_size=self.min_size,
+                           max_size=max_size, frozen_bn=frozen_bn)
+        # Inference thresholds (RetinaNet §5.1, torchvision's defaults but 100 detections per image).
+        self.score_thresh = 0.05
+        self.topk_candidates = 1000  # per level
+        self.nms_thresh = 0.5
+        self.detections_per_img = 100
+
+        self.body = _resnet(backbone, frozen_bn)
+        if pretrained:
+            state, source = _read_backbone_weights(backbone, weights)
+            _load_backbone(self.body, state, source, backbone)
+            # Stem and res2 keep their ImageNet values (Detectron's FREEZE_AT=2, torchvision's
+            # trainable_layers=3): low-level filters gain nothing from detection batch sizes.
+            for module in (self.body.conv1, self.body.bn1, self.body.layer1):
+                module.requires_grad_(False)
+
+        c5 = self.body.inplanes  # channels out of layer4: 512 (BasicBlock) or 2048 (Bottleneck)
+        in_channels = (c5 // 4, c5 // 2, c5)  # C3, C4, C5
+        self.fpn = nn.ModuleDict({
+            "lateral": nn.ModuleList(nn.Conv2d(c, FPN_CHANNELS, 1) for c in in_channels),
+            "output": nn.ModuleList(nn.Conv2d(FPN_CHANNELS, FPN_CHANNELS, 3, padding=1) for _ in in_channels),
+            "p6": nn.Conv2d(FPN_CHANNELS, FPN_CHANNELS, 3, stride=2, padding=1),
+            "p7": nn.Conv2d(FPN_CHANNELS, FPN_CHANNELS, 3, stride=2, padding=1),
+        })
+        for conv in self.fpn.modules():
+            if isinstance(conv, nn.Conv2d):  # torchvision's FPN init (Detectron's c2_xavier_fill)
+                nn.init.kaiming_uniform_(conv.weight, a=1)
+                nn.init.zeros_(conv.bias)
+
+        self.cls_head = _head(NUM_ANCHORS * num_classes, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
+        self.box_head = _head(NUM_ANCHORS * 4, 0.0)
+
+        # Anchors depend only on the feature-map sizes: cached per (sizes, device), a few at most
+        # (multi-scale training visits a handful of padded sizes). Callers must not edit them in place.
+        self._anchor_cache = {}
+
+    def features(self, images):
+        """images [B, 3, H, W] -> [P3, P4, P5, P6, P7], each [B, 256, h_l, w_l] (strides 8..128)."""
+        body = self.body
+        x = body.maxpool(body.relu(body.bn1(body.conv1(images))))  # [B, 64, H/4, W/4]
+        c3 = body.layer2(body.layer1(x))  # [B, C3, H/8, W/8]
+        c4 = body.layer3(c3)  # [B, C4, H/16, W/16]
+        c5 = body.layer4(c4)  # [B, C5, H/32, W/32]
+        lateral, output = self.fpn["lateral"], self.fpn["output"]
+        # Top-down pathway (FPN §3): the coarser map, upsampled (nearest), plus the 1x1 lateral.
+        top = lateral[2](c5)
+        p5 = output[2](top)
+        top = lateral[1](c4) + F.interpolate(top, size=c4.shape[-2:], mode="nearest")
+        p4 = output[1](top)
+        top = lateral[0](c3) + F.interpolate(top, size=c3.shape[-2:], mode="nearest")
+        p3 = output[0](top)
+        p6 = self.fpn["p6"](p5)  # from P5 (not C5), as torchvision's LastLevelP6P7(256, 256)
+        p7 = self.fpn["p7"](F.relu(p6))
+        return [p3, p4, p5, p6, p7]
+
+    def anchors(self, feature_sizes, image_size, device):
+        """Cached grid_anchors(): [A, 4] float32 on `device`."""
+        key = (tuple(feature_sizes), tuple(image_size), str(device))
+        if key not in self._anchor_cache:
+            if len(self._anchor_cache) >= 16:  # bound the memory; drop the oldest
+                self._anchor_cache.pop(next(iter(self._anchor_cache)))
+            self._anchor_cache[key] = grid_anchors(feature_sizes, image_size, device)
+        return self._anchor_cache[key]
+
+    def forward(self, images):
+        """images [B, 3, H, W] normalised and padded -> (cls_logits [B, A, K] pre-sigmoid,
+        box_deltas [B, A, 4] encoded with BOX_WEIGHTS, anchors [A, 4] xyxy float32)."""
+        cls_logits, box_deltas, anchors, _ = self._predict(images)
+        return cls_logits, box_deltas, anchors
+
+    def _predict(self, images, torchvision_deltas=False):
+        """forward(), plus the number of anchors of each level. torchvision_deltas: box deltas in
+        torchvision's (1, 1, 1, 1) units, from the prediction conv that to_torchvision exports."""
+        if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"RetinaNet expects images [B, 3, H, W], got "
+                             f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+        features = self.features(images)
+        K = self.num_classes
+        if torchvision_deltas:
+            box_weight, box_bias = _torchvision_box_conv(self.box_head[-1].weight, self.box_head[-1].bias)
+        cls_logits, box_deltas = [], []
+        for p in features:
+            B, _, h, w = p.shape
+            if torchvision_deltas:
+                deltas = F.conv2d(self.box_head[:-1](p), box_weight, box_bias, padding=1)  # [B, 9*4, h, w]
+            else:
+                deltas = self.box_head(p)  # [B, 9*4, h, w]
+            # [B, 9*K, h, w] -> [B, h*w*9, K]: position-major, then the 9 anchors (torchvision's order)
+            cls_logits.append(self.cls_head(p).view(B, NUM_ANCHORS, K, h, w).permute(0, 3, 4, 1, 2).reshape(B, -1, K))
+            box_deltas.append(deltas.view(B, NUM_ANCHORS, 4, h, w).permute(0, 3, 4, 1, 2).reshape(B, -1, 4))
+        feature_sizes = [tuple(p.shape[-2:]) for p in features]
+        anchors = self.anchors(feature_sizes, images.shape[-2:], images.device)  # [A, 4]
+        per_level = [h * w * NUM_ANCHORS for h, w in feature_sizes]
+        return torch.cat(cls_logits, dim=1), torch.cat(box_deltas, dim=1), anchors, per_level
+
+    @torch.no_grad()
+    def detect(self, images, nms=True, min_size=None, max_size=None):
+        """Detections of a list of RGB images [3, h, w] in [0, 1], at their original size.
+
+        Returns one dict per image: boxes [N, 4] xyxy in original pixels, scores [N], labels [N]
+        int64 in [0, K). Resizing, normalising and padding as torchvision's GeneralizedRCNNTransform;
+        postprocessing as its RetinaNet.postprocess_detections. nms=False returns the candidates
+        that NMS would see (score threshold, per-level top-k, decoded, clipped, in original pixels).
+        min_size, max_size override the model's (test-time scales). Eval-mode semantics; the
+        training flags of the modules are left as they were.
+        """
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(f"detect expects a list of [3, H, W] tensors, got {type(images).__name__}")
+        if not images:
+            return []
+        min_size = self.min_size if min_size is None else min_size
+        max_size = self.max_size if max_size is None else max_size
+        scale = min_size[-1] if isinstance(min_size, (tuple, list)) else min_size
+        weight = self.cls_head[-1].weight  # the model's device and dtype
+        original_sizes, resized = [], []
+        for i, image in enumerate(images):
+            if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"detect: image {i} must be a [3, H, W] tensor, got "
+                                 f"{tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+            if not image.is_floating_point():
+                raise TypeError(f"detect: image {i} is {image.dtype}; expected floats in [0, 1]")
+            image = image.to(weight.device, weight.dtype)
+            original_sizes.append(tuple(image.shape[-2:]))
+            # normalise, then resize: torchvision's order (bilinear is linear, but not bit-exact)
+            resized.append(resize_image(normalize(image), scale, max_size))
+        image_sizes = [tuple(image.shape[-2:]) for image in resized]
+
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()
+        try:
+            # Deltas in torchvision's units, from the very weights to_torchvision exports: the same
+            # boxes as decoding ours with BOX_WEIGHTS up to rounding (~1e-5 px), but this way
+            # detect equals torchvision's RetinaNet bit for bit (on CPU), not just to rounding.
+            cls_logits, box_deltas, anchors, per_level = self._predict(batch_images(resized),
+                                                                       torchvision_deltas=True)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+        K = self.num_classes
+        results = []
+        for b, ((h, w), original_size) in enumerate(zip(image_sizes, original_sizes)):
+            boxes, scores, labels = [], [], []
+            for logits_l, deltas_l, anchors_l in zip(cls_logits[b].split(per_level), box_deltas[b].split(per_level),
+                                                     anchors.split(per_level)):
+                scores_l = torch.sigmoid(logits_l.float()).flatten()  # [A_l*K], index = anchor*K + class
+                candidates = torch.where(scores_l > self.score_thresh)[0]  # [n]
+                scores_l, top = scores_l[candidates].topk(min(self.topk_candidates, candidates.numel()))  # [k]
+                candidates = candidates[top]  # [k]
+                anchor_idx = candidates // K  # [k]
+                boxes_l = decode(anchors_l[anchor_idx], deltas_l[anchor_idx].float(),
+                                 weights=(1.0, 1.0, 1.0, 1.0))  # [k, 4], torchvision's units (see above)
+                boxes_l = torch.stack((boxes_l[:, 0].clamp(0, w), boxes_l[:, 1].clamp(0, h),
+                                       boxes_l[:, 2].clamp(0, w), boxes_l[:, 3].clamp(0, h)), dim=1)  # [k, 4]
+                boxes.append(boxes_l)
+                scores.append(scores_l)
+                labels.append(candidates % K)
+            boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)  # [N, 4], [N], [N]
+            if nms:
+                keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            results.append({"boxes": resize_boxes(boxes, (h, w), original_size), "scores": scores, "labels": labels})
+        return results
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+def _torchvision_names():
+    """Prefix of each of our modules -> the prefix of the same module in torchvision's RetinaNet."""
+    names = {"body.": "backbone.body."}
+    for i in range(3):
+        names[f"fpn.lateral.{i}."] = f"backbone.fpn.inner_blocks.{i}.0."
+        names[f"fpn.output.{i}."] = f"backbone.fpn.layer_blocks.{i}.0."
+    names["fpn.p6."] = "backbone.fpn.extra_blocks.p6."
+    names["fpn.p7."] = "backbone.fpn.extra_blocks.p7."
+    for i in range(4):
+        names[f"cls_head.{2 * i}."] = f"head.classification_head.conv.{i}.0."
+        names[f"box_head.{2 * i}."] = f"head.regression_head.conv.{i}.0."
+    names["cls_head.8."] = "head.classification_head.cls_logits."
+    names["box_head.8."] = "head.regression_head.bbox_reg."
+    return names
+
+
+def _rename(key, names):
+    for old, new in names.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def _box_scale(device):
+    """[9*4]: BOX_WEIGHTS for each output channel of the last regression conv (channel a*4 + c
+    predicts coordinate c of cell anchor a)."""
+    return torch.tensor(BOX_WEIGHTS, device=device).repeat(NUM_ANCHORS)
+
+
+def _torchvision_box_conv(weight, bias):
+    """The last regression conv's (weight [36, 256, 3, 3], bias [36]) for torchvision's BoxCoder
+    weights (1, 1, 1, 1): ours predict (10, 10, 5, 5) x theirs, so divide the rows instead of
+    changing the math. The dw, dh clamp at log(1000/16) is applied after dividing by the weight in
+    both decoders, so it clamps the same quantity."""
+    scale = _box_scale(weight.device)  # [36]
+    return weight / scale[:, None, None, None], bias / scale
+
+
+def _copy_flags(src, dst, names):
+    """requires_grad of every parameter and eps of every BatchNorm, which state dicts do not carry
+    (torchvision's COCO_V1 checkpoint runs FrozenBatchNorm with eps = 0)."""
+    dst_params = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        dst_params[_rename(name, names)].requires_grad_(p.requires_grad)
+    dst_modules = dict(dst.named_modules())
+    for name, module in src.named_modules():
+        if isinstance(module, (FrozenBatchNorm2d, nn.BatchNorm2d, nn.SyncBatchNorm)):
+            dst_modules[_rename(name + ".", names)[:-1]].eps = module.eps
+
+
+def to_torchvision(m):
+    """A `torchvision.models.detection.RetinaNet` (eval mode, on m's device) with m's weights,
+    sizes, thresholds and anchors, whose detections equal `m.detect`'s."""
+    from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    resnet = torchvision.models.get_model(m.config["backbone"], weights=None,
+                                          norm_layer=FrozenBatchNorm2d if m.config["frozen_bn"] else nn.BatchNorm2d)
+    c5 = resnet.inplanes
+    backbone = BackboneWithFPN(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"}, [c5 // 4, c5 // 2, c5],
+                               FPN_CHANNELS, extra_blocks=LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS))
+    tv = TorchvisionRetinaNet(backbone, m.num_classes, min_size=m.min_size, max_size=m.max_size,
+                              score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
+                              detections_per_img=m.detections_per_img, topk_candidates=m.topk_candidates)
+    names = _torchvision_names()
+    state = {_rename(k, names): v for k, v in m.state_dict().items()}
+    state["head.regression_head.bbox_reg.weight"], state["head.regression_head.bbox_reg.bias"] = (
+        _torchvision_box_conv(m.box_head[-1].weight.detach(), m.box_head[-1].bias.detach()))
+    tv.load_state_dict(state)
+    _copy_flags(m, tv, names)
+    return tv.to(m.cls_head[-1].weight.device).eval()
+
+
+def _infer_backbone(body_state):
+    """The name in BACKBONES whose torchvision trunk has exactly these tensor names and shapes."""
+    shapes = {k: tuple(v.shape) for k, v in body_state.items() if not k.endswith("num_batches_tracked")}
+    for name in BACKBONES:
+        with torch.device("meta"):  # no memory, no init cost
+            ref = _resnet(name, frozen_bn=True).state_dict()
+        if shapes == {k: tuple(v.shape) for k, v in ref.items()}:
+            return name
+    raise ValueError("from_torchvision: the backbone is none of " + ", ".join(BACKBONES))
+
+
+def from_torchvision(tv, backbone=None):
+    """Our RetinaNet from a `torchvision.models.detection.RetinaNet` built like
+    `retinanet_resnet50_fpn` (ResNet/ResNeXt trunk, FPN on layer2-4, LastLevelP6P7(256, 256),
+    default anchors and head): same weights, sizes and thresholds. Inverse of to_torchvision, and
+    the way to start training from torchvision's checkpoints. `backbone` is inferred if None."""
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    fpn = getattr(tv.backbone, "fpn", None)
+    if not (isinstance(getattr(fpn, "extra_blocks", None), LastLevelP6P7) and fpn.extra_blocks.use_P5):
+        raise ValueError("from_torchvision: expected a retinanet_resnet50_fpn-style model (P6 from P5, "
+                         "LastLevelP6P7(256, 256)); retinanet_resnet50_fpn_v2 is not supported")
+    ag = tv.anchor_generator
+    if tuple(map(tuple, ag.sizes)) != ANCHOR_SIZES or any(tuple(r) != ANCHOR_RATIOS for r in ag.aspect_ratios):
+        raise ValueError(f"from_torchvision: anchors must be torchvision's defaults, got sizes {ag.sizes}")
+    t = tv.transform
+    if (tuple(t.image_mean) != IMAGENET_MEAN or tuple(t.image_std) != IMAGENET_STD
+            or t.size_divisible != SIZE_DIVISIBLE or t.fixed_size is not None):
+        raise ValueError("from_torchvision: the model's transform must use ImageNet mean/std, "
+                         "padding to 32 and no fixed size")
+    if tuple(tv.box_coder.weights) != (1.0, 1.0, 1.0, 1.0):
+        raise ValueError(f"from_torchvision: expected box weights (1, 1, 1, 1), got {tv.box_coder.weights}")
+
+    body_state = tv.backbone.body.state_dict()
+    backbone = _infer_backbone(body_state) if backbone is None else backbone
+    frozen_bn = any(isinstance(module, FrozenBatchNorm2d) for module in tv.backbone.body.modules())
+    min_size = t.min_size[0] if len(t.min_size) == 1 else tuple(t.min_size)
+    m = RetinaNet(tv.head.classification_head.num_classes, backbone=backbone, weights="none",
+                  min_size=min_size, max_size=t.max_size, frozen_bn=frozen_bn)
+    m.score_thresh, m.nms_thresh = tv.score_thresh, tv.nms_thresh
+    m.detections_per_img, m.topk_candidates = tv.detections_per_img, tv.topk_candidates
+
+    names = {new: old for old, new in _torchvision_names().items()}
+    tv_state = tv.state_dict()
+    unknown = [k for k in tv_state if _rename(k, names) is None]
+    if unknown:
+        raise ValueError(f"from_torchvision: tensors with no counterpart here: {unknown[:3]}")
+    state = {_rename(k, names): v for k, v in tv_state.items()}
+    scale = _box_scale(state["box_head.8.bias"].device)
+    state["box_head.8.weight"] = state["box_head.8.weight"] * scale[:, None, None, None]
+    state["box_head.8.bias"] = state["box_head.8.bias"] * scale
+    m.load_state_dict(state)
+    _copy_flags(tv, m, names)
+    return m.to(tv.head.regression_head.bbox_reg.weight.device).train(tv.training)

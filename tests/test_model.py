@@ -1,0 +1,321 @@
+"""Tests of model.py: RetinaNet against torchvision's own pieces (design.md §5, §8).
+
+Oracles: torchvision's AnchorGenerator (through the RetinaNet it builds), BoxCoder((10, 10, 5, 5)),
+and torchvision's RetinaNet itself (transform + postprocess_detections) on the same weights.
+Everything is tiny (resnet18, images of ~64x96) so the file runs in seconds on a CPU.
+
+    python -m pytest -q tests/test_model.py
+"""
+
+import math
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import FrozenBatchNorm2d
+
+import model
+from model import BACKBONES, RetinaNet, from_torchvision, to_torchvision
+
+
+def tiny(num_classes=5, backbone="resnet18", seed=0, **kwargs):
+    """A from-scratch model with confident random heads: many scores above 0.05, and box deltas
+    far from zero, so that thresholds, top-k, decoding, clipping and NMS all have work to do."""
+    torch.manual_seed(seed)
+    m = RetinaNet(num_classes, backbone=backbone, weights=kwargs.pop("weights", "none"),
+                  min_size=kwargs.pop("min_size", 64), max_size=kwargs.pop("max_size", 96), **kwargs)
+    with torch.no_grad():
+        m.cls_head[-1].weight.normal_(0, 0.05)
+        m.cls_head[-1].bias.fill_(-1.5)
+        m.box_head[-1].weight.normal_(0, 0.05)
+        m.box_head[-1].bias.normal_(0, 0.5)
+    return m
+
+
+def images(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # 50x70 is resized (x1.28 -> 64x89) and padded (to 64x96); 64x96 is neither.
+    return [torch.rand(3, 50, 70, generator=g), torch.rand(3, 64, 96, generator=g)]
+
+
+def assert_same_detections(ours, theirs, exact=True):
+    """exact: the very same ops on the very same weights, equal bit for bit (on CPU); otherwise the
+    regression conv went through a x(10, 10, 5, 5) and back, and boxes agree up to rounding."""
+    assert len(ours) == len(theirs)
+    for o, t in zip(ours, theirs):
+        assert o["boxes"].shape == t["boxes"].shape
+        assert torch.equal(o["scores"], t["scores"])
+        assert torch.equal(o["labels"], t["labels"])
+        if exact:
+            assert torch.equal(o["boxes"], t["boxes"])
+        else:
+            torch.testing.assert_close(o["boxes"], t["boxes"], rtol=1e-5, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- anchors, boxes
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 160), (224, 128)])
+def test_anchors_equal_torchvision(size):
+    m = tiny(num_classes=2)
+    tv = to_torchvision(m)
+    batch = torch.zeros(1, 3, *size)
+    features = m.features(batch)
+    expected = tv.anchor_generator(ImageList(batch, [size]), features)[0]  # [A, 4]
+    _, _, anchors = m(batch)
+    assert anchors.dtype == torch.float32
+    assert torch.equal(anchors, expected)
+    assert m(batch)[2] is anchors  # cached per feature-map size
+
+
+@pytest.mark.parametrize("size", [(800, 1216), (800, 1344), (1344, 800), (608, 1024)])
+def test_anchors_equal_torchvision_at_full_size(size):
+    # Without running the network: the anchors only see the feature-map sizes, ceil(H / 2**l)
+    # on P3..P7 (stride-2 convs with padding). 800 is not a multiple of 128, so P6/P7 get
+    # torchvision's odd strides 800 // 13 and 800 // 7.
+    feature_sizes = [(math.ceil(size[0] / 2 ** l), math.ceil(size[1] / 2 ** l)) for l in range(3, 8)]
+    features = [torch.zeros(1, 1, h, w) for h, w in feature_sizes]
+    generator = to_torchvision(tiny(num_classes=2)).anchor_generator
+    expected = generator(ImageList(torch.zeros(1, 3, *size), [size]), features)[0]  # [A, 4]
+    assert torch.equal(model.grid_anchors(feature_sizes, size, "cpu"), expected)
+
+
+def test_cell_anchor_sizes():
+    # P3's 9 anchors: ratios 0.5, 1, 2 (h/w) of sizes 32, 40, 50, centred on the origin
+    cells = model.cell_anchors(model.ANCHOR_SIZES[0])
+    assert model.ANCHOR_SIZES[0] == (32, 40, 50)
+    w, h = cells[:, 2] - cells[:, 0], cells[:, 3] - cells[:, 1]
+    assert torch.allclose(h / w, torch.tensor([0.5] * 3 + [1.0] * 3 + [2.0] * 3), rtol=0.06)
+    assert torch.allclose((w * h).sqrt(), torch.tensor([32.0, 40, 50] * 3), rtol=0.03)
+
+
+def random_boxes(n, g):
+    xy = torch.rand(n, 2, generator=g) * 500
+    wh = torch.rand(n, 2, generator=g) * 300 + 1
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def test_encode_decode_round_trip_and_torchvision_box_coder():
+    g = torch.Generator().manual_seed(0)
+    anchors = random_boxes(1000, g)
+    # boxes within the clamp's reach of their anchors (at most 1000/16 times wider or taller)
+    boxes = model.decode(anchors, torch.randn(1000, 4, generator=g) * torch.tensor([5.0, 5.0, 3.0, 3.0]))
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    deltas = model.encode(anchors, boxes)
+    torch.testing.assert_close(deltas, coder.encode_single(boxes, anchors))
+    torch.testing.assert_close(model.decode(anchors, deltas), boxes, rtol=1e-5, atol=1e-3)
+    # large deltas exercise the dw, dh clamp at log(1000/16)
+    wild = torch.randn(1000, 4, generator=g) * 30
+    torch.testing.assert_close(model.decode(anchors, wild), coder.decode_single(wild, anchors))
+    assert torch.isfinite(model.decode(anchors, wild)).all()
+
+
+# ----------------------------------------------------------------------------- torchvision equivalence
+
+def test_detect_equals_torchvision():
+    m = tiny()
+    tv = to_torchvision(m)
+    ours = m.detect(images())
+    assert_same_detections(ours, tv(images()))
+    assert all(len(d["boxes"]) == m.detections_per_img for d in ours)  # the limit is reached
+    for d, image in zip(ours, images()):
+        h, w = image.shape[-2:]
+        assert d["boxes"][:, 0::2].max() <= w + 1e-3 and d["boxes"][:, 1::2].max() <= h + 1e-3  # original pixels
+        assert d["boxes"][:, 2].max() > 0.9 * w  # not left in resized pixels either
+        assert d["labels"].dtype == torch.int64 and 0 <= d["labels"].min() and d["labels"].max() < 5
+
+
+def test_detect_equals_torchvision_other_thresholds_and_scales():
+    # tuple min_size (the last one counts), and every threshold carried over by to_torchvision
+    m = tiny(min_size=(48, 72), max_size=120, seed=3)
+    m.score_thresh, m.topk_candidates, m.nms_thresh, m.detections_per_img = 0.2, 40, 0.6, 60
+    batch = images() + [torch.rand(3, 100, 33)]  # three sizes in one padded batch
+    ours = m.detect(batch)
+    assert_same_detections(ours, to_torchvision(m)(batch))
+    assert all(0 < len(d["boxes"]) <= 60 and d["scores"].min() > 0.2 for d in ours)
+    # test-time overrides of the scale equal a model built at that scale
+    m2 = tiny(min_size=72, max_size=120, seed=3)
+    m2.score_thresh, m2.topk_candidates, m2.nms_thresh, m2.detections_per_img = 0.2, 40, 0.6, 60
+    m.min_size, m.max_size = 64, 96
+    assert_same_detections(m.detect(images(), min_size=72, max_size=120), m2.detect(images()))
+
+
+def test_detect_without_nms_returns_the_candidates():
+    m = tiny()
+    m.topk_candidates = 50
+    with_nms, candidates = m.detect(images()), m.detect(images(), nms=False)
+    for d, c in zip(with_nms, candidates):
+        # top-k of P3..P6, all of P7 (1x1 positions x 9 anchors x 5 classes): scores are all > 0.05 here
+        assert len(c["boxes"]) == 4 * 50 + 45
+        assert len(d["boxes"]) < len(c["boxes"])
+        # every detection is one of the candidates
+        match = (d["boxes"][:, None] == c["boxes"][None]).all(-1) & (d["scores"][:, None] == c["scores"][None])
+        assert match.any(1).all()
+
+
+def test_detect_decodes_what_forward_predicts():
+    # detect decodes deltas in torchvision's units (to equal it bit for bit); the plain way, forward's
+    # deltas decoded with BOX_WEIGHTS, must give the same boxes up to rounding. Threshold 0 and an
+    # unbounded top-k keep every (anchor, class) pair.
+    m = tiny()
+    m.score_thresh, m.topk_candidates = 0.0, 10**9
+    image = images()[1]  # 64x96: neither resized nor padded
+    (candidates,) = m.detect([image], nms=False)
+    with torch.no_grad():
+        cls_logits, box_deltas, anchors = m.eval()(model.normalize(image)[None])
+    boxes = model.decode(anchors, box_deltas[0])  # [A, 4]
+    boxes = torch.stack((boxes[:, 0].clamp(0, 96), boxes[:, 1].clamp(0, 64),
+                         boxes[:, 2].clamp(0, 96), boxes[:, 3].clamp(0, 64)), dim=1)  # [A, 4]
+    scores = cls_logits[0].sigmoid().flatten()  # [A*K], index = anchor*K + class
+    assert len(candidates["scores"]) == len(scores) == 1161 * 5
+    # Pair each candidate with the (anchor, class) pairs of the same score and label (ties are
+    # common among 5805 float32 scores, so their order is no evidence), then compare boxes.
+    same = ((candidates["scores"][:, None] == scores[None])
+            & (candidates["labels"][:, None] == torch.arange(len(scores))[None] % 5))  # [N, A*K]
+    i, j = same.nonzero(as_tuple=True)
+    close = ((candidates["boxes"][i] - boxes[j // 5]).abs() <= 1e-3 + 1e-5 * boxes[j // 5].abs()).all(1)
+    assert torch.zeros(len(scores), dtype=torch.bool).index_put_((i,), close, accumulate=True).all()
+    assert same.any(0).all()  # and every pair is some candidate
+
+
+def test_detect_keeps_training_flags_and_runs_without_grad():
+    m = tiny()
+    m.train()
+    m.body.layer1.eval()  # e.g. a caller that keeps a frozen stage in eval mode
+    out = m.detect(images()[:1])
+    assert m.training and m.cls_head.training and not m.body.layer1.training
+    assert not out[0]["scores"].requires_grad
+
+
+def test_round_trip_through_torchvision_keeps_the_state(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    m = tiny(weights=path)  # pretrained: FrozenBatchNorm and a frozen stem, carried both ways
+    m.nms_thresh = 0.45
+    back = from_torchvision(to_torchvision(m))
+    assert back.config == m.config and back.nms_thresh == 0.45
+    ours, theirs = m.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(theirs[k], ours[k], rtol=1e-6, atol=0, msg=k)
+    assert ({n for n, p in back.named_parameters() if p.requires_grad}
+            == {n for n, p in m.named_parameters() if p.requires_grad})
+
+
+def test_from_torchvision_of_torchvisions_own_model():
+    torch.manual_seed(0)
+    tv = torchvision.models.detection.retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=4, min_size=64, max_size=96)
+    with torch.no_grad():
+        tv.head.classification_head.cls_logits.weight.normal_(0, 0.05)
+        tv.head.regression_head.bbox_reg.weight.normal_(0, 0.05)
+        tv.head.classification_head.cls_logits.bias.fill_(-1.5)
+    tv.eval()
+    m = from_torchvision(tv)
+    assert m.config == dict(num_classes=4, backbone="resnet50", min_size=64, max_size=96, frozen_bn=False)
+    assert m.detections_per_img == 300  # torchvision's default, carried over
+    assert_same_detections(m.detect(images()), tv(images()), exact=False)
+
+
+def test_from_torchvision_refuses_v2():
+    tv = torchvision.models.detection.retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=2)
+    with pytest.raises(ValueError, match="v2"):
+        from_torchvision(tv)
+
+
+# ----------------------------------------------------------------------------- architecture
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_output_shapes_every_backbone(backbone):
+    torch.manual_seed(0)
+    m = RetinaNet(3, backbone=backbone, weights="none").eval()
+    with torch.no_grad():
+        cls_logits, box_deltas, anchors = m(torch.randn(2, 3, 64, 96))
+    A = 9 * (8 * 12 + 4 * 6 + 2 * 3 + 1 * 2 + 1 * 1)  # P3..P7 of a 64x96 batch
+    assert cls_logits.shape == (2, A, 3) and box_deltas.shape == (2, A, 4) and anchors.shape == (A, 4)
+    assert not any(isinstance(mod, FrozenBatchNorm2d) for mod in m.modules())
+    assert all(p.requires_grad for p in m.parameters())  # from scratch: everything trains
+    assert model._infer_backbone(m.body.state_dict()) == backbone  # from_torchvision can recognise it
+
+
+def test_config_rebuilds_the_model():
+    m = tiny(frozen_bn=True, min_size=(32, 64))
+    rebuilt = RetinaNet(**{**m.config, "weights": "none"})
+    rebuilt.load_state_dict(m.state_dict())  # strict: same architecture
+    assert m.config == dict(num_classes=5, backbone="resnet18", min_size=(32, 64), max_size=96, frozen_bn=True)
+    assert_same_detections(rebuilt.detect(images()), m.detect(images()))
+
+
+def test_head_initialisation():
+    torch.manual_seed(0)
+    m = RetinaNet(7, backbone="resnet18", weights="none")
+    prior = torch.sigmoid(m.cls_head[-1].bias)
+    torch.testing.assert_close(prior, torch.full((9 * 7,), 0.02))
+    for head in (m.cls_head, m.box_head):
+        convs = [layer for layer in head if isinstance(layer, torch.nn.Conv2d)]
+        assert len(convs) == 5 and sum(isinstance(layer, torch.nn.ReLU) for layer in head) == 4
+        for conv in convs:
+            assert abs(conv.weight.std().item() - 0.01) < 0.001 and abs(conv.weight.mean().item()) < 0.001
+    assert m.box_head[-1].bias.abs().max() == 0 and m.cls_head[0].bias.abs().max() == 0
+    assert math.isclose(m.cls_head[-1].bias[0].item(), -math.log(0.98 / 0.02), rel_tol=1e-6)
+
+
+def test_forward_rejects_bad_input():
+    m = tiny()
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        m(torch.zeros(3, 64, 64))
+    with pytest.raises(ValueError, match="image 1"):
+        m.detect([torch.rand(3, 32, 32), torch.rand(32, 32)])
+    with pytest.raises(TypeError, match="uint8"):
+        m.detect([torch.zeros(3, 32, 32, dtype=torch.uint8)])
+    with pytest.raises(ValueError, match="backbone 'resnet9'"):
+        RetinaNet(3, backbone="resnet9", weights="none")
+
+
+# ----------------------------------------------------------------------------- weights
+
+def test_local_weights_file_and_frozen_set(tmp_path):
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)  # torchvision's format, fc included
+    m = RetinaNet(3, backbone="resnet18", weights=str(path))
+    for k, v in reference.state_dict().items():
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked"):
+            assert torch.equal(m.body.state_dict()[k], v), k
+    assert m.config["frozen_bn"] is True
+    assert isinstance(m.body.bn1, FrozenBatchNorm2d) and not any(
+        isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in m.named_parameters() if n.startswith(("body.conv1.", "body.layer1."))}
+    assert "body.layer1.0.conv1.weight" in frozen and "body.layer2.0.conv1.weight" not in frozen
+
+    forced = RetinaNet(3, backbone="resnet18", weights=path, frozen_bn=False)  # pretrained, trainable BN
+    assert isinstance(forced.body.bn1, torch.nn.BatchNorm2d) and not forced.body.layer1[0].bn1.weight.requires_grad
+    scratch_frozen = RetinaNet(3, backbone="resnet18", weights="none", frozen_bn=True)
+    assert isinstance(scratch_frozen.body.bn1, FrozenBatchNorm2d)
+    assert all(p.requires_grad for p in scratch_frozen.parameters())  # nothing frozen from scratch
+
+
+def test_bad_weights_files(tmp_path):
+    wrong = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), wrong)
+    with pytest.raises(ValueError, match=r"resnet34\.pth does not fit a torchvision resnet50: .*conv"):
+        RetinaNet(3, backbone="resnet50", weights=wrong)
+    with pytest.raises(ValueError, match="no such file"):
+        RetinaNet(3, backbone="resnet18", weights=tmp_path / "missing.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth: not a torch state dict"):
+        RetinaNet(3, backbone="resnet18", weights=garbage)
+
+
+def test_imagenet_download_failure_is_one_clear_error(monkeypatch):
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match=r"--weights PATH.*--weights none") as info:
+        RetinaNet(3, backbone="resnet18", weights="imagenet")
+    assert "\n" not in str(info.value) and info.value.__cause__ is None and info.value.__suppress_context__
