@@ -232,6 +232,21 @@ def negative_bag_loss_reference(cls_logits, plus_index, plus_prob, gamma):
     return (q.pow(gamma) * -torch.log1p(-q)).sum()  # []
 
 
+def _bag_likelihood(p_cls, box_deltas, anchors, bag, boxes, cfg):
+    """P_ij = P_cls_ij * P_loc_ij of every anchor j in the bag of every object i (recall, Eq. 3).
+
+    p_cls [B, G, n] = P_cls_ij; box_deltas [B, A, 4]; anchors [A, 4]; bag [B, G, n]; boxes [B, G, 4].
+    P_loc_ij = exp(-beta L_loc_ij), L_loc the SmoothL1 between the predicted deltas and the
+    deltas that would move a_j onto b_i. Gradient flows into both factors.
+    """
+    img = torch.arange(bag.shape[0], device=bag.device)[:, None, None]  # [B, 1, 1]
+    target = encode(anchors[bag], boxes[:, :, None, :])  # [B, G, n, 4]  deltas a_j -> b_i
+    loss_loc = F.smooth_l1_loss(box_deltas[img, bag], target, beta=cfg.smooth_l1_beta,
+                                reduction="none").sum(-1)  # [B, G, n]  L_loc_ij
+    p_loc = torch.exp(-cfg.loc_weight * loss_loc)  # [B, G, n]  P_loc_ij
+    return p_cls * p_loc  # [B, G, n]  P_ij, the anchor's likelihood for the object
+
+
 def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=FreeAnchorConfig(),
                      num_objects=None):
     """FreeAnchor's detection customised likelihood as a loss (Eq. 7).
@@ -265,12 +280,7 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
         if boxes.shape[1] == 0:
             positive = box_deltas.sum() * 0.0  # []  zero, yet box_deltas get a (zero) gradient for DDP
         else:
-            p_cls = torch.sigmoid(bag_logits)  # [B, G, n]  P_cls_ij
-            target = encode(anchors[bag], boxes[:, :, None, :])  # [B, G, n, 4]  deltas a_j -> b_i
-            loss_loc = F.smooth_l1_loss(box_deltas[img, bag], target, beta=cfg.smooth_l1_beta,
-                                        reduction="none").sum(-1)  # [B, G, n]  L_loc_ij
-            p_loc = torch.exp(-cfg.loc_weight * loss_loc)  # [B, G, n]  P_loc_ij
-            x = p_cls * p_loc  # [B, G, n]  P_ij, the anchor's likelihood for the object
+            x = _bag_likelihood(torch.sigmoid(bag_logits), box_deltas, anchors, bag, boxes, cfg)  # [B, G, n]
             w = 1 / (1 - x).clamp(min=EPS)  # [B, G, n]  Mean-max weights: they keep their gradient
             bag_prob = (w * x).sum(-1) / w.sum(-1)  # [B, G]  Mean-max(X_i) of Eq. 5
             loss_obj = F.binary_cross_entropy(bag_prob.clamp(max=1), torch.ones_like(bag_prob),
@@ -334,3 +344,26 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Ret
         loss_loc = F.smooth_l1_loss(box_deltas, target, beta=cfg.smooth_l1_beta, reduction="none")  # [B, A, 4]
         regression = torch.where(positive[:, :, None], loss_loc, 0.0).sum() / (4 * num_pos)  # []
     return {"classification": classification, "regression": regression}
+
+
+@torch.no_grad()
+def bag_weights(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=FreeAnchorConfig()):
+    """What the positive term sees, for pictures (the paper's Fig. 4): for each image, the bag of
+    every object and the normalised Mean-max weights w_j / sum w of its anchors (Eq. 5) under the
+    current predictions. Same inputs as free_anchor_loss; returns a list of B pairs
+    (bag [G_b, n] anchor indices, weights [G_b, n] summing to 1 over each bag)."""
+    B, A, K = _check_inputs(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)
+    cls_logits, box_deltas = cls_logits.float(), box_deltas.float()  # [B, A, K], [B, A, 4]
+    anchors = anchors.to(box_deltas.dtype)  # [A, 4]
+    n = min(cfg.bag_size, A)
+    boxes, labels, valid = _pad_objects(gt_boxes, gt_labels, box_deltas.dtype, box_deltas.device)  # [B, G, 4], [B, G], [B, G]
+    step = max(1, IOU_CHUNK // max(1, B * A))
+    bag = torch.cat([_top_n(box_iou(boxes[:, g0:g0 + step], anchors), n)
+                     for g0 in range(0, boxes.shape[1], step)], dim=1) if boxes.shape[1] else \
+        torch.empty(B, 0, n, dtype=torch.long, device=boxes.device)  # [B, G, n]
+    img = torch.arange(B, device=bag.device)[:, None, None]  # [B, 1, 1]
+    p_cls = torch.sigmoid(cls_logits[img, bag, labels[:, :, None]])  # [B, G, n]
+    x = _bag_likelihood(p_cls, box_deltas, anchors, bag, boxes, cfg)  # [B, G, n]
+    w = 1 / (1 - x).clamp(min=EPS)  # [B, G, n]
+    w = w / w.sum(-1, keepdim=True)  # [B, G, n]
+    return [(bag[b, valid[b]], w[b, valid[b]]) for b in range(B)]
