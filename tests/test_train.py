@@ -1,0 +1,260 @@
+"""Tests of train.py: learning, the DDP normaliser, exact resume (also after kill -9), the
+non-finite guard, the recipe, and the CLI end to end on tiny data.
+
+    python -m pytest tests/test_train.py
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import freeanchor
+import train
+from data import CocoDataset, collate, prepare_shapes
+from model import RetinaNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--backbone", "resnet18", "--weights", "none", "--min-size", "64", "--max-size", "64",
+        "--workers", "0", "--log-every", "1"]
+
+
+def make_dataset(root, num_images=8, size=64):
+    """A COCO-layout dataset of same-size images with one to three filled rectangles of two
+    categories (ids 5 and 9: not contiguous)."""
+    os.makedirs(os.path.join(root, "annotations"))
+    os.makedirs(os.path.join(root, "train2017"))
+    gen = torch.Generator().manual_seed(0)
+    images, annotations = [], []
+    for i in range(num_images):
+        img = Image.new("RGB", (size, size), (90, 90, 90))
+        draw = ImageDraw.Draw(img)
+        for _ in range(1 + i % 3):
+            w, h = (torch.randint(12, 30, (2,), generator=gen)).tolist()
+            x, y = torch.randint(0, size - 30, (2,), generator=gen).tolist()
+            cat = 5 if len(annotations) % 2 else 9
+            draw.rectangle((x, y, x + w - 1, y + h - 1), fill=(230, 40, 40) if cat == 5 else (40, 40, 230))
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+        img.save(os.path.join(root, "train2017", f"{i + 1}.png"))
+        images.append({"id": i + 1, "file_name": f"{i + 1}.png", "width": size, "height": size})
+    with open(os.path.join(root, "annotations", "instances_train2017.json"), "w") as f:
+        json.dump({"images": images, "annotations": annotations,
+                   "categories": [{"id": 5, "name": "red"}, {"id": 9, "name": "blue"}]}, f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("tiny") / "data"))
+
+
+def run_cli(args, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True,
+                          text=True, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# ----------------------------------------------------------------------------- learning
+
+def test_overfits_a_fixed_batch(tiny_data):
+    torch.manual_seed(0)
+    dataset = CocoDataset(tiny_data, "train2017", train=True, max_size=64)
+    images, targets = collate([dataset[(i, 64, False)] for i in range(4)])
+    model = RetinaNet(2, backbone="resnet18", weights="none", min_size=64, max_size=64)
+    optimizer = torch.optim.SGD(train.param_groups(model, 1e-4), lr=0.003, momentum=0.9)
+    losses = []
+    for _ in range(60):
+        cls_logits, box_deltas, anchors = model(images)
+        out = freeanchor.free_anchor_loss(cls_logits, box_deltas, anchors, [t["boxes"] for t in targets],
+                                          [t["labels"] for t in targets])
+        loss = out["positive"] + out["negative"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+def test_lr_schedule_and_weight_decay_groups():
+    cfg, _ = train.parse_config(["--batch-size", "8", "--max-iter", "900"])
+    assert cfg.lr == pytest.approx(0.005) and cfg.steps == (600, 800)
+    assert train.lr_at(0, cfg) == pytest.approx(0.005 / 3)
+    assert train.lr_at(250, cfg) == pytest.approx(0.005 * (1 / 3 + 2 / 3 * 0.5))
+    assert train.lr_at(500, cfg) == pytest.approx(0.005)
+    assert train.lr_at(600, cfg) == pytest.approx(0.0005)
+    assert train.lr_at(899, cfg) == pytest.approx(0.00005)
+    model = RetinaNet(3, backbone="resnet18", weights="none", min_size=64, max_size=64)
+    decay, no_decay = train.param_groups(model, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith("weight") and p.ndim == 4 for p in decay["params"])
+    assert all(p.ndim == 1 for p in no_decay["params"])  # biases and BatchNorm scales
+    assert len(decay["params"]) + len(no_decay["params"]) == sum(p.requires_grad for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- DDP
+
+def test_two_process_ddp_step_equals_one_process(tiny_data, tmp_path):
+    """2 gloo processes x 1 image == 1 process x 2 images, one SGD step: the gradients are averaged
+    over processes and the loss normaliser ||B|| is all-reduced (design §4.8). Pretrained (here: a
+    local random backbone file) so BatchNorm is frozen and nothing else differs."""
+    backbone = tmp_path / "resnet18.pt"
+    import torchvision
+    torch.save(torchvision.models.resnet18().state_dict(), backbone)
+    args = [*TINY, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
+            "--lr", "0.05", "--warmup-iters", "0"]
+    single = run_cli([*args, "--output", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", os.path.join(ROOT, "train.py"), *args,
+                          "--output", str(tmp_path / "ddp")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = weights(tmp_path / "single" / "model_final.pt"), weights(tmp_path / "ddp" / "model_final.pt")
+    moved = 0
+    start = RetinaNet(2, backbone="resnet18", weights=str(backbone), min_size=64, max_size=64).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        moved += not torch.equal(a[k], start[k]) if k in start and "body" not in k else 0
+    assert moved > 0  # the step did change the weights
+    log = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl")]
+    single_log = [json.loads(l) for l in open(tmp_path / "single" / "log.jsonl")]
+    assert log[0]["positive"] == pytest.approx(single_log[0]["positive"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "7", "--ckpt-every", "3",
+            "--warmup-iters", "2", "--lr", "0.02"]
+    train.main([*args, "--output", str(tmp_path / "whole")])
+
+    calls = {"n": 0}
+    real = freeanchor.free_anchor_loss
+
+    def crash_at_5th(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # as if killed during iteration 4
+        return real(*a, **k)
+
+    monkeypatch.setattr(freeanchor, "free_anchor_loss", crash_at_5th)
+    with pytest.raises(SystemExit):
+        train.main([*args, "--output", str(tmp_path / "cut")])
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["iteration"] == 3
+    assert not (tmp_path / "cut" / "model_final.pt").exists()
+    monkeypatch.setattr(freeanchor, "free_anchor_loss", real)
+    train.main([*args, "--output", str(tmp_path / "cut"), "--resume"])
+    assert_same_weights(weights(tmp_path / "whole" / "model_final.pt"), weights(tmp_path / "cut" / "model_final.pt"))
+    whole_log = [json.loads(l) for l in open(tmp_path / "whole" / "log.jsonl")]
+    cut_log = [json.loads(l) for l in open(tmp_path / "cut" / "log.jsonl")]
+    assert [r["iter"] for r in cut_log] == list(range(1, 8))
+    assert [r["loss"] for r in cut_log] == [r["loss"] for r in whole_log]
+
+
+def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
+    """A real SIGKILL in the middle of the run (checkpoints every 2 iterations), then --resume."""
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "10", "--ckpt-every", "2",
+            "--warmup-iters", "2", "--lr", "0.02", "--seed", "3"]
+    whole = run_cli([*args, "--output", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    log = tmp_path / "killed" / "log.jsonl"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--output", str(tmp_path / "killed")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and sum(1 for _ in open(log)) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "model_final.pt").exists()
+    resumed = run_cli([*args, "--output", str(tmp_path / "killed"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert_same_weights(weights(tmp_path / "whole" / "model_final.pt"), weights(tmp_path / "killed" / "model_final.pt"))
+
+
+# ----------------------------------------------------------------------------- failures
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    real = freeanchor.free_anchor_loss
+    calls = {"n": 0}
+
+    def nan_at_4th(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        if calls["n"] == 4:
+            out["positive"] = out["positive"] * float("nan")
+        return out
+
+    monkeypatch.setattr(freeanchor, "free_anchor_loss", nan_at_4th)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "6", "--ckpt-every", "2",
+                    "--output", str(tmp_path / "run")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite loss at iteration 3" in err and "positive nan" in err
+    assert "last.pt" in err
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/data"], "data root not found: /nonexistent/data"),
+    (["--backbone", "resnet7"], "--backbone resnet7"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--loss", "focal"], "--loss focal"),
+])
+def test_bad_arguments_give_one_line(args, message, tiny_data, tmp_path):
+    res = run_cli([*TINY, "--data", tiny_data, "--output", str(tmp_path / "x"), *args])
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_refuses_to_overwrite_a_run(tiny_data, tmp_path):
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
+    train.main(args)
+    res = run_cli(args)
+    assert res.returncode == 2 and "already holds a run" in res.stderr
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_end_to_end_on_tiny_shapes(tmp_path):
+    root = prepare_shapes(str(tmp_path / "shapes"), num_train=12, num_val=4)
+    res = run_cli(["--data", root, "--backbone", "resnet18", "--weights", "none", "--batch-size", "2",
+                   "--max-iter", "4", "--min-size", "96", "112", "--max-size", "128", "--log-every", "2",
+                   "--workers", "1", "--loss", "retinanet", "--output", str(tmp_path / "run")])
+    assert res.returncode == 0, res.stderr
+    lines = [l for l in res.stdout.splitlines() if l.startswith("iter ")]
+    assert len(lines) == 2 and "4/4" in lines[-1] and "eta" in lines[-1] and "img/s" in lines[-1]
+    records = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["iter"] for r in records] == [2, 4]
+    assert {"classification", "regression", "lr", "s_per_iter", "images_per_s", "eta_s", "peak_mem_mb"} <= records[0].keys()
+    final = torch.load(tmp_path / "run" / "model_final.pt", weights_only=False)
+    assert [c["name"] for c in final["categories"]] == ["square", "disk", "triangle", "bar", "needle"]
+    assert final["config"]["loss"] == "retinanet" and final["model_config"]["backbone"] == "resnet18"
+    model = RetinaNet(**{**final["model_config"], "weights": "none"})
+    model.load_state_dict(final["model"])
+    help_text = run_cli(["--help"]).stdout
+    for flag in ("--bag-size", "--iou-threshold", "--resume", "--amp", "--ckpt-every", "paper"):
+        assert flag in help_text
