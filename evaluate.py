@@ -1,0 +1,695 @@
+"""Evaluate a checkpoint of train.py: COCO AP, plus the analyses that only the FreeAnchor paper
+(Zhang et al., "FreeAnchor: Learning to Match Anchors for Visual Object Detection", NeurIPS 2019)
+defines (design.md §7).
+
+- COCO AP, AP50, AP75, APS, APM, APL (the columns of Table 2) with pycocotools, on the split the
+  checkpoint was trained to be validated on, or on any COCO-layout data (--data, --split).
+  detections.json holds the results in COCO's format (xywh boxes, the dataset's own category and
+  image ids), metrics.json every number printed.
+- --nms-recall (Table 1): NR_tau = recall after NMS / recall before NMS at IoU tau, class-aware (an
+  object is recalled when a detection of its own class overlaps it by >= tau); NR is the mean over
+  tau = 0.50, 0.55, ..., 0.90. "Before NMS" is exactly what RetinaNet.detect feeds to NMS.
+- --breakdown: AP of square vs slender categories (Fig. 5: clock, traffic light, sports ball vs
+  toothbrush, skis, couch, tie on COCO; data.SHAPES_SQUARE vs SHAPES_SLENDER on shapes) and AP
+  over images grouped by object count [0,10], [11,20], [21,30], [31,inf) (Fig. 6); tables and
+  PNG bar charts.
+- --test-scales S1 S2 ... and --flip: multi-scale / flipped test (the paper's FreeAnchor** row):
+  each scale's and flip's detections, mapped back to the image, merged by class-wise NMS.
+- --visualize N: pictures of detections and ground truth; --show-matching: Fig. 4, the anchors
+  of a few objects' bags coloured by their Mean-max weight (Eq. 5) under this checkpoint, beside
+  the same anchors coloured by IoU, the hand-crafted criterion FreeAnchor replaces.
+
+    python evaluate.py --ckpt runs/freeanchor_resnet50_coco/model_final.pt
+    python evaluate.py --ckpt runs/<name>/model_final.pt --nms-recall --breakdown --visualize 20
+    python evaluate.py --ckpt ... --test-scales 480 640 800 960 1120 1280 --flip
+    torchrun --nproc_per_node=8 evaluate.py --ckpt ...     # images sharded over ranks, rank 0 reports
+
+Tests: python -m pytest tests/test_evaluate.py
+"""
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import batched_nms
+
+import freeanchor
+from data import SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, collate, resolve_root
+from model import RetinaNet, box_iou
+
+COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
+NR_THRESHOLDS = tuple(round(0.50 + 0.05 * i, 2) for i in range(9))  # Table 1: IoU 0.50:0.05:0.90
+COCO_SQUARE = ("clock", "traffic light", "sports ball")  # Fig. 5
+COCO_SLENDER = ("toothbrush", "skis", "couch", "tie")  # Fig. 5
+CROWD_GROUPS = ((0, 10), (11, 20), (21, 30), (31, None))  # Fig. 6: objects per image, inclusive
+MATCHING_IMAGES, MATCHING_OBJECTS = 4, 2  # --show-matching draws this many images x objects
+GT_COLOR, PRED_COLOR = (0, 200, 0), (255, 40, 40)
+
+
+@dataclass
+class EvalConfig:
+    """What an evaluation needs. `metadata["help"]` is the --help text."""
+    ckpt: str = field(default=None, metadata={"help": "checkpoint of train.py (model_final.pt or last.pt)"})
+    data: str = field(default=None, metadata={
+        "help": "COCO-layout root or 'shapes' (default: the checkpoint's training data)"})
+    split: str = field(default=None, metadata={"help": "split to evaluate (default: the checkpoint's val split)"})
+    min_size: int = field(default=None, metadata={
+        "help": "shorter image side (default: the checkpoint's, its last value if several)"})
+    max_size: int = field(default=None, metadata={
+        "help": "cap on the longer side (default: the checkpoint's; with --test-scales, scaled with each scale)"})
+    batch_size: int = field(default=8, metadata={"help": "images per detect call (per process)"})
+    workers: int = field(default=2, metadata={"help": "data loading processes per evaluating process"})
+    device: str = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    amp: bool = field(default=False, metadata={"help": "bfloat16 autocast for the network (CUDA)"})
+    max_images: int = field(default=None, metadata={"help": "evaluate only the first N images of the split"})
+    output: str = field(default=None, metadata={"help": "folder for the results (default: <ckpt dir>/eval_<split>)"})
+    nms_recall: bool = field(default=False, metadata={
+        "help": "NMS recall NR, NR50..NR90 (Table 1); runs the network a second time for the candidates"})
+    breakdown: bool = field(default=False, metadata={
+        "help": "AP of square vs slender categories (Fig. 5) and by objects per image (Fig. 6), with charts"})
+    test_scales: tuple = field(default=None, metadata={
+        "help": "shorter sides of a multi-scale test, e.g. 480 640 800 960 1120 1280 (FreeAnchor**)"})
+    flip: bool = field(default=False, metadata={"help": "also detect on the horizontally flipped image and merge"})
+    visualize: int = field(default=0, metadata={"help": "write pictures of this many images (detections and ground truth)"})
+    vis_score: float = field(default=0.3, metadata={"help": "draw detections with at least this score"})
+    show_matching: bool = field(default=False, metadata={
+        "help": "draw Fig. 4: bag anchors of a few objects coloured by Mean-max weight vs by IoU"})
+    seed: int = field(default=0, metadata={"help": "seed of the choice of pictured images"})
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Evaluate a FreeAnchor / RetinaNet checkpoint: COCO AP and the paper's NR, Fig. 5, Fig. 6.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(EvalConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.type is tuple:
+            parser.add_argument(flag, type=int, nargs="+", default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, required=f.name == "ckpt",
+                                help=f.metadata["help"])
+    return parser
+
+
+def parse_config(argv):
+    """argv -> EvalConfig; bad values refused with one line (ValueError)."""
+    args = vars(build_parser().parse_args(argv))
+    cfg = EvalConfig(**args)
+    for name in ("batch_size", "max_images", "min_size", "max_size"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if cfg.workers < 0 or cfg.visualize < 0:
+        raise ValueError("--workers and --visualize must be >= 0")
+    if cfg.test_scales is not None and any(s < 1 for s in cfg.test_scales):
+        raise ValueError(f"--test-scales {' '.join(map(str, cfg.test_scales))}: sizes must be positive")
+    if cfg.test_scales is not None and cfg.min_size is not None:
+        raise ValueError("--min-size and --test-scales both set the shorter side: give one of them")
+    if cfg.device not in (None, "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise ValueError(f"--device {cfg.device}: use cpu or cuda")
+    if cfg.device is None:
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg
+
+
+def load_checkpoint(path, device):
+    """A checkpoint of train.py (model_final.pt or last.pt) -> (RetinaNet in eval mode on
+    `device`, the checkpoint dict). A missing or foreign file is a ValueError naming it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        # weights_only=False: last.pt carries numpy RNG states; only load checkpoints you trust
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # whatever torch.load chokes on, the user needs the file name
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    missing = [k for k in ("model", "model_config", "categories") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of train.py (no {', '.join(missing)})")
+    model = RetinaNet(**{**ckpt["model_config"], "weights": "none"})
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit its model_config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- detection
+
+def flip_boxes(boxes, width):
+    """xyxy boxes [N, 4] of a horizontally flipped image of `width` -> the same boxes in the
+    unflipped image: x1' = W - x2, x2' = W - x1."""
+    return torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)  # [N, 4]
+
+
+def merge_detections(dets, nms_thresh, detections_per_img):
+    """Detections of one image from several passes (scales, flips) -> one set: class-wise NMS at
+    `nms_thresh` over their union, then the `detections_per_img` best by score."""
+    boxes = torch.cat([d["boxes"] for d in dets])  # [N, 4]
+    scores = torch.cat([d["scores"] for d in dets])  # [N]
+    labels = torch.cat([d["labels"] for d in dets])  # [N]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]  # sorted by score
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
+def detect(model, images, scales, max_sizes, flip=False, nms=True):
+    """model.detect with test-time augmentation: every scale (shorter side scales[i], longer side
+    at most max_sizes[i]), each also on the flipped image if `flip`; detections mapped back to the
+    original image and merged with class-wise NMS (merge_detections). One scale and no flip is
+    exactly model.detect. nms=False returns the union of every pass's NMS candidates."""
+    passes = [(s, m, f) for s, m in zip(scales, max_sizes) for f in ((False, True) if flip else (False,))]
+    if len(passes) == 1 and not flip:
+        return model.detect(images, nms=nms, min_size=scales[0], max_size=max_sizes[0])
+    per_pass = []
+    for s, m, f in passes:
+        dets = model.detect([image.flip(-1) for image in images] if f else images, nms=nms, min_size=s, max_size=m)
+        if f:
+            dets = [{**d, "boxes": flip_boxes(d["boxes"], image.shape[-1])} for d, image in zip(dets, images)]
+        per_pass.append(dets)
+    results = []
+    for b in range(len(images)):
+        dets = [p[b] for p in per_pass]
+        if nms:
+            results.append(merge_detections(dets, model.nms_thresh, model.detections_per_img))
+        else:
+            results.append({k: torch.cat([d[k] for d in dets]) for k in ("boxes", "scores", "labels")})
+    return results
+
+
+def best_iou(gt_boxes, gt_labels, boxes, labels):
+    """For each object, the highest IoU of a detection of its own class: gt [G, 4], [G];
+    detections [N, 4], [N] -> [G] (0 where there is none)."""
+    if len(gt_boxes) == 0 or len(boxes) == 0:
+        return gt_boxes.new_zeros(len(gt_boxes))  # [G]
+    iou = box_iou(gt_boxes.float(), boxes.float())  # [G, N]
+    same_class = gt_labels[:, None] == labels[None, :]  # [G, N]
+    return torch.where(same_class, iou, 0.0).max(dim=1).values  # [G]
+
+
+def nms_recall(best_before, best_after, thresholds=NR_THRESHOLDS):
+    """NMS recall (Table 1) from per-object best IoUs before and after NMS (lists of [G_i], see
+    best_iou). Returns percentages keyed by tau as "0.50": recall_before, recall_after, NR_tau =
+    after / before, and "NR", the mean of NR_tau over thresholds (None where nothing is recalled
+    before NMS)."""
+    before = torch.cat([b.float().cpu() for b in best_before]) if best_before else torch.zeros(0)  # [sum G]
+    after = torch.cat([a.float().cpu() for a in best_after]) if best_after else torch.zeros(0)  # [sum G]
+    num_objects = max(len(before), 1)
+    out = {"objects": len(before), "recall_before": {}, "recall_after": {}, "NR_tau": {}}
+    for tau in thresholds:
+        key = f"{tau:.2f}"  # "0.50": the same keys in memory and in metrics.json
+        r_before = (before >= tau).sum().item() / num_objects
+        r_after = (after >= tau).sum().item() / num_objects
+        out["recall_before"][key] = 100 * r_before
+        out["recall_after"][key] = 100 * r_after
+        out["NR_tau"][key] = 100 * r_after / r_before if r_before > 0 else None
+    ratios = list(out["NR_tau"].values())
+    out["NR"] = None if None in ratios else sum(ratios) / len(ratios)
+    return out
+
+
+def to_coco_results(dets, image_ids, categories):
+    """Detections (labels 0..K-1) of the images `image_ids` -> COCO results: [{"image_id",
+    "category_id" (the dataset's own id, categories[label]["id"]), "bbox" [x, y, w, h], "score"}]."""
+    results = []
+    for d, image_id in zip(dets, image_ids):
+        boxes = d["boxes"].float().cpu()  # [N, 4]
+        xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), dim=1).tolist()  # [N, 4]
+        for bbox, score, label in zip(xywh, d["scores"].float().tolist(), d["labels"].tolist()):
+            results.append({"image_id": image_id, "category_id": categories[label]["id"],
+                            "bbox": [round(v, 3) for v in bbox], "score": round(score, 6)})
+    return results
+
+
+# ----------------------------------------------------------------------------- COCO metrics
+
+def coco_evaluate(coco_gt, results, img_ids):
+    """COCOeval (bbox) of COCO `results` on the images `img_ids` of `coco_gt`, after evaluate()
+    (per image and category); accumulate with coco_summary. An empty `results` is fine."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    # COCO.loadRes would do the same, but fails on an empty list and edits `results` in place
+    anns = [{**r, "id": i + 1, "area": r["bbox"][2] * r["bbox"][3], "iscrowd": 0} for i, r in enumerate(results)]
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                       "annotations": anns}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
+        coco_dt.createIndex()
+        E = COCOeval(coco_gt, coco_dt, "bbox")
+        E.params.imgIds = sorted(img_ids)
+        E.evaluate()
+    return E
+
+
+def coco_summary(E, img_ids=None, cat_ids=None):
+    """COCO AP table of an evaluated COCOeval, restricted to the images `img_ids` and categories
+    `cat_ids` (None = all), without evaluating again: per-image results do not depend on other
+    images, so this equals a COCOeval run with params.imgIds / catIds set to the subset. (Passing
+    a subset to COCOeval.accumulate itself indexes evalImgs wrongly.) Returns ({name: % or None
+    where there is no ground truth}, pycocotools' printed table)."""
+    pe = E._paramsEval
+    keep_i = [n for n, i in enumerate(pe.imgIds) if img_ids is None or i in set(img_ids)]
+    keep_k = [n for n, k in enumerate(pe.catIds) if cat_ids is None or k in set(cat_ids)]
+    if not keep_i or not keep_k:
+        return {name: None for name in COCO_STATS}, ""
+    I, A = len(pe.imgIds), len(pe.areaRng)
+    sub = copy.copy(E)
+    sub.params = copy.deepcopy(pe)
+    sub.params.imgIds = [pe.imgIds[n] for n in keep_i]
+    sub.params.catIds = [pe.catIds[n] for n in keep_k]
+    sub._paramsEval = copy.deepcopy(sub.params)
+    # evalImgs is laid out [category][area range][image] (COCOeval.evaluate)
+    sub.evalImgs = [E.evalImgs[k * A * I + a * I + i] for k in keep_k for a in range(A) for i in keep_i]
+    with contextlib.redirect_stdout(io.StringIO()):  # "Accumulating evaluation results..."
+        sub.accumulate()
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        sub.summarize()
+    return {name: (100 * float(v) if v >= 0 else None) for name, v in zip(COCO_STATS, sub.stats)}, table.getvalue()
+
+
+def shape_groups(categories):
+    """Fig. 5's categories present in the dataset: (square, slender) lists of {"id", "name"}."""
+    by_name = {c["name"]: c for c in categories}
+    square = [by_name[n] for n in COCO_SQUARE + tuple(SHAPES_SQUARE) if n in by_name]
+    slender = [by_name[n] for n in COCO_SLENDER + tuple(SHAPES_SLENDER) if n in by_name]
+    return square, slender
+
+
+def crowd_groups(coco_gt, img_ids):
+    """Fig. 6: the images of `img_ids` grouped by their number of (non-crowd) objects ->
+    [(label "0-10", image ids)] in CROWD_GROUPS order."""
+    counts = {i: sum(1 for a in coco_gt.imgToAnns.get(i, []) if not a.get("iscrowd", 0)) for i in img_ids}
+    groups = []
+    for lo, hi in CROWD_GROUPS:
+        label = f"{lo}-{hi}" if hi is not None else f"{lo}+"
+        groups.append((label, [i for i, c in counts.items() if c >= lo and (hi is None or c <= hi)]))
+    return groups
+
+
+# ----------------------------------------------------------------------------- pictures (PIL only)
+
+def _font():
+    return ImageFont.load_default()
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def bar_chart(path, title, labels, values, colors, xlabel, ylabel="AP (%)", legend=()):
+    """A PNG bar chart: one bar per label with its value written on top (None = no data: 'n/a').
+    legend: [(text, colour)] drawn under the title."""
+    font = _font()
+    slot, plot_h, left, top, bottom = 100, 240, 70, 40 + 14 * len(legend), 64
+    W, H = left + slot * len(labels) + 20, top + plot_h + bottom
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), title, fill="black", font=font)
+    for n, (text, color) in enumerate(legend):
+        y = 26 + 14 * n
+        d.rectangle((left, y, left + 10, y + 10), fill=color)
+        d.text((left + 16, y - 1), text, fill="black", font=font)
+    known = [v for v in values if v is not None]
+    y_max = min(100.0, max(10.0, math.ceil(max(known, default=0) * 1.15 / 10) * 10))
+    base = top + plot_h
+    for k in range(6):  # y ticks and grid
+        v = y_max * k / 5
+        y = base - plot_h * k / 5
+        d.line((left - 4, y, W - 10, y), fill=(225, 225, 225) if k else "black")
+        d.text((left - 8 - d.textlength(f"{v:g}", font=font), y - 6), f"{v:g}", fill="black", font=font)
+    d.line((left, top, left, base), fill="black")
+    for n, (label, value, color) in enumerate(zip(labels, values, colors)):
+        x0 = left + slot * n + 20
+        if value is not None:
+            y = base - plot_h * min(value, y_max) / y_max
+            d.rectangle((x0, y, x0 + slot - 40, base), fill=color)
+        else:
+            y = base
+        text = _fmt(value)
+        d.text((x0 + (slot - 40 - d.textlength(text, font=font)) / 2, y - 14), text, fill="black", font=font)
+        for m, line in enumerate(label.split("\n")):
+            d.text((x0 + (slot - 40 - d.textlength(line, font=font)) / 2, base + 6 + 12 * m), line,
+                   fill="black", font=font)
+    d.text((left + (W - left - d.textlength(xlabel, font=font)) / 2, H - 18), xlabel, fill="black", font=font)
+    ylab = Image.new("RGB", (int(d.textlength(ylabel, font=font)) + 4, 14), "white")
+    ImageDraw.Draw(ylab).text((2, 1), ylabel, fill="black", font=font)
+    ylab = ylab.rotate(90, expand=True)
+    img.paste(ylab, (8, top + (plot_h - ylab.height) // 2))
+    img.save(path)
+
+
+def _to_pil(image, scale=1.0):
+    """[3, h, w] RGB in [0, 1] -> PIL image, enlarged `scale` times (small images stay legible)."""
+    array = (image.detach().float().cpu().clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).numpy()  # [h, w, 3]
+    pil = Image.fromarray(array)
+    if scale != 1:
+        pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BILINEAR)
+    return pil
+
+
+def draw_detections(image, gt_boxes, gt_labels, det, names, min_score):
+    """PIL picture: ground truth in green, detections with score >= min_score in red, each with
+    'name' or 'name score'. image [3, h, w] in [0, 1]; boxes xyxy in its pixels."""
+    scale = max(1.0, 480 / max(image.shape[-2:]))
+    pil = _to_pil(image, scale)
+    d, font = ImageDraw.Draw(pil), _font()
+
+    def box(b, color, text, below):
+        x1, y1, x2, y2 = (v * scale for v in b.tolist())
+        d.rectangle((x1, y1, x2, y2), outline=color, width=2)
+        y = y2 + 1 if below else max(y1 - 12, 0)
+        d.rectangle((x1, y, x1 + d.textlength(text, font=font) + 2, y + 11), fill=color)
+        d.text((x1 + 1, y), text, fill="white" if not below else "black", font=font)
+
+    for b, k in zip(gt_boxes, gt_labels.tolist()):
+        box(b, GT_COLOR, names[k], below=True)
+    keep = det["scores"] >= min_score  # [N]
+    for b, s, k in zip(det["boxes"][keep], det["scores"][keep].tolist(), det["labels"][keep].tolist()):
+        box(b, PRED_COLOR, f"{names[k]} {s:.2f}", below=False)
+    d.text((4, 4), f"green: ground truth, red: detections (score >= {min_score:g})", fill="white", font=font,
+           stroke_width=1, stroke_fill="black")
+    return pil
+
+
+def _heat(t):
+    """t in [0, 1] -> RGB on a dark blue - cyan - yellow - red scale."""
+    stops = ((20, 20, 140), (0, 200, 255), (255, 230, 0), (230, 0, 0))
+    t = min(max(float(t), 0.0), 1.0) * (len(stops) - 1)
+    i = min(int(t), len(stops) - 2)
+    f = t - i
+    return tuple(round(a + (b - a) * f) for a, b in zip(stops[i], stops[i + 1]))
+
+
+def draw_matching(image, box, anchors, weights, ious, caption):
+    """Fig. 4 for one object: two panels of the image around `box`, the centres of its bag's
+    anchors [n, 4] as dots coloured by Mean-max weight [n] (left) and by IoU with the object [n]
+    (right, the hand-crafted criterion), each with a colour bar. Where several anchors share a
+    centre, the dot shows the highest value. image [3, h, w] in [0, 1]."""
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # [n, 2]
+    lo = torch.minimum(box[:2], centres.min(0).values)  # [2]
+    hi = torch.maximum(box[2:], centres.max(0).values)  # [2]
+    margin = 0.15 * (hi - lo).max() + 8
+    h, w = image.shape[-2:]
+    x0, y0 = max(int(lo[0] - margin), 0), max(int(lo[1] - margin), 0)
+    x1, y1 = min(int(hi[0] + margin) + 1, w), min(int(hi[1] + margin) + 1, h)
+    scale = 300 / max(x1 - x0, y1 - y0)
+    crop = _to_pil(image[:, y0:y1, x0:x1], scale)
+    font = _font()
+    panel_w, panel_h = crop.width, crop.height + 56
+    out = Image.new("RGB", (2 * panel_w + 30, panel_h + 30), "white")
+    ImageDraw.Draw(out).text((10, 6), caption, fill="black", font=font)
+    for p, (values, title) in enumerate(((weights, "Mean-max weight (FreeAnchor, Eq. 5)"),
+                                         (ious, "IoU with the object (hand-crafted)"))):
+        panel = crop.copy()
+        d = ImageDraw.Draw(panel)
+        bx = [(box[0] - x0) * scale, (box[1] - y0) * scale, (box[2] - x0) * scale, (box[3] - y0) * scale]
+        d.rectangle([float(v) for v in bx], outline=GT_COLOR, width=2)
+        top = float(values.max()) if len(values) and float(values.max()) > 0 else 1.0
+        for n in values.argsort().tolist():  # highest drawn last, on top
+            cx, cy = ((centres[n] - torch.tensor([x0, y0])) * scale).tolist()
+            d.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=_heat(values[n] / top), outline="black")
+        x_off = 10 + p * (panel_w + 10)
+        out.paste(panel, (x_off, 22))
+        d = ImageDraw.Draw(out)
+        d.text((x_off, 22 + crop.height + 4), title, fill="black", font=font)
+        bar_y = 22 + crop.height + 20
+        for x in range(panel_w):  # colour bar, 0 .. max
+            d.line((x_off + x, bar_y, x_off + x, bar_y + 10), fill=_heat(x / max(panel_w - 1, 1)))
+        d.text((x_off, bar_y + 12), "0", fill="black", font=font)
+        text = f"{top:.3f}"
+        d.text((x_off + panel_w - d.textlength(text, font=font), bar_y + 12), text, fill="black", font=font)
+    return out
+
+
+def show_matching(model, dataset, indices, loss_config, min_size, folder):
+    """Fig. 4 pictures for the first MATCHING_IMAGES images of `indices` that hold objects: the
+    image resized, normalised and padded exactly as in training (dataset[(i, min_size, False)],
+    data.collate), one forward pass, freeanchor.bag_weights; the MATCHING_OBJECTS most slender
+    objects of each image. Returns the paths written."""
+    os.makedirs(folder, exist_ok=True)
+    device = model.cls_head[-1].weight.device
+    paths, pictured = [], 0
+    for i in indices:
+        if pictured == MATCHING_IMAGES:
+            break
+        image, target = dataset[(i, min_size, False)]  # [3, h, w], boxes in its pixels
+        if len(target["boxes"]) == 0:
+            continue
+        pictured += 1
+        images, _ = collate([(image, target)])  # [1, 3, H, W]
+        with torch.no_grad():  # a picture, not a training step
+            model.eval()
+            cls_logits, box_deltas, anchors = model(images.to(device))
+            gt_boxes, gt_labels = target["boxes"].to(device), target["labels"].to(device)
+            (bag, weights), = freeanchor.bag_weights(cls_logits, box_deltas, anchors, [gt_boxes], [gt_labels],
+                                                     cfg=loss_config)  # [G, n], [G, n]
+        wh = target["boxes"][:, 2:] - target["boxes"][:, :2]  # [G, 2]
+        elongation = wh.max(1).values / wh.min(1).values.clamp(min=1e-6)  # [G]
+        for g in elongation.argsort(descending=True)[:MATCHING_OBJECTS].tolist():
+            bag_anchors = anchors[bag[g]].cpu()  # [n, 4]
+            box = target["boxes"][g]  # [4]
+            ious = box_iou(box[None], bag_anchors)[0]  # [n]
+            name = dataset.categories[target["labels"][g].item()]["name"]
+            caption = (f"image {target['image_id']}, {name} {wh[g, 0]:.0f}x{wh[g, 1]:.0f} px at shorter side "
+                       f"{min_size}: its bag of {bag.shape[1]} anchors")
+            path = os.path.join(folder, f"matching_{target['image_id']}_{g}.png")
+            draw_matching(image, box, bag_anchors, weights[g].float().cpu(), ious, caption).save(path)
+            paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _as_list(batch):
+    return batch
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def progress(done, total, start, note=""):
+    """One \\r-updated line on stderr: images done/total, img/s, ETA."""
+    elapsed = max(time.time() - start, 1e-9)
+    rate = done / elapsed
+    eta = format_eta((total - done) / rate) if rate > 0 else "?"
+    print(f"\r{done}/{total} images{note}  {rate:.1f} img/s  eta {eta}   ", end="", file=sys.stderr, flush=True)
+
+
+def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress, total):
+    """Detect on dataset[indices] -> one record per image: {"index", "image_id", "boxes", "scores",
+    "labels"} on the CPU, plus per-object best IoUs "before"/"after" NMS with --nms-recall."""
+    device = torch.device(cfg.device)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
+                                         num_workers=cfg.workers, collate_fn=_as_list,
+                                         pin_memory=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+    records, start, position = [], time.time(), 0
+    shares = total / max(len(indices), 1)  # under DDP, rank 0 counts its share for everyone
+    for batch in loader:
+        images = [image.to(device, non_blocking=True) for image, _ in batch]
+        with autocast:
+            dets = detect(model, images, scales, max_sizes, cfg.flip)
+            candidates = detect(model, images, scales, max_sizes, cfg.flip, nms=False) if cfg.nms_recall else None
+        for b, (_, target) in enumerate(batch):
+            det = {k: v.cpu() for k, v in dets[b].items()}
+            record = {"index": indices[position], "image_id": target["image_id"], **det}
+            if cfg.nms_recall:
+                gt_boxes, gt_labels = target["boxes"].to(device), target["labels"].to(device)
+                record["before"] = best_iou(gt_boxes, gt_labels, candidates[b]["boxes"], candidates[b]["labels"]).cpu()
+                record["after"] = best_iou(gt_boxes, gt_labels, dets[b]["boxes"], dets[b]["labels"]).cpu()
+            records.append(record)
+            position += 1
+        if show_progress:
+            progress(min(round(position * shares), total), total, start,
+                     note=" (rank 0's share x processes)" if shares > 1 else "")
+    if show_progress:
+        print(file=sys.stderr, flush=True)
+    return records
+
+
+def evaluate(cfg):
+    """The whole evaluation; returns the metrics dict on rank 0 (None on other ranks)."""
+    # ------------------------------------------------------------------ processes (torchrun or plain python)
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if ddp:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{local_rank}"
+            torch.cuda.set_device(cfg.device)
+        else:  # CPU processes share the machine's cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    try:
+        return _evaluate(cfg, ddp, rank, world, master)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _evaluate(cfg, ddp, rank, world, master):
+    device = torch.device(cfg.device)
+    model, ckpt = load_checkpoint(cfg.ckpt, device)
+    train_cfg = ckpt.get("config") or {}
+    cfg.data = cfg.data or train_cfg.get("data")
+    cfg.split = cfg.split or train_cfg.get("val_split")
+    if cfg.data is None or cfg.split is None:
+        raise ValueError(f"{cfg.ckpt} records no dataset: pass --data and --split")
+    trained_min = model.config["min_size"]
+    trained_min = trained_min[-1] if isinstance(trained_min, (tuple, list)) else trained_min  # torchvision's rule
+    trained_max = model.config["max_size"]
+    if cfg.test_scales:  # the authors' multi-scale test: the longer-side cap grows with the scale
+        scales = list(cfg.test_scales)
+        max_sizes = [cfg.max_size or round(trained_max * s / trained_min) for s in scales]
+    else:
+        scales, max_sizes = [cfg.min_size or trained_min], [cfg.max_size or trained_max]
+    if cfg.output is None:
+        cfg.output = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), f"eval_{cfg.split}")
+
+    # ------------------------------------------------------------------ data
+    if master:
+        root = resolve_root(cfg.data)  # builds shapes once
+    if ddp:
+        dist.barrier()
+    if not master:
+        root = resolve_root(cfg.data)
+    dataset = CocoDataset(root, cfg.split, train=False, max_size=max_sizes[0])
+    if [dict(c) for c in ckpt["categories"]] != dataset.categories:
+        ours = ", ".join(f"{c['id']}:{c['name']}" for c in dataset.categories[:8])
+        theirs = ", ".join(f"{c['id']}:{c['name']}" for c in ckpt["categories"][:8])
+        raise ValueError(f"{cfg.ckpt} was trained on other categories ({theirs}{' ...' * (len(ckpt['categories']) > 8)}) "
+                         f"than {dataset.ann_file} holds ({ours}{' ...' * (len(dataset.categories) > 8)})")
+    num_images = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
+    shard = [i for i in range(num_images) if i % world == rank]
+    if master:
+        os.makedirs(cfg.output, exist_ok=True)
+        tta = ", ".join(f"{s}/{m}" for s, m in zip(scales, max_sizes))
+        print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {len(dataset.categories)} classes, "
+              f"shorter/longer side {tta}{', flip' if cfg.flip else ''}, {world} process(es) on {cfg.device}, "
+              f"output {cfg.output}", flush=True)
+
+    # ------------------------------------------------------------------ detect, gather on rank 0
+    start = time.time()
+    records = run_inference(model, dataset, shard, scales, max_sizes, cfg, show_progress=master, total=num_images)
+    if ddp:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    seconds = time.time() - start
+    if not master:
+        return None
+    records.sort(key=lambda r: r["index"])
+    img_ids = [r["image_id"] for r in records]
+    metrics = {"ckpt": cfg.ckpt, "data": cfg.data, "split": cfg.split, "images": num_images,
+               "scales": scales, "max_sizes": max_sizes, "flip": cfg.flip, "processes": world,
+               "seconds": round(seconds, 2), "images_per_s": round(num_images / max(seconds, 1e-9), 2)}
+
+    # ------------------------------------------------------------------ COCO AP (Table 2)
+    results = to_coco_results(records, img_ids, dataset.categories)
+    with open(os.path.join(cfg.output, "detections.json"), "w") as f:
+        json.dump(results, f)
+    E = coco_evaluate(dataset.coco, results, img_ids)
+    metrics["coco"], table = coco_summary(E)
+    print(f"COCO box AP (Table 2), {num_images} images:\n{table}", end="")
+    print("\n" + "  ".join(f"{name:>6}" for name in COCO_STATS))
+    print("  ".join(f"{_fmt(metrics['coco'][name]):>6}" for name in COCO_STATS), flush=True)
+
+    # ------------------------------------------------------------------ NMS recall (Table 1)
+    if cfg.nms_recall:
+        nr = nms_recall([r["before"] for r in records], [r["after"] for r in records])
+        metrics["nms_recall"] = nr
+        shown = (0.5, 0.6, 0.7, 0.8, 0.9)
+        print(f"\nNMS recall (Table 1), class-aware, {nr['objects']} objects; recall in %:")
+        print(f"{'IoU':>14}" + "".join(f"{t:>7.2f}" for t in NR_THRESHOLDS))
+        for key, label in (("recall_before", "before NMS"), ("recall_after", "after NMS"), ("NR_tau", "NR_tau")):
+            print(f"{label:>14}" + "".join(f"{_fmt(v):>7}" for v in nr[key].values()))
+        print("      NR" + "".join(f"  NR{round(t * 100)}" for t in shown))
+        print(f"{_fmt(nr['NR']):>8}" + "".join(f"{_fmt(nr['NR_tau'][f'{t:.2f}']):>6}" for t in shown), flush=True)
+
+    # ------------------------------------------------------------------ Fig. 5 and Fig. 6
+    if cfg.breakdown:
+        square, slender = shape_groups(dataset.categories)
+        shapes = {c["name"]: coco_summary(E, cat_ids=[c["id"]])[0]["AP"] for c in square + slender}
+        crowd = [(label, len(ids), coco_summary(E, img_ids=ids)[0]["AP"]) for label, ids in crowd_groups(dataset.coco, img_ids)]
+        metrics["breakdown"] = {"square": {c["name"]: shapes[c["name"]] for c in square},
+                                "slender": {c["name"]: shapes[c["name"]] for c in slender},
+                                "crowdedness": {label: {"images": n, "AP": ap} for label, n, ap in crowd}}
+        print("\nAP by object shape (Fig. 5):")
+        if not square and not slender:
+            print("  none of Fig. 5's categories is in this dataset")
+        for group, cats in (("square", square), ("slender", slender)):
+            if cats:
+                print(f"  {group:>8}: " + "   ".join(f"{c['name']} {_fmt(shapes[c['name']])}" for c in cats))
+        print("AP by objects per image (Fig. 6):")
+        print(f"  {'objects':>8} {'images':>7} {'AP':>6}")
+        for label, n, ap in crowd:
+            print(f"  {label:>8} {n:>7} {_fmt(ap):>6}")
+        if square or slender:
+            cats = square + slender
+            bar_chart(os.path.join(cfg.output, "ap_by_shape.png"), "AP of square and slender categories (Fig. 5)",
+                      [c["name"].replace(" ", "\n") for c in cats], [shapes[c["name"]] for c in cats],
+                      [(70, 120, 220)] * len(square) + [(240, 140, 40)] * len(slender), "category",
+                      legend=(("square", (70, 120, 220)), ("slender", (240, 140, 40))))
+        bar_chart(os.path.join(cfg.output, "ap_by_crowdedness.png"), "AP by objects per image (Fig. 6)",
+                  [f"{label}\n{n} images" for label, n, _ in crowd], [ap for _, _, ap in crowd],
+                  [(70, 120, 220)] * len(crowd), "objects per image")
+        sys.stdout.flush()
+
+    # ------------------------------------------------------------------ pictures
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(num_images, generator=generator).tolist()  # which images get pictured
+    if cfg.visualize:
+        folder = os.path.join(cfg.output, "pictures")
+        os.makedirs(folder, exist_ok=True)
+        names = [c["name"] for c in dataset.categories]
+        for i in sorted(order[:cfg.visualize]):
+            image, target = dataset[i]
+            path = os.path.join(folder, f"{target['image_id']}.png")
+            draw_detections(image, target["boxes"], target["labels"], records[i], names, cfg.vis_score).save(path)
+        print(f"\n{min(cfg.visualize, num_images)} pictures in {folder}")
+    if cfg.show_matching:
+        loss_config = freeanchor.FreeAnchorConfig(**ckpt.get("loss_config", {}))
+        paths = show_matching(model, dataset, order, loss_config, scales[0], os.path.join(cfg.output, "matching"))
+        print(f"{len(paths)} matching pictures (Fig. 4) in {os.path.join(cfg.output, 'matching')}")
+
+    with open(os.path.join(cfg.output, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"results in {cfg.output} ({num_images} images in {seconds:.1f} s, "
+          f"{metrics['images_per_s']:.1f} img/s)", flush=True)
+    return metrics
+
+
+def main(argv=None):
+    """CLI entry: user mistakes (arguments, data, checkpoints) end with one line on stderr and
+    exit status 2, never a traceback."""
+    try:
+        return evaluate(parse_config(argv))
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

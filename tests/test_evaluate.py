@@ -1,0 +1,360 @@
+"""Tests of evaluate.py: COCO AP through the real code path (ground truth fed back scores 100),
+subset AP without re-evaluating equals a fresh COCOeval, NMS recall on a hand-built case,
+results mapped back to non-contiguous category ids, test-time scales and flips, pictures, the CLI
+end to end (also 2 processes under torchrun) on a tiny COCO-layout dataset.
+
+    python -m pytest tests/test_evaluate.py
+"""
+
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from pycocotools.cocoeval import COCOeval
+
+import evaluate
+import freeanchor
+from data import CocoDataset
+from model import RetinaNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CATEGORIES = [{"id": 3, "name": "square"}, {"id": 17, "name": "needle"}, {"id": 42, "name": "blob"}]  # not contiguous
+OBJECTS_PER_IMAGE = (1, 2, 12, 0, 3, 2)  # image 3 has none, image 2 is "crowded" (11-20)
+
+
+def make_dataset(root, size=64):
+    """val2017 of a COCO-layout dataset: same-size images with filled rectangles of three
+    categories with non-contiguous ids, image ids not starting at 1, one crowd region."""
+    os.makedirs(os.path.join(root, "annotations"))
+    os.makedirs(os.path.join(root, "val2017"))
+    gen = torch.Generator().manual_seed(0)
+    images, annotations = [], []
+    for n, count in enumerate(OBJECTS_PER_IMAGE):
+        image_id = 100 + 7 * n
+        img = Image.new("RGB", (size, size), (90, 90, 90))
+        draw = ImageDraw.Draw(img)
+        for _ in range(count):
+            cat = CATEGORIES[len(annotations) % 3]["id"]
+            w, h = torch.randint(14, 34, (2,), generator=gen).tolist()  # near the 32 px anchors
+            if cat == 17:
+                w = 4  # slender
+            x, y = torch.randint(0, size - 34, (2,), generator=gen).tolist()
+            draw.rectangle((x, y, x + w - 1, y + h - 1), fill=(40 + 60 * (cat % 4), 200 - cat, 90))
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+        img.save(os.path.join(root, "val2017", f"{image_id}.png"))
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": size, "height": size})
+    annotations.append({"id": len(annotations) + 1, "image_id": 100, "category_id": 42,
+                        "bbox": [40, 40, 20, 20], "area": 400, "iscrowd": 1})
+    with open(os.path.join(root, "annotations", "instances_val2017.json"), "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": CATEGORIES}, f)
+    return root
+
+
+def make_model():
+    """resnet18 RetinaNet on 64 px images whose scores sit around 0.5, well spread, so that every
+    image has a full set of detections of every class."""
+    torch.manual_seed(0)
+    model = RetinaNet(len(CATEGORIES), backbone="resnet18", weights="none", min_size=64, max_size=64)
+    with torch.no_grad():
+        model.cls_head[-1].bias.zero_()
+        model.cls_head[-1].weight.mul_(30)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("tiny") / "data"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_data):
+    return CocoDataset(tiny_data, "val2017", train=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_data, tmp_path_factory):
+    """A checkpoint in train.py's model_final.pt format."""
+    model = make_model()
+    path = str(tmp_path_factory.mktemp("run") / "model_final.pt")
+    torch.save({"model": model.state_dict(), "model_config": model.config, "categories": CATEGORIES,
+                "config": {"data": tiny_data, "val_split": "val2017", "min_size": (64,), "max_size": 64},
+                "loss_config": dataclasses.asdict(freeanchor.FreeAnchorConfig()), "iteration": 0}, path)
+    return path
+
+
+def ground_truth_detections(dataset):
+    dets = []
+    for i in range(len(dataset)):
+        _, target = dataset[i]
+        dets.append({"boxes": target["boxes"], "scores": torch.ones(len(target["boxes"])), "labels": target["labels"]})
+    return dets
+
+
+def run_main(argv, capsys):
+    metrics = evaluate.main(argv)
+    return metrics, capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- COCO AP
+
+def test_ground_truth_as_detections_scores_100(dataset):
+    dets = ground_truth_detections(dataset)
+    results = evaluate.to_coco_results(dets, dataset.image_ids, dataset.categories)
+    stats, table = evaluate.coco_summary(evaluate.coco_evaluate(dataset.coco, results, dataset.image_ids))
+    assert stats["AP"] == pytest.approx(100.0) and stats["AP50"] == pytest.approx(100.0)
+    assert stats["AP75"] == pytest.approx(100.0)
+    assert "Average Precision" in table
+    # and the same path notices a wrong box: shift one object by its own width
+    dets[0]["boxes"] = dets[0]["boxes"] + torch.tensor([20.0, 0.0, 20.0, 0.0])
+    results = evaluate.to_coco_results(dets, dataset.image_ids, dataset.categories)
+    stats, _ = evaluate.coco_summary(evaluate.coco_evaluate(dataset.coco, results, dataset.image_ids))
+    assert stats["AP"] < 99.0
+
+
+def test_results_map_back_to_dataset_ids(dataset):
+    det = {"boxes": torch.tensor([[1.0, 2.0, 11.0, 7.0], [0.0, 0.0, 4.0, 4.0], [5.0, 5.0, 6.0, 9.5]]),
+           "scores": torch.tensor([0.9, 0.5, 0.25]), "labels": torch.tensor([2, 0, 1])}
+    results = evaluate.to_coco_results([det], [107], dataset.categories)
+    assert [r["category_id"] for r in results] == [42, 3, 17]
+    assert [r["image_id"] for r in results] == [107] * 3
+    assert results[0]["bbox"] == [1.0, 2.0, 10.0, 5.0] and results[2]["bbox"] == [5.0, 5.0, 1.0, 4.5]
+    assert results[1]["score"] == pytest.approx(0.5)
+    json.dumps(results)  # plain Python numbers only
+
+
+def test_subset_summary_equals_a_fresh_cocoeval(dataset):
+    """coco_summary on a subset of images or categories reuses one evaluation; it must give what
+    COCOeval gives when run on that subset alone."""
+    gen = torch.Generator().manual_seed(1)
+    dets = []
+    for d in ground_truth_detections(dataset):  # jittered hits with random scores, plus false alarms
+        n = len(d["boxes"])
+        boxes = torch.cat((d["boxes"] + 0.6 * torch.randn(n, 4, generator=gen), torch.rand(5, 4, generator=gen) * 30))
+        boxes = torch.cat((boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)), dim=1)  # [n + 5, 4]
+        dets.append({"boxes": boxes, "scores": torch.rand(n + 5, generator=gen),
+                     "labels": torch.cat((d["labels"], torch.randint(0, 3, (5,), generator=gen)))})
+    results = evaluate.to_coco_results(dets, dataset.image_ids, dataset.categories)
+    E = evaluate.coco_evaluate(dataset.coco, results, dataset.image_ids)
+    for img_ids, cat_ids in (([100, 114, 128], None), (None, [17]), ([107, 114], [3, 42])):
+        ours, _ = evaluate.coco_summary(E, img_ids=img_ids, cat_ids=cat_ids)
+        with contextlib.redirect_stdout(io.StringIO()):
+            fresh = COCOeval(dataset.coco, dataset.coco.loadRes(copy.deepcopy(results)), "bbox")
+            fresh.params.imgIds = img_ids or dataset.image_ids
+            fresh.params.catIds = cat_ids or [c["id"] for c in CATEGORIES]
+            fresh.evaluate()
+            fresh.accumulate()
+            fresh.summarize()
+        expected = [100 * v if v >= 0 else None for v in fresh.stats[:6]]
+        assert [ours[k] for k in evaluate.COCO_STATS] == pytest.approx(expected, abs=1e-9)
+        assert ours["AP"] is not None and 0 < ours["AP"] < 100
+
+
+def test_crowd_groups_count_non_crowd_objects(dataset):
+    groups = dict(evaluate.crowd_groups(dataset.coco, dataset.image_ids))
+    assert sorted(groups) == ["0-10", "11-20", "21-30", "31+"]
+    assert sorted(groups["0-10"]) == [100, 107, 121, 128, 135]  # image 100 also holds a crowd region
+    assert groups["11-20"] == [114] and groups["21-30"] == [] and groups["31+"] == []
+
+
+# ----------------------------------------------------------------------------- NMS recall
+
+def test_nms_recall_hand_built():
+    """Objects: two of class 0, one of class 1. Before NMS: a class-0 box on object 0 (IoU 1), a
+    class-0 box on object 1 at IoU 0.72, and a class-0 box exactly on object 2, which is of class
+    1 and so does not count. After NMS only the first survives. Recall before: 2/3 for tau <= 0.70,
+    1/3 above; after: 1/3 -> NR_tau = 50 for five thresholds, 100 for four; NR = 650 / 9."""
+    gt_boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0]])
+    gt_labels = torch.tensor([0, 0, 1])
+    before = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 7.2], [40.0, 0.0, 50.0, 10.0]])
+    best_before = evaluate.best_iou(gt_boxes, gt_labels, before, torch.tensor([0, 0, 0]))
+    best_after = evaluate.best_iou(gt_boxes, gt_labels, before[:1], torch.tensor([0]))
+    assert best_before.tolist() == pytest.approx([1.0, 0.72, 0.0])
+    empty = evaluate.best_iou(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), before, torch.tensor([0, 0, 0]))
+    nr = evaluate.nms_recall([best_before, empty], [best_after, empty])
+    assert nr["objects"] == 3
+    assert list(nr["NR_tau"]) == ["0.50", "0.55", "0.60", "0.65", "0.70", "0.75", "0.80", "0.85", "0.90"]
+    assert list(nr["NR_tau"].values()) == pytest.approx([50.0] * 5 + [100.0] * 4)
+    assert nr["recall_before"]["0.70"] == pytest.approx(200 / 3) and nr["recall_after"]["0.90"] == pytest.approx(100 / 3)
+    assert nr["NR"] == pytest.approx(650 / 9)
+    # nothing recalled before NMS at some tau: NR_tau and NR are undefined, not 0 or 100
+    nr = evaluate.nms_recall([torch.tensor([0.6])], [torch.tensor([0.6])])
+    assert nr["NR_tau"]["0.50"] == pytest.approx(100.0) and nr["NR_tau"]["0.90"] is None and nr["NR"] is None
+
+
+# ----------------------------------------------------------------------------- test-time scales and flips
+
+def test_single_scale_is_plain_detect(dataset):
+    model = make_model()
+    images = [dataset[i][0] for i in range(2)] + [torch.rand(3, 48, 80)]
+    for nms in (True, False):
+        ours = evaluate.detect(model, images, [64], [64], flip=False, nms=nms)
+        plain = model.detect(images, nms=nms)
+        for a, b in zip(ours, plain):
+            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+    assert len(plain[0]["boxes"]) > model.detections_per_img  # candidates, and plenty of them
+
+
+def _rows(det):
+    rows = torch.cat((det["boxes"], det["scores"][:, None], det["labels"][:, None].float()), dim=1).numpy()
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def test_repeated_scale_merges_to_the_single_scale_boxes(dataset):
+    """The same scale twice gives every detection twice; the merge must keep exactly one of each."""
+    model = make_model()
+    images = [dataset[i][0] for i in range(2)]
+    single = model.detect(images)
+    merged = evaluate.detect(model, images, [64, 64], [64, 64])
+    for a, b in zip(merged, single):
+        assert len(b["boxes"]) > 20
+        np.testing.assert_array_equal(_rows(a), _rows(b))
+    # several real scales and flips: at most detections_per_img per image, inside the image
+    for det in evaluate.detect(model, images, [48, 64, 80], [48, 64, 80], flip=True):
+        assert 0 < len(det["boxes"]) <= model.detections_per_img
+        assert det["boxes"].min() >= 0 and det["boxes"].max() <= 64
+        assert torch.all(det["scores"][:-1] >= det["scores"][1:])
+
+
+class BrightBoxDetector:
+    """A stand-in for RetinaNet.detect that finds the box of the bright pixels: a detector whose
+    answer we know on flipped images too."""
+    nms_thresh, detections_per_img = 0.5, 100
+
+    def detect(self, images, nms=True, min_size=None, max_size=None):
+        dets = []
+        for image in images:
+            ys, xs = torch.where(image[0] > 0.5)
+            box = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+            dets.append({"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])})
+        return dets
+
+
+def test_flip_maps_boxes_back():
+    image = torch.zeros(3, 40, 60)
+    image[0, 10:30, 5:20] = 1.0  # x 5..20, y 10..30, off-centre
+    det, = evaluate.detect(BrightBoxDetector(), [image], [40], [60], flip=True)
+    assert det["boxes"].tolist() == [[5.0, 10.0, 20.0, 30.0]]  # both passes agree: one box after NMS
+    candidates, = evaluate.detect(BrightBoxDetector(), [image], [40], [60], flip=True, nms=False)
+    assert candidates["boxes"].tolist() == [[5.0, 10.0, 20.0, 30.0]] * 2
+    assert evaluate.flip_boxes(torch.tensor([[5.0, 10.0, 20.0, 30.0]]), 60).tolist() == [[40.0, 10.0, 55.0, 30.0]]
+
+
+# ----------------------------------------------------------------------------- the CLI end to end
+
+def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    metrics, printed = run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--batch-size", "4",
+                                 "--nms-recall", "--breakdown", "--visualize", "2", "--vis-score", "0.5",
+                                 "--show-matching"], capsys)
+    with open(os.path.join(out, "detections.json")) as f:
+        results = json.load(f)
+    assert {r["category_id"] for r in results} == {3, 17, 42}  # the dataset's own ids
+    assert {r["image_id"] for r in results} == set(dataset.image_ids)
+    assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 and r["bbox"][3] >= 0 for r in results)
+    with open(os.path.join(out, "metrics.json")) as f:
+        saved = json.load(f)
+    assert saved["images"] == len(dataset) and set(saved["coco"]) == set(evaluate.COCO_STATS)
+    assert 0 <= saved["coco"]["AP50"] <= 100
+    nr = saved["nms_recall"]
+    assert nr["objects"] == sum(OBJECTS_PER_IMAGE)
+    for tau in ("0.50", "0.70", "0.90"):  # NMS keeps a subset of the candidates: recall can only drop
+        assert nr["recall_after"][tau] <= nr["recall_before"][tau]
+    assert nr["recall_before"]["0.50"] > 0 and 0 < nr["NR_tau"]["0.50"] <= 100
+    assert set(saved["breakdown"]["square"]) == {"square"} and set(saved["breakdown"]["slender"]) == {"needle"}
+    assert saved["breakdown"]["crowdedness"]["11-20"]["images"] == 1
+    assert metrics["coco"] == pytest.approx(saved["coco"])
+    for name in ("AP", "AP50", "NR", "NR90", "Fig. 5", "Fig. 6"):
+        assert name in printed.out
+    assert "6/6 images" in printed.err and "img/s" in printed.err and "eta" in printed.err
+
+    for chart in ("ap_by_shape.png", "ap_by_crowdedness.png"):
+        with Image.open(os.path.join(out, chart)) as img:
+            assert img.width > 200 and len(img.getcolors(1 << 16)) > 3  # not blank
+    pictures = sorted(os.listdir(os.path.join(out, "pictures")))
+    assert len(pictures) == 2
+    with Image.open(os.path.join(out, "pictures", pictures[0])) as img:
+        colors = {c for _, c in img.convert("RGB").getcolors(1 << 20)}
+        assert evaluate.GT_COLOR in colors and evaluate.PRED_COLOR in colors  # both kinds of boxes drawn
+    matching = os.listdir(os.path.join(out, "matching"))
+    assert 0 < len(matching) <= evaluate.MATCHING_IMAGES * evaluate.MATCHING_OBJECTS
+    with Image.open(os.path.join(out, "matching", matching[0])) as img:
+        assert img.width > 300 and len(img.getcolors(1 << 20)) > 50
+
+
+def test_cli_subset_scales_and_flip(tiny_ckpt, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    metrics, _ = run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--max-images", "2",
+                           "--test-scales", "48", "64", "--flip"], capsys)
+    assert metrics["images"] == 2 and metrics["scales"] == [48, 64]
+    assert metrics["max_sizes"] == [48, 64]  # the trained 64 / 64, scaled with each scale
+    with open(os.path.join(out, "detections.json")) as f:
+        assert {r["image_id"] for r in json.load(f)} == {100, 107}
+
+
+def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", str(tmp_path / "nope.pt")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: checkpoint not found") and err.count("\n") == 1
+
+    ckpt = torch.load(tiny_ckpt, weights_only=False)
+    ckpt["categories"] = [{"id": 1, "name": "square"}, {"id": 2, "name": "needle"}, {"id": 3, "name": "blob"}]
+    other = str(tmp_path / "other.pt")
+    torch.save(ckpt, other)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", other, "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "other categories" in err and err.count("\n") == 1
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", tiny_ckpt, "--batch-size", "0"])
+    assert e.value.code == 2 and "--batch-size 0" in capsys.readouterr().err
+
+
+def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
+    """Images sharded over 2 gloo processes (the environment torchrun sets up) and gathered on
+    rank 0: the same results as 1 process."""
+    out1, out2 = str(tmp_path / "eval1"), str(tmp_path / "eval2")
+    args = ["--ckpt", tiny_ckpt, "--workers", "0", "--batch-size", "1", "--device", "cpu", "--nms-recall"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the 2 processes below: the same arithmetic, so the same near-ties
+    try:
+        one, _ = run_main(args + ["--output", out1], capsys)
+    finally:
+        torch.set_num_threads(threads)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "evaluate.py"), *args, "--output", out2],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
+                                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    results = []
+    for out in (out1, out2):
+        with open(os.path.join(out, "detections.json")) as f:
+            results.append(json.load(f))
+    assert [(r["image_id"], r["category_id"]) for r in results[0]] == [(r["image_id"], r["category_id"]) for r in results[1]]
+    flat = [[v for r in rs for v in r["bbox"] + [r["score"]]] for rs in results]
+    assert flat[0] == pytest.approx(flat[1], abs=1e-3)
+    with open(os.path.join(out2, "metrics.json")) as f:
+        two = json.load(f)
+    assert two["processes"] == 2 and two["images"] == one["images"]
+    assert [two["coco"][k] for k in evaluate.COCO_STATS] == pytest.approx([one["coco"][k] for k in evaluate.COCO_STATS])
+    for key in ("recall_before", "recall_after", "NR_tau"):
+        assert two["nms_recall"][key] == pytest.approx(one["nms_recall"][key])
