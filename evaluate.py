@@ -123,6 +123,8 @@ def parse_config(argv):
         raise ValueError(f"--device {cfg.device}: use cpu or cuda")
     if cfg.device is None:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA device is available here (use --device cpu)")
     return cfg
 
 

@@ -60,6 +60,9 @@ class TrainConfig:
         "help": "iterations where lr drops 10x (default: 60000 80000, scaled by max-iter / 90000)"})
     warmup_iters: int = field(default=500, metadata={"help": "linear warmup from lr/3 (paper: 500)"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)"})
+    clip_grad: float = field(default=0.0, metadata={
+        "help": "clip the gradient's total L2 norm to this (0: off, as in the paper; helps from-scratch runs "
+                "survive higher learning rates)"})
     weight_decay: float = field(default=1e-4, metadata={
         "help": "SGD weight decay, not applied to biases and norm parameters (paper: 1e-4)"})
     min_size: tuple = field(default=(800,), metadata={
@@ -110,8 +113,8 @@ def parse_config(argv):
         value = args[name]
         if value < 1:
             problems.append(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    if cfg.warmup_iters < 0 or cfg.workers < 0:
-        problems.append("--warmup-iters and --workers must be >= 0")
+    if cfg.warmup_iters < 0 or cfg.workers < 0 or cfg.clip_grad < 0:
+        problems.append("--warmup-iters, --workers and --clip-grad must be >= 0")
     if any(s < 1 for s in cfg.min_size):
         problems.append(f"--min-size {' '.join(map(str, cfg.min_size))}: sizes must be positive")
     if cfg.device not in (None, "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
@@ -128,6 +131,8 @@ def parse_config(argv):
         cfg.output = os.path.join("runs", f"{cfg.loss}_{cfg.backbone}_{data_name}")
     if cfg.device is None:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA device is available here (use --device cpu)")
     return cfg, loss_cfg
 
 
@@ -220,8 +225,12 @@ def train(cfg, loss_cfg):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    model = RetinaNet(len(dataset.categories), backbone=cfg.backbone, weights=cfg.weights,
-                      min_size=cfg.min_size, max_size=cfg.max_size).to(device)
+    try:
+        model = RetinaNet(len(dataset.categories), backbone=cfg.backbone, weights=cfg.weights,
+                          min_size=cfg.min_size, max_size=cfg.max_size)
+    except RuntimeError as e:  # ImageNet weights not downloadable: model.py's one-line advice
+        raise ValueError(str(e)) from None
+    model = model.to(device)
     if ddp and not model.config["frozen_bn"]:  # from scratch: BatchNorm statistics over all GPUs
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
@@ -309,6 +318,8 @@ def train(cfg, loss_cfg):
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
         optimizer.step()
         window_iters += 1
 

@@ -258,3 +258,18 @@ def test_cli_end_to_end_on_tiny_shapes(tmp_path):
     help_text = run_cli(["--help"]).stdout
     for flag in ("--bag-size", "--iou-threshold", "--resume", "--amp", "--ckpt-every", "paper"):
         assert flag in help_text
+
+
+def test_imagenet_weights_offline_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import torchvision
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--weights", "imagenet", "--data", tiny_data, "--output", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "--weights PATH" in err and "--weights none" in err
