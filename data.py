@@ -59,6 +59,11 @@ class DataError(Exception):
         super().__init__(message)
 
 
+def available_cpus():
+    """CPUs this process may use: more DataLoader workers than that only add contention (and a warning)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _name_some(names, limit=10):
     """'a, b, c' for at most `limit` names, then '... and N more'."""
     names = [str(n) for n in names]
@@ -202,7 +207,7 @@ class CocoDataset(torch.utils.data.Dataset):
                    and not os.path.isfile(os.path.join(self.img_dir, im["file_name"]))]
         if missing:
             raise DataError(f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
-                            f"{self.img_dir}: {_name_some(missing)}")
+                            f"{self.img_dir}: {', '.join(missing)}")
 
         # pycocotools keeps the ground truth for COCOeval; its index prints to stdout: silence it.
         from pycocotools.coco import COCO
@@ -257,8 +262,8 @@ class CocoDataset(torch.utils.data.Dataset):
             with Image.open(path) as img:
                 img.load()
                 image = _to_rgb(img)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
+        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, EOFError, struct.error, ...)
+            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
         if image.shape[:2] != self._sizes[i]:
             (h, w), (H, W) = image.shape[:2], self._sizes[i]
             raise DataError(f"image {path} is {w}x{h} pixels but {self.ann_file} says {W}x{H}")

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
 import freeanchor
-from data import SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, collate, resolve_root
+from data import SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, available_cpus, collate, resolve_root
 from model import RetinaNet, box_iou
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -67,7 +67,8 @@ class EvalConfig:
     min_size: int = field(default=None, metadata={
         "help": "shorter image side (default: the checkpoint's, its last value if several)"})
     max_size: int = field(default=None, metadata={
-        "help": "cap on the longer side (default: the checkpoint's; with --test-scales, scaled with each scale)"})
+        "help": "cap on the longer side (default: the checkpoint's, scaled by --min-size or each --test-scales "
+                "value over the trained shorter side)"})
     batch_size: int = field(default=8, metadata={"help": "images per detect call (per process)"})
     workers: int = field(default=2, metadata={"help": "data loading processes per evaluating process"})
     device: str = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
@@ -486,11 +487,11 @@ def format_eta(seconds):
 
 
 def progress(done, total, start, note=""):
-    """One \\r-updated line on stderr: images done/total, img/s, ETA."""
+    """One \\r-updated line on stdout (stderr stays free for a one-line error): images done/total, img/s, ETA."""
     elapsed = max(time.time() - start, 1e-9)
     rate = done / elapsed
     eta = format_eta((total - done) / rate) if rate > 0 else "?"
-    print(f"\r{done}/{total} images{note}  {rate:.1f} img/s  eta {eta}   ", end="", file=sys.stderr, flush=True)
+    print(f"\r{done}/{total} images{note}  {rate:.1f} img/s  eta {eta}   ", end="", flush=True)
 
 
 def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress, total):
@@ -498,7 +499,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     "labels"} on the CPU, plus per-object best IoUs "before"/"after" NMS with --nms-recall."""
     device = torch.device(cfg.device)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
-                                         num_workers=cfg.workers, collate_fn=_as_list,
+                                         num_workers=min(cfg.workers, available_cpus()), collate_fn=_as_list,
                                          pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
     records, start, position = [], time.time(), 0
@@ -521,7 +522,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
             progress(min(round(position * shares), total), total, start,
                      note=" (rank 0's share x processes)" if shares > 1 else "")
     if show_progress:
-        print(file=sys.stderr, flush=True)
+        print(flush=True)
     return records
 
 
@@ -559,11 +560,9 @@ def _evaluate(cfg, ddp, rank, world, master):
     trained_min = model.config["min_size"]
     trained_min = trained_min[-1] if isinstance(trained_min, (tuple, list)) else trained_min  # torchvision's rule
     trained_max = model.config["max_size"]
-    if cfg.test_scales:  # the authors' multi-scale test: the longer-side cap grows with the scale
-        scales = list(cfg.test_scales)
-        max_sizes = [cfg.max_size or round(trained_max * s / trained_min) for s in scales]
-    else:
-        scales, max_sizes = [cfg.min_size or trained_min], [cfg.max_size or trained_max]
+    scales = list(cfg.test_scales) if cfg.test_scales else [cfg.min_size or trained_min]
+    # the longer-side cap grows with the shorter side, as in the authors' multi-scale test
+    max_sizes = [cfg.max_size or round(trained_max * s / trained_min) for s in scales]
     if cfg.output is None:
         cfg.output = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), f"eval_{cfg.split}")
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
-from data import CocoDataset, DataError, TrainSampler, collate, resolve_root
+from data import CocoDataset, DataError, TrainSampler, available_cpus, collate, resolve_root
 from model import BACKBONES, RetinaNet
 
 
@@ -164,6 +164,15 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+# settings that define a run: --resume refuses a last.pt saved with others (it would not continue that run)
+RESUME_MUST_MATCH = ("backbone", "weights", "loss", "batch_size", "lr", "max_iter", "steps", "warmup_iters",
+                     "min_size", "max_size", "seed", "clip_grad")
+
+
+def _same(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -231,20 +240,32 @@ def train(cfg, loss_cfg):
     except RuntimeError as e:  # ImageNet weights not downloadable: model.py's one-line advice
         raise ValueError(str(e)) from None
     model = model.to(device)
-    if ddp and not model.config["frozen_bn"]:  # from scratch: BatchNorm statistics over all GPUs
+    if ddp and not model.config["frozen_bn"] and device.type == "cuda":
+        # from scratch: BatchNorm statistics over all GPUs. SyncBatchNorm exists only on CUDA: CPU
+        # processes normalise over their own images (rank 0's running statistics are broadcast).
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
 
     start_iter = 0
     if cfg.resume and os.path.exists(last_path):
         try:
-            ckpt = torch.load(last_path, map_location=device, weights_only=False)
+            # on the CPU: the RNG states must stay CPU tensors; the optimizer moves its own state
+            ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+            saved, ckpt_categories = ckpt["config"], ckpt["categories"]
         except Exception as e:
-            raise ValueError(f"cannot read checkpoint {last_path}: {e}") from None
-        if ckpt["categories"] != dataset.categories:
+            raise ValueError(f"cannot read checkpoint {last_path}: {type(e).__name__}: {e}") from None
+        if ckpt_categories != dataset.categories:
             raise ValueError(f"{last_path} was trained on other categories than {dataset.ann_file}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in RESUME_MUST_MATCH
+                   if k in saved and _same(saved[k]) != _same(getattr(cfg, k))]
+        if changed:
+            raise ValueError(f"{last_path} belongs to a different run ({'; '.join(changed)}): "
+                             f"resume with the run's own settings, or use another --output")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{last_path} does not fit this model: {str(e).splitlines()[0]}") from None
         set_rng_state(ckpt["rng"])
         start_iter = ckpt["iteration"]
         if master:
@@ -257,8 +278,11 @@ def train(cfg, loss_cfg):
 
     sampler = TrainSampler(dataset, cfg.batch_size, min_sizes=cfg.min_size, flip=True, rank=rank,
                            world_size=world, seed=cfg.seed, start_iter=start_iter, max_iter=cfg.max_iter)
+    workers = min(cfg.workers, available_cpus())  # the batches do not depend on it (the sampler draws)
+    if master and workers < cfg.workers:
+        print(f"note: --workers {cfg.workers} lowered to {workers}, the CPUs available here", flush=True)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
+                                         num_workers=workers, pin_memory=device.type == "cuda")
 
     log_path = os.path.join(cfg.output, "log.jsonl")
     if master:
@@ -268,8 +292,9 @@ def train(cfg, loss_cfg):
         if os.path.exists(log_path):  # a resumed run: forget what happened after the checkpoint
             with open(log_path) as f:
                 kept = [l for l in f if l.strip() and _iter_of(l) is not None and _iter_of(l) <= start_iter]
-            with open(log_path, "w") as f:
+            with open(log_path + ".tmp", "w") as f:  # atomic, like the checkpoints
                 f.writelines(kept)
+            os.replace(log_path + ".tmp", log_path)
         print(f"{len(dataset)} training images, {len(dataset.categories)} classes, {world} process(es) x "
               f"{cfg.batch_size // world} images, {cfg.loss} loss, {cfg.backbone} ({cfg.weights}), "
               f"iterations {start_iter}..{cfg.max_iter}, output {cfg.output}", flush=True)

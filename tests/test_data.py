@@ -366,7 +366,7 @@ def test_missing_images_are_all_named(tiny):
         CocoDataset(tiny, "val", train=True)
     message = one_line(e)
     assert "12 image(s)" in message and path in message
-    assert all(f"gone{k:02d}.jpg" in message for k in range(10)) and "... and 2 more" in message
+    assert all(f"gone{k:02d}.jpg" in message for k in range(12))
     os.rename(os.path.join(tiny, "val"), os.path.join(tiny, "elsewhere"))
     with pytest.raises(DataError) as e:
         CocoDataset(tiny, "val", train=True)

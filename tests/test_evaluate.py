@@ -276,7 +276,7 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys):
     assert metrics["coco"] == pytest.approx(saved["coco"])
     for name in ("AP", "AP50", "NR", "NR90", "Fig. 5", "Fig. 6"):
         assert name in printed.out
-    assert "6/6 images" in printed.err and "img/s" in printed.err and "eta" in printed.err
+    assert "6/6 images" in printed.out and "img/s" in printed.out and "eta" in printed.out
 
     for chart in ("ap_by_shape.png", "ap_by_crowdedness.png"):
         with Image.open(os.path.join(out, chart)) as img:
@@ -300,6 +300,9 @@ def test_cli_subset_scales_and_flip(tiny_ckpt, tmp_path, capsys):
     assert metrics["max_sizes"] == [48, 64]  # the trained 64 / 64, scaled with each scale
     with open(os.path.join(out, "detections.json")) as f:
         assert {r["image_id"] for r in json.load(f)} == {100, 107}
+    metrics, _ = run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--max-images", "1",
+                           "--min-size", "32"], capsys)
+    assert metrics["scales"] == [32] and metrics["max_sizes"] == [32]  # the cap follows --min-size
 
 
 def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):

@@ -138,6 +138,20 @@ def test_two_process_ddp_step_equals_one_process(tiny_data, tmp_path):
     assert log[0]["positive"] == pytest.approx(single_log[0]["positive"], rel=1e-5)
 
 
+def test_two_process_ddp_from_scratch_on_cpu(tiny_data, tmp_path):
+    """--weights none under torchrun on CPU: trainable BatchNorm without SyncBatchNorm (CUDA only)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "scratch"
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29518", os.path.join(ROOT, "train.py"), *TINY, "--data", tiny_data,
+                          "--batch-size", "2", "--max-iter", "2", "--output", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    log = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert [r["iter"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert (out / "model_final.pt").exists()
+
+
 # ----------------------------------------------------------------------------- resume
 
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
@@ -190,6 +204,23 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     assert_same_weights(weights(tmp_path / "whole" / "model_final.pt"), weights(tmp_path / "killed" / "model_final.pt"))
+
+
+def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
+    train.main(args)
+    capsys.readouterr()
+    for change, culprit in ((["--seed", "5"], "--seed 0 -> 5"), (["--backbone", "resnet34"], "--backbone resnet18 -> resnet34")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*args, "--resume", *change])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and culprit in err, err
+    with open(tmp_path / "r" / "last.pt", "wb") as f:
+        f.write(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*args, "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "last.pt" in err, err
 
 
 # ----------------------------------------------------------------------------- failures
