@@ -69,6 +69,8 @@ class EvalConfig:
     max_size: int = field(default=None, metadata={
         "help": "cap on the longer side (default: the checkpoint's, scaled by --min-size or each --test-scales "
                 "value over the trained shorter side)"})
+    score_thresh: float = field(default=0.05, metadata={
+        "help": "keep detections scoring above this (paper and torchvision: 0.05)"})
     batch_size: int = field(default=8, metadata={"help": "images per detect call (per process)"})
     workers: int = field(default=2, metadata={"help": "data loading processes per evaluating process"})
     device: str = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
@@ -114,6 +116,8 @@ def parse_config(argv):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if not 0 <= cfg.score_thresh < 1:
+        raise ValueError(f"--score-thresh {cfg.score_thresh}: must be in [0, 1)")
     if cfg.workers < 0 or cfg.visualize < 0:
         raise ValueError("--workers and --visualize must be >= 0")
     if cfg.test_scales is not None and any(s < 1 for s in cfg.test_scales):
@@ -552,6 +556,7 @@ def evaluate(cfg):
 def _evaluate(cfg, ddp, rank, world, master):
     device = torch.device(cfg.device)
     model, ckpt = load_checkpoint(cfg.ckpt, device)
+    model.score_thresh = cfg.score_thresh
     train_cfg = ckpt.get("config") or {}
     cfg.data = cfg.data or train_cfg.get("data")
     cfg.split = cfg.split or train_cfg.get("val_split")

@@ -303,6 +303,16 @@ def test_cli_subset_scales_and_flip(tiny_ckpt, tmp_path, capsys):
     metrics, _ = run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--max-images", "1",
                            "--min-size", "32"], capsys)
     assert metrics["scales"] == [32] and metrics["max_sizes"] == [32]  # the cap follows --min-size
+    counts = []
+    for thresh in ("0.05", "0.6"):
+        run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--max-images", "2",
+                  "--score-thresh", thresh], capsys)
+        with open(os.path.join(out, "detections.json")) as f:
+            detections = json.load(f)
+        assert min(r["score"] for r in detections) > float(thresh)
+        assert {r["category_id"] for r in detections} <= {c["id"] for c in CATEGORIES}
+        counts.append(len(detections))
+    assert counts[0] > counts[1] > 0
 
 
 def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
