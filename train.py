@@ -169,10 +169,6 @@ RESUME_MUST_MATCH = ("backbone", "weights", "loss", "batch_size", "lr", "max_ite
                      "min_size", "max_size", "seed", "clip_grad")
 
 
-def _same(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
 def rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -257,7 +253,7 @@ def train(cfg, loss_cfg):
         if ckpt_categories != dataset.categories:
             raise ValueError(f"{last_path} was trained on other categories than {dataset.ann_file}")
         changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in RESUME_MUST_MATCH
-                   if k in saved and _same(saved[k]) != _same(getattr(cfg, k))]
+                   if k in saved and saved[k] != getattr(cfg, k)]
         if changed:
             raise ValueError(f"{last_path} belongs to a different run ({'; '.join(changed)}): "
                              f"resume with the run's own settings, or use another --output")

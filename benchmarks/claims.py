@@ -21,7 +21,6 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSSES = ("retinanet", "freeanchor")
-CROWD = ("0-10", "11-20", "21-30", "31+")
 
 
 def run(cmd):
@@ -41,13 +40,8 @@ def fmt(v):
 def row(metrics):
     """The table's columns from one evaluation's metrics.json."""
     coco, nr, br = metrics["coco"], metrics["nms_recall"], metrics["breakdown"]
-    crowd = {label: v["AP"] for label, v in br["crowdedness"].items()}
     return [coco["AP"], coco["AP50"], coco["AP75"], nr["NR"], mean(br["slender"].values()),
-            mean(br["square"].values())] + [crowd.get(label) for label in crowd_labels(br)]
-
-
-def crowd_labels(breakdown):
-    return list(breakdown["crowdedness"])
+            mean(br["square"].values())] + [v["AP"] for v in br["crowdedness"].values()]
 
 
 def main():
@@ -82,18 +76,17 @@ def main():
 
     if not results:
         sys.exit("no finished runs to report")
-    labels = crowd_labels(next(iter(results.values()))["breakdown"])
+    labels = list(next(iter(results.values()))["breakdown"]["crowdedness"])
     header = ["loss", "seed", "AP", "AP50", "AP75", "NR", "AP slender", "AP square"] + [f"AP {l} obj" for l in labels]
     print(f"\n# shapes val2017, resnet18 from scratch, {args.max_iter} iterations x 4 images, seeds {args.seeds}\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for loss in LOSSES:
-        rows = [row(results[(loss, s)]) for s in args.seeds if (loss, s) in results]
-        for s in args.seeds:
-            if (loss, s) in results:
-                print(f"| {loss} | {s} | " + " | ".join(fmt(v) for v in row(results[(loss, s)])) + " |")
+        rows = {s: row(results[(loss, s)]) for s in args.seeds if (loss, s) in results}
+        for s, values in rows.items():
+            print(f"| {loss} | {s} | " + " | ".join(fmt(v) for v in values) + " |")
         if len(rows) > 1:
-            print(f"| **{loss}** | mean | " + " | ".join(fmt(mean(col)) for col in zip(*rows)) + " |")
+            print(f"| **{loss}** | mean | " + " | ".join(fmt(mean(col)) for col in zip(*rows.values())) + " |")
 
 
 if __name__ == "__main__":
