@@ -1,7 +1,9 @@
-"""Speed and memory of the FreeAnchor loss at COCO scale (issue #2, design.md §8).
+"""Speed and memory of the FreeAnchor loss at COCO scale.
 
 Compares, on identical inputs, forward + backward of
-  - `free_anchor_loss`: batched over images and objects, fused negative term (freeanchor.py);
+  - `free_anchor_loss`: dense over images and objects, plain autograd (freeanchor.py);
+  - `free_anchor_loss compiled` (with --compile): the same under torch.compile (dynamic shapes);
+    the first call, which compiles, is not timed, and its duration is printed below the table;
   - `per-image loop`: the same loss written the way the published implementations do it, one image
     at a time with plain autograd (kept here as the baseline every ratio refers to);
   - `retinanet_loss`: the hand-crafted IoU assignment + focal loss baseline (Eq. 1);
@@ -12,8 +14,8 @@ per image. Every configuration runs in a fresh subprocess so that its peak memor
 (CPU: peak resident memory over what the inputs already took; CUDA: torch.cuda.max_memory_allocated).
 
     python benchmarks/loss.py                      # CPU, all configurations (~15 min on 2 cores)
-    python benchmarks/loss.py --batch 2 --objects 8
-    python benchmarks/loss.py --device cuda
+    python benchmarks/loss.py --batch 2 --objects 8 --compile
+    python benchmarks/loss.py --device cuda --compile --repeats 7
 """
 
 import argparse
@@ -110,8 +112,9 @@ def sigmoid_pass(cls_logits, *rest):
     return {"sigmoid": torch.sigmoid(cls_logits).sum() * 0}
 
 
-METHODS = {"free_anchor_loss": free_anchor_loss, "per-image loop": per_image_loop,
-           "retinanet_loss": retinanet_loss, "sigmoid pass": sigmoid_pass}
+METHODS = {"free_anchor_loss": free_anchor_loss, "free_anchor_loss compiled": None,
+           "per-image loop": per_image_loop, "retinanet_loss": retinanet_loss, "sigmoid pass": sigmoid_pass}
+COMPILED = "free_anchor_loss compiled"
 
 
 def rss_bytes():
@@ -122,7 +125,8 @@ def rss_bytes():
 def run_one(method, B, G, device, repeats):
     """Time one configuration in this process; prints one JSON line."""
     cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_inputs(B, G, device)
-    fn = METHODS[method]
+    # dynamic shapes: one graph for every (B, G), which the on-disk compile cache then serves
+    fn = torch.compile(free_anchor_loss, dynamic=True) if method == COMPILED else METHODS[method]
     forward_only = method == "sigmoid pass"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times, values = [], None
@@ -143,6 +147,7 @@ def run_one(method, B, G, device, repeats):
         sync()
         times.append(time.perf_counter() - t0)
         values = {k: float(v) for k, v in out.items()}
+        first_call = times[0]
         del x, d, out
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
@@ -150,7 +155,7 @@ def run_one(method, B, G, device, repeats):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     times = sorted(times[1:])
     print(json.dumps({"method": method, "B": B, "G": G, "seconds": times[len(times) // 2],
-                      "peak_mb": max(peak, 0) / 2**20, "values": values}))
+                      "first_call_s": first_call, "peak_mb": max(peak, 0) / 2**20, "values": values}))
 
 
 def main():
@@ -159,7 +164,8 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[2, 16], help="images per batch (B)")
     ap.add_argument("--objects", type=int, nargs="+", default=[8, 100], help="objects per image (G)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != COMPILED], choices=list(METHODS))
+    ap.add_argument("--compile", action="store_true", help=f"add the '{COMPILED}' row")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:
@@ -174,12 +180,14 @@ def main():
         machine = f"{model_name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     print(f"# FreeAnchor loss, forward + backward, A = 201,600 anchors (800x1344), K = {K}")
     print(f"# {args.device}: {machine}; torch {torch.__version__}; median of {args.repeats} runs\n")
+    methods = args.methods + ([COMPILED] if args.compile and COMPILED not in args.methods else [])
+    compile_times = []
     print("| B | G | method | time (ms) | vs per-image loop | vs retinanet_loss | x sigmoid pass | peak extra memory (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for B in args.batch:
         for G in args.objects:
             rows = {}
-            for method in args.methods:
+            for method in methods:
                 cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device,
                        "--repeats", str(args.repeats), "--_one", method, str(B), str(G)]
                 res = subprocess.run(cmd, capture_output=True, text=True)
@@ -194,6 +202,11 @@ def main():
                 ratio = lambda base: f"{r['seconds'] / base:.2f}" if base else "-"
                 print(f"| {B} | {G} | {method} | {r['seconds'] * 1e3:.0f} | {ratio(loop)} | {ratio(retina)} "
                       f"| {ratio(sig)} | {r['peak_mb']:.0f} |", flush=True)
+            if COMPILED in rows:
+                compile_times.append(f"B={B} G={G}: {rows[COMPILED]['first_call_s']:.1f} s")
+                a, b = rows[COMPILED]["values"], rows.get("free_anchor_loss", {}).get("values")
+                if b:  # the same loss, compiled: float32 rounding apart
+                    assert all(abs(a[k] - b[k]) <= 1e-4 * abs(b[k]) for k in a), f"compiled {a} vs eager {b}"
             if "free_anchor_loss" in rows and "per-image loop" in rows:  # same loss, two implementations
                 # The negative term must agree to float32 rounding. The positive term only closely:
                 # anchors with exactly equal IoU (common with integer anchors) tie for the last places
@@ -202,6 +215,9 @@ def main():
                 rel = {k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in a}
                 assert rel["negative"] < 1e-4 and rel["positive"] < 1e-2, \
                     f"free_anchor_loss and the per-image loop disagree: {a} vs {b}"
+    if compile_times:
+        print(f"\nfirst call of the compiled loss (compiles; cached on disk after the first configuration): "
+              f"{'; '.join(compile_times)}")
 
 
 if __name__ == "__main__":

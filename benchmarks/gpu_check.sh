@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one go (about 5 minutes on one H100/H200):
+#   1. the loss on CUDA against the float64 numpy oracle: values (float64 and float32), gradients
+#      (against finite differences of the oracle), and torch.compile against eager;
+#   2. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image loop;
+#   3. a training step of R-50 at 800x1333 (benchmarks/train_step.py): eager, channels_last, compiled.
+# Everything printed is also written to DIR/gpu_check.txt (default: runs/gpu_check).
+#
+#     bash benchmarks/gpu_check.sh [DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/gpu_check}
+mkdir -p "$out"
+log="$out/gpu_check.txt"
+: > "$log"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+step() { echo "== $1" | tee -a "$log"; }
+
+step "machine"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda)"
+} 2>&1 | tee -a "$log"
+
+step "1. the loss on CUDA against the float64 numpy oracle"
+$py - <<'PY' 2>&1 | tee -a "$log"
+import os
+import sys
+import numpy as np
+import torch
+sys.path[:0] = [".", "tests"]
+import test_freeanchor as T
+from freeanchor import free_anchor_loss
+from reference import freeanchor_np as oracle
+
+DEVICE = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu bash benchmarks/gpu_check.sh: a dry run of part 1
+
+def to(batch, device, dtype):
+    x, d, a, boxes, labels = batch
+    return (x.to(device, dtype), d.to(device, dtype), a.to(device, dtype),
+            [b.to(device, dtype) for b in boxes], [l.to(device) for l in labels])
+
+cases = {"random %d" % s: T.make_batch(s, [s % 7 + 1, (3 * s) % 11], K=2 + s % 5) for s in range(8)}
+cases["hundred objects"] = T.make_batch(7, [110, 4], A=600, size=256)
+cases["large logits"] = T.make_batch(7, [4, 2], logit_scale=12.0)
+cases["no objects"] = T.make_batch(7, [0, 0])
+worst = {}
+for name, batch in cases.items():
+    ref = T.oracle_loss(*batch)
+    for dtype, tol in ((torch.float64, 1e-6 if name == "large logits" else 1e-9), (torch.float32, 1e-4)):
+        out = free_anchor_loss(*to(batch, DEVICE, dtype))
+        rel = max(abs(float(out[k]) - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref)
+        worst[dtype] = max(worst.get(dtype, 0), rel)
+        assert rel <= tol, (name, dtype, rel)
+print(f"values: {len(cases)} batches, worst relative error float64 {worst[torch.float64]:.1e}, "
+      f"float32 {worst[torch.float32]:.1e}")
+
+x, d, a, boxes, labels = T.make_batch(23, [2, 1], A=30, K=3, size=64)
+xc, dc, ac, bc, lc = to((x, d, a, boxes, labels), DEVICE, torch.float64)
+xc, dc = xc.clone().requires_grad_(), dc.clone().requires_grad_()
+out = free_anchor_loss(xc, dc, ac, bc, lc)
+gx, = torch.autograd.grad(out["positive"] + out["negative"], xc, retain_graph=True)
+gd, = torch.autograd.grad(out["positive"], dc)
+bn, ln = [b.numpy() for b in boxes], [l.numpy() for l in labels]
+fx = T.finite_difference(lambda v: sum(oracle.free_anchor_loss(v, d.numpy(), a.numpy(), bn, ln).values()), x.numpy().copy())
+fd = T.finite_difference(lambda v: oracle.free_anchor_loss(x.numpy(), v, a.numpy(), bn, ln)["positive"], d.numpy().copy())
+np.testing.assert_allclose(gx.cpu().numpy(), fx, rtol=1e-5, atol=1e-9)
+np.testing.assert_allclose(gd.cpu().numpy(), fd, rtol=1e-5, atol=1e-9)
+print(f"gradients: logits and deltas match finite differences of the oracle "
+      f"(max abs diff {np.abs(gx.cpu().numpy() - fx).max():.1e}, {np.abs(gd.cpu().numpy() - fd).max():.1e})")
+
+compiled = torch.compile(free_anchor_loss, dynamic=True)
+for counts in ([5, 3], [40, 9], [2, 0]):
+    batch = to(T.make_batch(1, counts, A=2000, K=20, size=512), DEVICE, torch.float32)
+    got, want = compiled(*batch), free_anchor_loss(*batch)
+    rel = max(abs(float(got[k] - want[k])) / abs(float(want[k])) for k in want if float(want[k]))
+    assert rel < 1e-5, (counts, rel)
+print("torch.compile: equals eager to float32 rounding on 3 batches (one graph, dynamic shapes)")
+PY
+[ "${PIPESTATUS[0]}" -eq 0 ] || echo "FAILED: the oracle check" | tee -a "$log"
+
+step "2. the loss at COCO scale (forward + backward, median of 7)"
+for bg in "2 8" "16 8" "16 100"; do
+  set -- $bg
+  $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch "$1" --objects "$2" \
+      --methods free_anchor_loss "per-image loop" 2>&1 | grep -v '^#' | grep -v '^$' | tee -a "$log"
+done
+
+step "3. a training step, R-50 at 800x1333, B = 16, bf16"
+$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 2>&1 | tee -a "$log"
+echo "written to $log"
