@@ -7,6 +7,7 @@
 # Everything printed is also written to DIR/gpu_check.txt (default: runs/gpu_check).
 #
 #     bash benchmarks/gpu_check.sh [DIR]
+#     PARTS="1 2" bash benchmarks/gpu_check.sh      # only some of the parts
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
@@ -15,13 +16,16 @@ log="$out/gpu_check.txt"
 : > "$log"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+parts=${PARTS:-1 2 3}
 step() { echo "== $1" | tee -a "$log"; }
+want() { [[ " $parts " == *" $1 "* ]]; }
 
 step "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee -a "$log"
 
+if want 1; then
 step "1. the loss on CUDA against the float64 numpy oracle"
 $py - <<'PY' 2>&1 | tee -a "$log"
 import os
@@ -78,14 +82,19 @@ for counts in ([5, 3], [40, 9], [2, 0]):
 print("torch.compile: equals eager to float32 rounding on 3 batches (one graph, dynamic shapes)")
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || echo "FAILED: the oracle check" | tee -a "$log"
+fi
 
+if want 2; then
 step "2. the loss at COCO scale (forward + backward, median of 7)"
 for bg in "2 8" "16 8" "16 100"; do
   set -- $bg
   $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch "$1" --objects "$2" \
       --methods free_anchor_loss "per-image loop" 2>&1 | grep -v '^#' | grep -v '^$' | tee -a "$log"
 done
+fi
 
+if want 3; then
 step "3. a training step, R-50 at 800x1333, B = 16, bf16"
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 2>&1 | tee -a "$log"
+fi
 echo "written to $log"
