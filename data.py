@@ -1,14 +1,18 @@
-"""Data for FreeAnchor training and evaluation: COCO-layout datasets, transforms, batching,
+"""Data for FreeAnchor training and evaluation: COCO-layout datasets, the header check, batching,
 sampling, and the built-in synthetic `shapes` dataset.
 
-- `CocoDataset(root, split, train)` reads `root/annotations/instances_<split>.json` (pycocotools)
-  and the images in `root/<split>/`: COCO 2017 itself, or any data laid out the same way. Every
-  problem with the user's files is found up front and raised as a one-line `DataError`.
-- Transforms follow the paper's recipe (§4.1, authors' configs): shorter side resized to
-  `min_size` (one value, or several for multi-scale training, drawn per image) with the longer
-  side capped at `max_size`, horizontal flip with probability 0.5 for training; `collate`
-  normalises and pads a batch to a multiple of 32 with `model.py`'s arithmetic, so training and
-  `RetinaNet.detect` agree.
+- `CocoDataset(root, split, train)` reads `root/annotations/instances_<split>.json` and the images
+  in `root/<split>/`: COCO 2017 itself, or any data laid out the same way. Problems with the
+  annotation file are found at construction; `check_images()` then opens every image's header
+  (not its pixels) in parallel, so that a missing, broken or mis-sized image stops the run before
+  iteration 0, not hours in. Every such problem is one line, a `DataError`, naming the culprits.
+- Images are read upright: the EXIF orientation tag is applied as `PIL.ImageOps.exif_transpose`
+  does (phone photos; labelling tools show and annotate them that way), unless exif=False.
+- Samples are uint8 [3, h, w] at the original size (flipped for training); normalising, resizing
+  (shorter side `min_size`, one value or several drawn per image, longer side at most `max_size`,
+  the paper's recipe, §4.1) and padding to a multiple of 32 happen inside the step on the device
+  (`to_device`), with `model.preprocess`, the function `RetinaNet.detect` uses. A worker then does
+  little more than decode the JPEG, and a batch moves a quarter of float32's bytes.
 - `TrainSampler` yields iteration-based batches grouped by aspect ratio (landscape and portrait
   apart, as the authors' maskrcnn-benchmark code does), sharded over DDP ranks, and a pure
   function of (seed, iteration), so a resumed run sees exactly the batches of an uninterrupted one.
@@ -19,10 +23,14 @@ sampling, and the built-in synthetic `shapes` dataset.
 Use it as train.py does:
 
     ds = CocoDataset(resolve_root("shapes"), "train2017", train=True)
+    ds.check_images()
     loader = DataLoader(ds, batch_sampler=TrainSampler(ds, batch_size=8, min_sizes=(320,)),
-                        collate_fn=collate, num_workers=2)
+                        collate_fn=collate, num_workers=2, pin_memory=True)
+    for batch in loader:
+        images, gt_boxes, gt_labels = to_device(batch, "cuda")   # [B, 3, H, W] normalised, padded
 
-Build the shapes dataset by hand with `python data.py`; tests: `python -m pytest tests/test_data.py`.
+Build the shapes dataset by hand with `python data.py`; tests: `python -m pytest tests/test_data.py`;
+costs: `python benchmarks/data.py`.
 """
 
 import concurrent.futures
