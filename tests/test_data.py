@@ -673,3 +673,26 @@ def test_training_dataset_keeps_only_flat_arrays(tiny):
             assert value is None or isinstance(value, (np.ndarray, str, bool, int)), name
     assert ds._coco is None  # no pycocotools index until evaluation asks for one
     assert len(ds.coco.getAnnIds()) == 8 and ds._coco is not None
+
+
+def test_training_stops_before_iteration_0_on_an_image_it_would_never_draw(tmp_path, capsys):
+    # one iteration of 2 images draws 2 of the 8; the corrupt one is named before anything runs
+    import train
+    root = str(tmp_path / "user")
+    os.makedirs(os.path.join(root, "s"))
+    for k in range(8):
+        Image.new("RGB", (48, 32), (k * 30, 90, 160)).save(os.path.join(root, "s", f"p{k}.jpg"))
+    with open(os.path.join(root, "s", "p5.jpg"), "wb") as f:
+        f.write(b"\xff\xd8 not really a JPEG")
+    write_coco(root, "s", [image_entry(k + 1, f"p{k}.jpg", 48, 32) for k in range(8)],
+               [ann(k + 1, k + 1, 5, [4, 4, 20, 12]) for k in range(8)], [{"id": 5, "name": "thing"}])
+    args = ["--data", root, "--train-split", "s", "--backbone", "resnet18", "--weights", "none",
+            "--batch-size", "2", "--max-iter", "1", "--min-size", "32", "--max-size", "64", "--workers", "0",
+            "--device", "cpu", "--output", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: 1 of 8 images cannot be used: {os.path.join(root, 's', 'p5.jpg')} (not an image)\n"
+    assert "checking images: 8/8" in captured.out
+    assert not os.path.exists(tmp_path / "run" / "config.json")
