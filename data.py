@@ -223,7 +223,7 @@ def _check_one(path, size, exif):
     except UnidentifiedImageError:
         return "not an image"
     except Exception as e:  # permissions, a directory, a header PIL cannot parse
-        return f"unreadable: {type(e).__name__}: {e}"
+        return f"unreadable: {type(e).__name__}: {' '.join(str(e).split())}"  # one line
     upright = (w, h) if orientation < 5 else (h, w)  # EXIF 5-8 swap width and height
     read, other = (upright, (w, h)) if exif else ((w, h), upright)
     H, W = size
