@@ -21,7 +21,7 @@ Rows:
   annotation file, against the same process building pycocotools' COCO index of it (what the
   dataset kept before); --baseline-code DIR also builds the CocoDataset of an older checkout.
 
-    python benchmarks/data.py                      # all of it (~2 min on 2 cores)
+    python benchmarks/data.py                      # all of it (~3 min on 2 cores)
     python benchmarks/data.py --device cuda        # + the step's preprocessing on the GPU
     python benchmarks/data.py --baseline-code /path/to/older/checkout
 
