@@ -1,14 +1,18 @@
-"""Data for FreeAnchor training and evaluation: COCO-layout datasets, transforms, batching,
+"""Data for FreeAnchor training and evaluation: COCO-layout datasets, the header check, batching,
 sampling, and the built-in synthetic `shapes` dataset.
 
-- `CocoDataset(root, split, train)` reads `root/annotations/instances_<split>.json` (pycocotools)
-  and the images in `root/<split>/`: COCO 2017 itself, or any data laid out the same way. Every
-  problem with the user's files is found up front and raised as a one-line `DataError`.
-- Transforms follow the paper's recipe (§4.1, authors' configs): shorter side resized to
-  `min_size` (one value, or several for multi-scale training, drawn per image) with the longer
-  side capped at `max_size`, horizontal flip with probability 0.5 for training; `collate`
-  normalises and pads a batch to a multiple of 32 with `model.py`'s arithmetic, so training and
-  `RetinaNet.detect` agree.
+- `CocoDataset(root, split, train)` reads `root/annotations/instances_<split>.json` and the images
+  in `root/<split>/`: COCO 2017 itself, or any data laid out the same way. Problems with the
+  annotation file are found at construction; `check_images()` then opens every image's header
+  (not its pixels) in parallel, so that a missing, broken or mis-sized image stops the run before
+  iteration 0, not hours in. Every such problem is one line, a `DataError`, naming the culprits.
+- Images are read upright: the EXIF orientation tag is applied as `PIL.ImageOps.exif_transpose`
+  does (phone photos; labelling tools show and annotate them that way), unless exif=False.
+- Samples are uint8 [3, h, w] at the original size (flipped for training); normalising, resizing
+  (shorter side `min_size`, one value or several drawn per image, longer side at most `max_size`,
+  the paper's recipe, §4.1) and padding to a multiple of 32 happen inside the step on the device
+  (`to_device`), with `model.preprocess`, the function `RetinaNet.detect` uses. A worker then does
+  little more than decode the JPEG, and a batch moves a quarter of float32's bytes.
 - `TrainSampler` yields iteration-based batches grouped by aspect ratio (landscape and portrait
   apart, as the authors' maskrcnn-benchmark code does), sharded over DDP ranks, and a pure
   function of (seed, iteration), so a resumed run sees exactly the batches of an uninterrupted one.
@@ -19,12 +23,17 @@ sampling, and the built-in synthetic `shapes` dataset.
 Use it as train.py does:
 
     ds = CocoDataset(resolve_root("shapes"), "train2017", train=True)
+    ds.check_images()
     loader = DataLoader(ds, batch_sampler=TrainSampler(ds, batch_size=8, min_sizes=(320,)),
-                        collate_fn=collate, num_workers=2)
+                        collate_fn=collate, num_workers=2, pin_memory=True)
+    for batch in loader:
+        images, gt_boxes, gt_labels = to_device(batch, "cuda")   # [B, 3, H, W] normalised, padded
 
-Build the shapes dataset by hand with `python data.py`; tests: `python -m pytest tests/test_data.py`.
+Build the shapes dataset by hand with `python data.py`; tests: `python -m pytest tests/test_data.py`;
+costs: `python benchmarks/data.py`.
 """
 
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -33,15 +42,16 @@ import math
 import operator
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import ExifTags, Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
-from model import batch_images, normalize, resize_boxes, resize_image
+from model import batch_images, prepare_image, preprocess, resize_boxes, resized_size
 
 
 class DataError(Exception):
@@ -172,6 +182,114 @@ def _load_annotations(ann_file):
     return coco
 
 
+# EXIF orientation tag (0x0112) -> the transposition that shows the picture upright: the table of
+# PIL.ImageOps.exif_transpose (2-4: mirror/rotate 180, same size; 5-8: width and height swap).
+EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                  6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(img):
+    """The EXIF orientation (1-8, 1 = as stored) of an opened PIL image, from its header."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1  # PIL would decode the whole PNG looking for an eXIf chunk after the pixels
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    return orientation if orientation in EXIF_TRANSPOSE else 1
+
+
+def read_image(path, exif=True):
+    """Decode an image file -> uint8 numpy [h, w, 3] RGB, upright as `PIL.ImageOps.exif_transpose`
+    shows it when `exif` (what labelling tools display), as stored otherwise. Any PIL mode
+    becomes RGB. Raises DataError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            method = EXIF_TRANSPOSE.get(_orientation(img)) if exif else None
+            array = _to_rgb(img if method is None else img.transpose(method))
+    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, EOFError, struct.error, ...)
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    return array  # [h, w, 3]
+
+
+def _check_one(path, size, exif):
+    """Header check of one image: None when it can be used, else why not (a few words).
+    Opens the file and parses its header (size, mode, EXIF); decodes nothing."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = _orientation(img)
+    except FileNotFoundError:
+        return "missing"
+    except UnidentifiedImageError:
+        return "not an image"
+    except Exception as e:  # permissions, a directory, a header PIL cannot parse
+        return f"unreadable: {type(e).__name__}: {' '.join(str(e).split())}"  # one line
+    upright = (w, h) if orientation < 5 else (h, w)  # EXIF 5-8 swap width and height
+    read, other = (upright, (w, h)) if exif else ((w, h), upright)
+    H, W = size
+    if read == (W, H):
+        return None
+    if other == (W, H):  # the annotations fit the other reading
+        hint = ("annotated as stored, ignoring its EXIF orientation? use --raw-orientation" if exif else
+                "annotated upright (EXIF orientation applied)? leave out --raw-orientation")
+        return f"is {read[0]}x{read[1]} with EXIF orientation {orientation} {'applied' if exif else 'ignored'}, " \
+               f"the annotations say {W}x{H}: {hint}"
+    return f"is {read[0]}x{read[1]} but the annotations say {W}x{H}"
+
+
+def _check_chunk(paths, sizes, exif):
+    return [_check_one(path, size, exif) for path, size in zip(paths, sizes)]
+
+
+def format_eta(seconds):
+    """12m05s, or 3h07m from an hour on."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def progress_line(what, done, total, start):
+    """One \r-updated line on stdout (stderr stays free for a one-line error): done/total, rate, ETA."""
+    elapsed = max(time.time() - start, 1e-9)
+    rate = done / elapsed
+    eta = format_eta((total - done) / rate) if rate > 0 else "?"
+    print(f"\r{what}: {done}/{total}  {rate:.0f}/s  eta {eta}   ", end="", flush=True)
+
+
+def check_images(paths, sizes, exif=True, workers=None, show_progress=True, what="checking images"):
+    """Open every image's header (size, EXIF orientation; nothing is decoded), in parallel
+    processes (header parsing is Python: threads would share one core), with a progress line.
+    sizes: the annotations' (h, w) of each path. Raises one DataError naming the first few
+    images that are missing, unreadable, not images, or not of their annotated size, and the
+    total count. An image broken past its header still fails at decode, with its name."""
+    n = len(paths)
+    workers = min(workers or available_cpus(), max(1, n // 500))  # a pool only pays from ~1000 images
+    chunk = max(1, min(1000, math.ceil(n / (workers * 8))))  # several chunks per process: a live progress line
+    reasons, start = [None] * n, time.time()
+    pieces = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+    if workers == 1:
+        for lo, hi in pieces:
+            reasons[lo:hi] = _check_chunk(paths[lo:hi], sizes[lo:hi], exif)
+            if show_progress:
+                progress_line(what, hi, n, start)
+    else:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            jobs = {pool.submit(_check_chunk, paths[lo:hi], sizes[lo:hi], exif): (lo, hi) for lo, hi in pieces}
+            done = 0
+            for job in concurrent.futures.as_completed(jobs):
+                lo, hi = jobs[job]
+                reasons[lo:hi] = job.result()
+                done += hi - lo
+                if show_progress:
+                    progress_line(what, done, n, start)
+    if show_progress:
+        print(f" done in {time.time() - start:.1f} s", flush=True)
+    bad = [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+    if bad:
+        shown = ", ".join(f"{path} ({reason})" for path, reason in bad[:5])
+        more = f", ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} of {n} images cannot be used: {shown}{more}")
+
+
 class CocoDataset(torch.utils.data.Dataset):
     """A COCO-layout dataset: `root/annotations/instances_<split>.json`, images in `root/<split>/`.
 
@@ -179,22 +297,35 @@ class CocoDataset(torch.utils.data.Dataset):
     dataset's own category of label k; it travels with the model so results map back). Boxes are
     COCO [x, y, w, h] -> xyxy, clipped to the image; crowd regions and boxes under 1 px wide or
     high after clipping never reach the loss. train=True keeps only images with at least one
-    usable box; train=False keeps every image (evaluation).
+    usable box; train=False keeps every image (evaluation). Images are read upright (EXIF
+    orientation applied, as labelling tools show them) unless exif=False.
 
-    dataset[i] -> (image [3, h, w] float32 RGB in [0, 1], target) at the original size;
-    dataset[(i, min_size, flip)] -> resized (shorter side min_size, longer at most max_size),
-    then flipped horizontally if flip. target = {"boxes" [G, 4] float32 xyxy in the returned
-    image's pixels, "labels" [G] int64, "image_id", "orig_size" (h, w), "size" (h, w)}.
+    dataset[i] -> (image [3, h, w] uint8 RGB at the original size, target);
+    dataset[(i, min_size, flip)] -> the image flipped horizontally if flip, still at its original
+    size and uint8 (the training step resizes it on the device, see to_device), with the target
+    of the image resized to shorter side min_size (longer at most max_size) and flipped. With
+    `resize_in_worker = True` the image comes instead as model.prepare_image makes it: float32,
+    normalised and resized (cheaper on a CPU-only machine, where the "device" is the CPU the
+    training step also needs). target = {"boxes" [G, 4] float32 xyxy in the pixels of the image
+    the network sees, "labels" [G] int64, "image_id", "orig_size" (h, w), "size" (h', w')}.
+
+    Memory: after construction the dataset holds a few flat numpy arrays (boxes, labels, file
+    names, sizes, ids) and no parsed JSON or pycocotools index. DataLoader workers are forked
+    copies of this object; Python objects there get their reference counts written as workers
+    touch them, which copies their memory pages into every worker of every rank, while numpy
+    buffers stay shared. pycocotools' COCO (`.coco`) is built only when evaluation asks for it.
     """
 
-    def __init__(self, root, split, train, max_size=1333):
+    def __init__(self, root, split, train, max_size=1333, exif=True):
         if not os.path.exists(root):
             raise DataError(f"data root not found: {root}")
         if not os.path.isdir(root):
             raise DataError(f"data root is not a directory: {root}")
-        self.root, self.split, self.train, self.max_size = root, split, train, max_size
+        self.root, self.split, self.train, self.max_size, self.exif = root, split, train, max_size, exif
+        self.resize_in_worker = False
         self.ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
         self.img_dir = os.path.join(root, split)
+        self._coco = None
         coco = _load_annotations(self.ann_file)
         if not coco["images"]:
             raise DataError(f"{self.ann_file}: the 'images' list is empty")
@@ -205,90 +336,131 @@ class CocoDataset(torch.utils.data.Dataset):
         present = set(os.listdir(self.img_dir))
         missing = [im["file_name"] for im in coco["images"] if im["file_name"] not in present
                    and not os.path.isfile(os.path.join(self.img_dir, im["file_name"]))]
+        del present
         if missing:
             raise DataError(f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
                             f"{self.img_dir}: {', '.join(missing)}")
-
-        # pycocotools keeps the ground truth for COCOeval; its index prints to stdout: silence it.
-        from pycocotools.coco import COCO
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO()
-            self.coco.dataset = coco
-            self.coco.createIndex()
 
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(coco["categories"], key=lambda c: c["id"])]
         label_of = {c["id"]: k for k, c in enumerate(self.categories)}
 
-        # Usable boxes of every image, in flat arrays (image i owns rows offsets[i]:offsets[i+1])
-        # so that DataLoader workers share them instead of copying many small Python objects.
-        anns_of = {im["id"]: [] for im in coco["images"]}
-        for a in coco["annotations"]:
-            anns_of[a["image_id"]].append(a)
-        self.image_ids, self.aspect_ratios, self._files, self._sizes = [], [], [], []
-        boxes, labels, offsets = [], [], [0]
-        for im in coco["images"]:
-            w, h = int(im["width"]), int(im["height"])
-            usable = []
-            for a in anns_of[im["id"]]:
-                x, y, bw, bh = a["bbox"]
-                x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
-                x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
-                if not a["iscrowd"] and x2 - x1 >= 1 and y2 - y1 >= 1:
-                    usable.append(((x1, y1, x2, y2), label_of[a["category_id"]]))
-            if train and not usable:
-                continue
-            self.image_ids.append(im["id"])
-            self.aspect_ratios.append(w / h)
-            self._files.append(im["file_name"])
-            self._sizes.append((h, w))
-            boxes += [b for b, _ in usable]
-            labels += [k for _, k in usable]
-            offsets.append(len(boxes))
-        if not self.image_ids:
+        # Usable boxes of every image in flat arrays: image i owns rows offsets[i]:offsets[i+1].
+        images, anns = coco.pop("images"), coco.pop("annotations")
+        del coco
+        ann_image = np.array([a["image_id"] for a in anns], dtype=np.int64)  # [M]
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)  # [M, 4]
+        crowd = np.array([a["iscrowd"] for a in anns], dtype=bool)  # [M]
+        ann_label = np.array([label_of[a["category_id"]] for a in anns], dtype=np.int64)  # [M]
+        del anns
+        image_id = np.array([im["id"] for im in images], dtype=np.int64)  # [N]
+        wh = np.array([(int(im["width"]), int(im["height"])) for im in images], dtype=np.int64)  # [N, 2]
+        names = [im["file_name"] for im in images]
+        del images
+
+        owner = np.searchsorted(np.sort(image_id), ann_image)  # rank of each annotation's image id
+        owner = np.argsort(image_id, kind="stable")[owner]  # [M] row of its image in `images`
+        w, h = wh[owner, 0], wh[owner, 1]  # [M]
+        x1 = np.minimum(np.maximum(xywh[:, 0], 0), w)
+        y1 = np.minimum(np.maximum(xywh[:, 1], 0), h)
+        x2 = np.minimum(np.maximum(xywh[:, 0] + xywh[:, 2], 0), w)
+        y2 = np.minimum(np.maximum(xywh[:, 1] + xywh[:, 3], 0), h)
+        usable = ~crowd & (x2 - x1 >= 1) & (y2 - y1 >= 1)  # [M]
+        count = np.bincount(owner[usable], minlength=len(image_id))  # [N] usable boxes per image
+        keep = np.flatnonzero(count > 0) if train else np.arange(len(image_id))  # [N'] in file order
+        if len(keep) == 0:
             raise DataError(f"{self.ann_file}: no image has a usable box (not crowd, at least "
                             f"1 px wide and high): nothing to train on")
-        self._boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)  # [sum G, 4]
-        self._labels = np.asarray(labels, dtype=np.int64)  # [sum G]
-        self._offsets = np.asarray(offsets, dtype=np.int64)  # [N + 1]
+        # rows sorted by (image's position in the file, annotation's position in the file)
+        rows = np.flatnonzero(usable)
+        rows = rows[np.argsort(owner[rows], kind="stable")]
+        self._boxes = np.stack((x1, y1, x2, y2), axis=1)[rows].astype(np.float32)  # [sum G, 4]
+        self._labels = ann_label[rows]  # [sum G]
+        starts = np.concatenate(([0], np.cumsum(count)))  # [N + 1] over all images
+        self._first, self._count = starts[keep], count[keep]  # [N'], [N']
+        self._image_ids = image_id[keep]  # [N']
+        self._sizes = np.ascontiguousarray(wh[keep][:, ::-1])  # [N', 2] (h, w)
+        # file names: one utf-8 buffer and offsets (a numpy array of Python strings would hold objects)
+        encoded = [names[k].encode() for k in keep]
+        self._name_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)  # [total bytes]
+        self._name_ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)  # [N']
+        del names, encoded
 
     def __len__(self):
-        return len(self.image_ids)
+        return len(self._image_ids)
+
+    @property
+    def image_ids(self):
+        """The dataset's own image ids, in index order (a fresh list)."""
+        return self._image_ids.tolist()
+
+    @property
+    def aspect_ratios(self):
+        """Width / height of every image, in index order (a fresh list)."""
+        return (self._sizes[:, 1] / self._sizes[:, 0]).tolist()
+
+    @property
+    def coco(self):
+        """pycocotools' COCO of the annotation file, for evaluation: built on first use, never
+        by training (see the class docstring on memory)."""
+        if self._coco is None:
+            self._coco = coco_ground_truth(self.ann_file)
+        return self._coco
+
+    def file_name(self, i):
+        lo = self._name_ends[i - 1] if i > 0 else 0
+        return self._name_bytes[lo:self._name_ends[i]].tobytes().decode()
+
+    def path(self, i):
+        return os.path.join(self.img_dir, self.file_name(i))
+
+    def check_images(self, workers=None, show_progress=True):
+        """Header check of every image before training or evaluation (see check_images)."""
+        check_images([self.path(i) for i in range(len(self))], self._sizes.tolist(), self.exif,
+                     workers, show_progress)
 
     def read_image(self, i):
-        """The i-th image as [3, h, w] float32 RGB in [0, 1]; any PIL mode becomes RGB."""
-        path = os.path.join(self.img_dir, self._files[i])
-        try:
-            with Image.open(path) as img:
-                img.load()
-                image = _to_rgb(img)
-        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, EOFError, struct.error, ...)
-            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-        if image.shape[:2] != self._sizes[i]:
+        """The i-th image as uint8 [3, h, w] RGB, upright unless exif=False; any PIL mode becomes RGB."""
+        path = self.path(i)
+        image = read_image(path, self.exif)  # [h, w, 3]
+        if image.shape[:2] != tuple(self._sizes[i]):
             (h, w), (H, W) = image.shape[:2], self._sizes[i]
-            raise DataError(f"image {path} is {w}x{h} pixels but {self.ann_file} says {W}x{H}")
-        return torch.from_numpy(image).permute(2, 0, 1).contiguous().float().div_(255)  # [3, h, w]
+            note = ", EXIF orientation applied" if self.exif else ", EXIF orientation ignored"
+            raise DataError(f"image {path} is {w}x{h} pixels{note} but {self.ann_file} says {W}x{H}")
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous()  # [3, h, w]
 
     def __getitem__(self, key):
         i, min_size, flip = key if isinstance(key, tuple) else (key, None, False)
         i = operator.index(i)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for a dataset of {len(self)} images")
-        image = self.read_image(i)  # [3, h, w]
+        image = self.read_image(i)  # [3, h, w] uint8
         orig_size = tuple(image.shape[-2:])
-        lo, hi = self._offsets[i], self._offsets[i + 1]
-        boxes = torch.from_numpy(self._boxes[lo:hi].copy())  # [G, 4]
-        labels = torch.from_numpy(self._labels[lo:hi].copy())  # [G]
-        if min_size is not None:
-            image = resize_image(image, min_size, self.max_size)  # [3, h', w']
-            boxes = resize_boxes(boxes, orig_size, tuple(image.shape[-2:]))  # [G, 4]
-        if flip:
+        lo = self._first[i]
+        boxes = torch.from_numpy(self._boxes[lo:lo + self._count[i]].copy())  # [G, 4]
+        labels = torch.from_numpy(self._labels[lo:lo + self._count[i]].copy())  # [G]
+        size = orig_size if min_size is None else resized_size(orig_size, min_size, self.max_size)
+        boxes = resize_boxes(boxes, orig_size, size)  # [G, 4]
+        if flip:  # at the original size: bilinear resizing commutes with a mirror (same sample grid)
             image = image.flip(-1)
-            W = image.shape[-1]
+            W = size[1]
             boxes = torch.stack((W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3]), dim=1)
-        target = {"boxes": boxes, "labels": labels, "image_id": self.image_ids[i],
-                  "orig_size": orig_size, "size": tuple(image.shape[-2:])}
+        if self.resize_in_worker:
+            image = prepare_image(image, size)  # [3, h', w'] float32, normalised
+        target = {"boxes": boxes, "labels": labels, "image_id": int(self._image_ids[i]),
+                  "orig_size": orig_size, "size": size}
         return image, target
+
+
+def coco_ground_truth(ann_file):
+    """pycocotools' COCO of a (validated) annotation file, for COCOeval; its index printout silenced."""
+    from pycocotools.coco import COCO
+    dataset = _load_annotations(ann_file)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = dataset
+        coco.createIndex()
+    return coco
 
 
 def _to_rgb(img):
@@ -305,11 +477,29 @@ def _to_rgb(img):
 
 
 def collate(batch):
-    """[(image [3, h_i, w_i], target)] -> (images [B, 3, H, W], [target]): ImageNet-normalised
-    and zero-padded to the largest image rounded up to a multiple of 32 (model.py's arithmetic,
-    shared with RetinaNet.detect); each target keeps its image's own "size"."""
-    images = batch_images([normalize(image) for image, _ in batch])  # [B, 3, H, W]
-    return images, [target for _, target in batch]
+    """[(image [3, h_i, w_i], target)] -> (images [B, 3, H, W], [target]): the images as the
+    dataset made them (uint8 at original size, or float prepared in the worker) zero-padded to
+    the largest one rounded up to a multiple of 32, in one tensor that pins and copies to the
+    device in one piece (a uint8 batch is a quarter of float32's bytes through shared and pinned
+    memory); each target keeps its image's "orig_size" and "size"."""
+    return batch_images([image for image, _ in batch]), [target for _, target in batch]
+
+
+def to_device(batch, device):
+    """A loader batch (collate) -> (images [B, 3, H, W] float32 normalised and zero-padded to a
+    multiple of 32, gt_boxes [[G_b, 4]], gt_labels [[G_b]]) on `device`. Copies are non-blocking
+    (from pinned memory when the DataLoader pins). A uint8 batch is cut back into its images,
+    which model.preprocess turns into floats, normalises, resizes to each target's "size" and
+    pads on the device: the very function RetinaNet.detect uses. A float batch was prepared in
+    the workers by model.prepare_image (the same code): it only moves."""
+    images, targets = batch
+    images = images.to(device, non_blocking=True)  # [B, 3, H, W]
+    gt_boxes = [t["boxes"].to(device, non_blocking=True) for t in targets]  # [[G_b, 4]]
+    gt_labels = [t["labels"].to(device, non_blocking=True) for t in targets]  # [[G_b]]
+    if images.dtype == torch.uint8:
+        cut = [images[b, :, :h, :w] for b, (h, w) in enumerate(t["orig_size"] for t in targets)]
+        images, _ = preprocess(cut, [t["size"] for t in targets])  # [B, 3, H', W']
+    return images, gt_boxes, gt_labels
 
 
 # ----------------------------------------------------------------------------- sampling

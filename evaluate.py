@@ -45,8 +45,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
 import freeanchor
-from data import SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, available_cpus, collate, resolve_root
-from model import RetinaNet, box_iou
+from data import SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, available_cpus, resolve_root
+from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
 NR_THRESHOLDS = tuple(round(0.50 + 0.05 * i, 2) for i in range(9))  # Table 1: IoU 0.50:0.05:0.90
@@ -89,6 +89,10 @@ class EvalConfig:
     show_matching: bool = field(default=False, metadata={
         "help": "draw Fig. 4: bag anchors of a few objects coloured by Mean-max weight vs by IoU"})
     seed: int = field(default=0, metadata={"help": "seed of the choice of pictured images"})
+    raw_orientation: bool = field(default=False, metadata={
+        "help": "read images as stored, ignoring their EXIF orientation tag (default: as the checkpoint was "
+                "trained, upright unless it was trained with --raw-orientation)"})
+    skip_check: bool = field(default=False, metadata={"help": "skip opening every image's header first"})
 
 
 def build_parser():
@@ -445,7 +449,7 @@ def draw_matching(image, box, anchors, weights, ious, caption):
 def show_matching(model, dataset, indices, loss_config, min_size, folder):
     """Fig. 4 pictures for the first MATCHING_IMAGES images of `indices` that hold objects: the
     image resized, normalised and padded exactly as in training (dataset[(i, min_size, False)],
-    data.collate), one forward pass, freeanchor.bag_weights; the MATCHING_OBJECTS most slender
+    model.preprocess), one forward pass, freeanchor.bag_weights; the MATCHING_OBJECTS most slender
     objects of each image. Returns the paths written."""
     os.makedirs(folder, exist_ok=True)
     device = model.cls_head[-1].weight.device
@@ -453,11 +457,12 @@ def show_matching(model, dataset, indices, loss_config, min_size, folder):
     for i in indices:
         if pictured == MATCHING_IMAGES:
             break
-        image, target = dataset[(i, min_size, False)]  # [3, h, w], boxes in its pixels
+        image, target = dataset[(i, min_size, False)]  # uint8 [3, h, w], boxes at shorter side min_size
         if len(target["boxes"]) == 0:
             continue
         pictured += 1
-        images, _ = collate([(image, target)])  # [1, 3, H, W]
+        images, _ = preprocess([image], [target["size"]])  # [1, 3, H, W]
+        image = resize_image(image.float() / 255, min_size, dataset.max_size)  # [3, h', w'] to draw
         with torch.no_grad():  # a picture, not a training step
             model.eval()
             cls_logits, box_deltas, anchors = model(images.to(device))
@@ -578,13 +583,18 @@ def _evaluate(cfg, ddp, rank, world, master):
         dist.barrier()
     if not master:
         root = resolve_root(cfg.data)
-    dataset = CocoDataset(root, cfg.split, train=False, max_size=max_sizes[0])
+    raw = cfg.raw_orientation or train_cfg.get("raw_orientation", False)  # read images as training did
+    dataset = CocoDataset(root, cfg.split, train=False, max_size=max_sizes[0], exif=not raw)
     if [dict(c) for c in ckpt["categories"]] != dataset.categories:
         ours = ", ".join(f"{c['id']}:{c['name']}" for c in dataset.categories[:8])
         theirs = ", ".join(f"{c['id']}:{c['name']}" for c in ckpt["categories"][:8])
         raise ValueError(f"{cfg.ckpt} was trained on other categories ({theirs}{' ...' * (len(ckpt['categories']) > 8)}) "
                          f"than {dataset.ann_file} holds ({ours}{' ...' * (len(dataset.categories) > 8)})")
     num_images = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
+    if master and not cfg.skip_check:  # every image's header before the first detection; the others wait
+        dataset.check_images()
+    if ddp:
+        dist.barrier()
     shard = [i for i in range(num_images) if i % world == rank]
     if master:
         os.makedirs(cfg.output, exist_ok=True)
@@ -668,8 +678,9 @@ def _evaluate(cfg, ddp, rank, world, master):
         os.makedirs(folder, exist_ok=True)
         names = [c["name"] for c in dataset.categories]
         for i in sorted(order[:cfg.visualize]):
-            image, target = dataset[i]
+            image, target = dataset[i]  # uint8
             path = os.path.join(folder, f"{target['image_id']}.png")
+            image = image.float() / 255  # [3, h, w] in [0, 1]
             draw_detections(image, target["boxes"], target["labels"], records[i], names, cfg.vis_score).save(path)
         print(f"\n{min(cfg.visualize, num_images)} pictures in {folder}")
     if cfg.show_matching:

@@ -1,6 +1,6 @@
 """RetinaNet (Lin et al., 2017), the detector that FreeAnchor (Zhang et al., NeurIPS 2019) trains.
 
-The network of FreeAnchor §4.1 / design.md §5, with torchvision's conventions throughout so that a
+The network of FreeAnchor §4.1, with torchvision's conventions throughout so that a
 model trained here converts both ways to `torchvision.models.detection.RetinaNet`:
 
 - backbone: a torchvision ResNet / ResNeXt (`BACKBONES`); with pretrained weights, FrozenBatchNorm
@@ -108,16 +108,29 @@ def decode(anchors, deltas, weights=BOX_WEIGHTS):
 
 # ----------------------------------------------------------------------------- images
 
+def resized_size(size, min_size, max_size):
+    """(h, w) -> (h', w'): shorter side `min_size`, longer at most `max_size`, with torchvision's
+    GeneralizedRCNNTransform scale rule and F.interpolate's rounding of the output size
+    (recompute_scale_factor=True truncates size * scale), so that sizes match it exactly."""
+    h, w = size
+    scale = min(min_size / min(h, w), max_size / max(h, w))
+    return int(h * scale), int(w * scale)
+
+
 def resize_image(image, min_size, max_size):
     """Resize so the shorter side is `min_size` and the longer at most `max_size`.
 
-    image [3, h, w] -> [3, h', w'], bilinear, with the very scale rule and interpolation call of
-    torchvision's GeneralizedRCNNTransform (so sizes and pixels match it exactly).
-    """
-    h, w = image.shape[-2:]
-    scale = min(min_size / min(h, w), max_size / max(h, w))
-    return F.interpolate(image[None], scale_factor=scale, mode="bilinear",
-                         recompute_scale_factor=True, align_corners=False)[0]
+    image [3, h, w] float -> [3, h', w'], bilinear without antialiasing: torchvision's
+    GeneralizedRCNNTransform's call (with recompute_scale_factor=True the kernel samples at
+    in/out ratios of the integer sizes, exactly as with size=resized_size(...))."""
+    return _resize(image, resized_size(image.shape[-2:], min_size, max_size))
+
+
+def _resize(image, size):
+    """[3, h, w] float -> [3, *size] bilinear (align_corners=False); a no-op at the same size."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image  # bilinear at scale 1 samples every pixel exactly: skip the copy
+    return F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 def resize_boxes(boxes, old_size, new_size):
@@ -136,9 +149,9 @@ def normalize(image):
 
 
 def batch_images(images, size_divisible=SIZE_DIVISIBLE):
-    """List of [3, h_i, w_i] -> [B, 3, H, W], zero-padded at the bottom/right to the largest
-    height and width rounded up to a multiple of `size_divisible` (padding after normalisation,
-    as torchvision does)."""
+    """List of [3, h_i, w_i] -> [B, 3, H, W] of their dtype, zero-padded at the bottom/right to
+    the largest height and width rounded up to a multiple of `size_divisible` (padding after
+    normalisation, as torchvision does)."""
     H = max(img.shape[-2] for img in images)
     W = max(img.shape[-1] for img in images)
     H = int(math.ceil(H / size_divisible) * size_divisible)
@@ -147,6 +160,31 @@ def batch_images(images, size_divisible=SIZE_DIVISIBLE):
     for b, img in enumerate(images):
         batch[b, :, : img.shape[-2], : img.shape[-1]].copy_(img)
     return batch
+
+
+def prepare_image(image, size=None, dtype=torch.float32):
+    """One image as the network sees it, before padding: uint8 [3, h, w] in 0..255 or float
+    [3, h, w] in [0, 1], on any device -> `dtype` [3, h', w'] ImageNet-normalised, resized
+    (bilinear) to size (h', w') when given.
+
+    The order is torchvision's: to float, normalise, then resize. uint8 is first divided by 255
+    in `dtype`, which is exactly the float image x / 255 a float caller would pass, and every
+    later step is the same op on the same values: uint8 input and its float twin give the same
+    result bit for bit. (Resizing first would be cheaper when shrinking, but bilinear and the
+    affine normalisation commute only up to float rounding.)"""
+    image = image.to(dtype) / 255 if image.dtype == torch.uint8 else image.to(dtype)  # [3, h, w]
+    image = normalize(image)
+    return image if size is None else _resize(image, size)  # [3, h', w']
+
+
+def preprocess(images, sizes=None, dtype=torch.float32, size_divisible=SIZE_DIVISIBLE):
+    """What training and RetinaNet.detect both feed the network: a list of B images (uint8 or
+    float [3, h_b, w_b], see prepare_image) and their target sizes (h'_b, w'_b) (None: keep)
+    -> (batch [B, 3, H, W] normalised and zero-padded to a multiple of `size_divisible`,
+    [(h'_b, w'_b)]). Runs on the images' device: on a GPU, resizing there costs next to nothing."""
+    sizes = [None] * len(images) if sizes is None else sizes
+    prepared = [prepare_image(image, size, dtype) for image, size in zip(images, sizes)]
+    return batch_images(prepared, size_divisible), [tuple(p.shape[-2:]) for p in prepared]
 
 
 # ----------------------------------------------------------------------------- anchors
@@ -388,7 +426,8 @@ class RetinaNet(nn.Module):
 
     @torch.no_grad()
     def detect(self, images, nms=True, min_size=None, max_size=None):
-        """Detections of a list of RGB images [3, h, w] in [0, 1], at their original size.
+        """Detections of a list of RGB images [3, h, w] (floats in [0, 1], or uint8 as data.py
+        reads them), at their original size, on any device.
 
         Returns one dict per image: boxes [N, 4] xyxy in original pixels, scores [N], labels [N]
         int64 in [0, K). Resizing, normalising and padding as torchvision's GeneralizedRCNNTransform;
@@ -405,18 +444,17 @@ class RetinaNet(nn.Module):
         max_size = self.max_size if max_size is None else max_size
         scale = min_size[-1] if isinstance(min_size, (tuple, list)) else min_size
         weight = self.cls_head[-1].weight  # the model's device and dtype
-        original_sizes, resized = [], []
+        original_sizes = []
         for i, image in enumerate(images):
             if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"detect: image {i} must be a [3, H, W] tensor, got "
                                  f"{tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
-            if not image.is_floating_point():
-                raise TypeError(f"detect: image {i} is {image.dtype}; expected floats in [0, 1]")
-            image = image.to(weight.device, weight.dtype)
+            if not (image.is_floating_point() or image.dtype == torch.uint8):
+                raise TypeError(f"detect: image {i} is {image.dtype}; expected floats in [0, 1] or uint8")
             original_sizes.append(tuple(image.shape[-2:]))
-            # normalise, then resize: torchvision's order (bilinear is linear, but not bit-exact)
-            resized.append(resize_image(normalize(image), scale, max_size))
-        image_sizes = [tuple(image.shape[-2:]) for image in resized]
+        # the same preparation as training (data.to_device): to float, normalise, resize, pad
+        batch, image_sizes = preprocess([image.to(weight.device) for image in images],
+                                        [resized_size(s, scale, max_size) for s in original_sizes], weight.dtype)
 
         modes = [(module, module.training) for module in self.modules()]
         self.eval()
@@ -424,7 +462,7 @@ class RetinaNet(nn.Module):
             # Deltas in torchvision's units, from the very weights to_torchvision exports: the same
             # boxes as decoding ours with BOX_WEIGHTS up to rounding (~1e-5 px), but this way
             # detect equals torchvision's RetinaNet bit for bit (on CPU), not just to rounding.
-            cls_logits, box_deltas, anchors, per_level = self._predict(batch_images(resized),
+            cls_logits, box_deltas, anchors, per_level = self._predict(batch,
                                                                        torchvision_deltas=True)
         finally:
             for module, training in modes:

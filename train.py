@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
-from data import CocoDataset, DataError, TrainSampler, available_cpus, collate, resolve_root
+from data import CocoDataset, DataError, TrainSampler, available_cpus, collate, resolve_root, to_device
 from model import BACKBONES, RetinaNet
 
 
@@ -79,6 +79,12 @@ class TrainConfig:
         "help": "bfloat16 autocast for the network (CUDA); the loss stays float32"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and of the data order"})
     workers: int = field(default=4, metadata={"help": "data loading processes per training process"})
+    raw_orientation: bool = field(default=False, metadata={
+        "help": "read images as stored, ignoring their EXIF orientation tag (for datasets annotated that way); "
+                "by default images are turned upright as labelling tools show them"})
+    skip_check: bool = field(default=False, metadata={
+        "help": "skip opening every image's header before iteration 0 (a broken image then stops the run "
+                "when first drawn)"})
 
 
 def build_parser():
@@ -219,7 +225,14 @@ def train(cfg, loss_cfg):
         dist.barrier()
     if not master:
         root = resolve_root(cfg.data)
-    dataset = CocoDataset(root, cfg.train_split, train=True, max_size=cfg.max_size)
+    dataset = CocoDataset(root, cfg.train_split, train=True, max_size=cfg.max_size, exif=not cfg.raw_orientation)
+    if master and not cfg.skip_check:  # every image's header, on all CPUs; the other ranks wait
+        dataset.check_images()
+    if ddp:
+        dist.barrier()
+    # Where images get resized: on a GPU inside the step (uint8 through the loader, ~free there);
+    # on a CPU-only run in the workers, which otherwise idle beside the step (benchmarks/data.py).
+    dataset.resize_in_worker = device.type == "cpu"
 
     # ------------------------------------------------------------------ model, optimizer, resume
     os.makedirs(cfg.output, exist_ok=True)
@@ -278,7 +291,7 @@ def train(cfg, loss_cfg):
     if master and workers < cfg.workers:
         print(f"note: --workers {cfg.workers} lowered to {workers}, the CPUs available here", flush=True)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
+                                         num_workers=workers, pin_memory=device.type == "cuda")  # non_blocking copies
 
     log_path = os.path.join(cfg.output, "log.jsonl")
     if master:
@@ -305,13 +318,11 @@ def train(cfg, loss_cfg):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
     model.train()
     window_start, window_iters = time.time(), 0
-    for it, (images, targets) in zip(range(start_iter, cfg.max_iter), loader):
+    for it, batch in zip(range(start_iter, cfg.max_iter), loader):
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images = images.to(device, non_blocking=True)
-        gt_boxes = [t["boxes"].to(device) for t in targets]
-        gt_labels = [t["labels"].to(device) for t in targets]
+        images, gt_boxes, gt_labels = to_device(batch, device)  # [B, 3, H, W] normalised, padded
 
         with autocast:
             cls_logits, box_deltas, anchors = model(images)

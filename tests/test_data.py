@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import data
-from data import CocoDataset, DataError, TrainSampler, collate, prepare_shapes, resolve_root
-from model import normalize
+from data import CocoDataset, DataError, TrainSampler, collate, prepare_shapes, resolve_root, to_device
+from model import normalize, prepare_image, preprocess, resize_image, resized_size
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -117,9 +117,9 @@ def test_every_pil_mode_becomes_rgb(tiny):
     expected = {0: (200, 100, 50), 1: (128, 128, 128), 2: (10, 20, 30), 3: (255, 0, 255), 4: (127.5, 127.5, 127.5)}
     for i, rgb in expected.items():
         image, target = ds[i]
-        assert image.dtype == torch.float32 and image.shape[0] == 3
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
         assert tuple(image.shape[-2:]) == target["size"] == target["orig_size"]
-        mean = image.mean(dim=(1, 2)) * 255
+        mean = image.float().mean(dim=(1, 2))
         assert torch.allclose(mean, torch.tensor(rgb, dtype=torch.float32), atol=3), (i, mean)
 
 
@@ -143,48 +143,108 @@ def bright_box(image):
     return [cols[0].item(), rows[0].item(), cols[-1].item() + 1, rows[-1].item() + 1]
 
 
+def network_input(ds, key):
+    """What the network sees of dataset[key], through collate and to_device: [3, h', w'] normalised."""
+    images, boxes, labels = to_device(collate([ds[key]]), "cpu")
+    h, w = ds[key][1]["size"]
+    return images[0, :, :h, :w], boxes[0]
+
+
 @pytest.mark.parametrize("min_size, max_size, size",
                          [(120, 1333, (120, 160)), (120, 100, (75, 100)), (45, 1333, (45, 60))])
 def test_resize_and_flip_move_boxes_with_the_pixels(tmp_path, min_size, max_size, size):
     ds = CocoDataset(box_image(tmp_path), "s", train=True, max_size=max_size)
     plain, t0 = ds[0]
-    assert t0["boxes"].tolist() == [[10, 20, 40, 30]] and bright_box(plain) == [10, 20, 40, 30]
+    assert t0["boxes"].tolist() == [[10, 20, 40, 30]] and bright_box(plain.float() / 255) == [10, 20, 40, 30]
 
     image, t = ds[(0, min_size, False)]
-    assert t["size"] == size == tuple(image.shape[-2:]) and t["orig_size"] == (60, 80)
+    assert torch.equal(image, plain)  # uint8 at its original size: the device resizes
+    assert t["size"] == size and t["orig_size"] == (60, 80)
+    seen, boxes = network_input(ds, (0, min_size, False))
+    assert tuple(seen.shape[-2:]) == size
     s = size[0] / 60
-    assert torch.allclose(t["boxes"], torch.tensor([[10 * s, 20 * s, 40 * s, 30 * s]]))
-    assert np.allclose(bright_box(image), t["boxes"][0].tolist(), atol=1)
+    assert torch.allclose(boxes, torch.tensor([[10 * s, 20 * s, 40 * s, 30 * s]]))
+    assert np.allclose(bright_box(seen), boxes[0].tolist(), atol=1)
 
     flipped, tf = ds[(0, min_size, True)]
+    assert torch.equal(flipped, plain.flip(-1))
+    seen_flipped, boxes = network_input(ds, (0, min_size, True))
     W = size[1]
-    assert torch.equal(flipped, image.flip(-1))
-    assert torch.allclose(tf["boxes"], torch.tensor([[W - 40 * s, 20 * s, W - 10 * s, 30 * s]]))
-    assert np.allclose(bright_box(flipped), tf["boxes"][0].tolist(), atol=1)
+    assert torch.allclose(seen_flipped, seen.flip(-1), atol=1e-5)  # mirror, then resize == resize, then mirror
+    assert torch.allclose(boxes, torch.tensor([[W - 40 * s, 20 * s, W - 10 * s, 30 * s]]))
+    assert np.allclose(bright_box(seen_flipped), boxes[0].tolist(), atol=1)
     assert tf["labels"].tolist() == [0]
 
 
-def test_collate_pads_to_multiple_of_32_and_keeps_sizes(tiny):
+def test_collate_pads_uint8_and_to_device_normalises_resizes_pads(tiny):
     ds = CocoDataset(tiny, "val", train=False)
-    batch = [ds[0], ds[(1, 70, True)]]  # [3, 48, 64] and [3, 105, 70]
+    batch = [ds[0], ds[(1, 70, True)]]  # [3, 48, 64] and [3, 60, 40] -> 105x70
     images, targets = collate(batch)
-    assert images.shape == (2, 3, 128, 96)
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, 64, 64)
+    assert [t["orig_size"] for t in targets] == [(48, 64), (60, 40)]
     assert [t["size"] for t in targets] == [(48, 64), (105, 70)]
-    assert torch.equal(images[0, :, :48, :64], normalize(batch[0][0]))
-    assert torch.equal(images[1, :, :105, :70], normalize(batch[1][0]))
-    assert images[0, :, 48:].abs().sum() == 0 and images[0, :, :, 64:].abs().sum() == 0
-    assert images[1, :, 105:].abs().sum() == 0 and images[1, :, :, 70:].abs().sum() == 0
+    assert torch.equal(images[1, :, :60, :40], batch[1][0]) and images[1, :, 60:].sum() == 0
+
+    x, gt_boxes, gt_labels = to_device((images, targets), "cpu")
+    assert x.dtype == torch.float32 and x.shape == (2, 3, 128, 96)
+    assert torch.equal(x[0, :, :48, :64], normalize(batch[0][0].float() / 255))
+    expected = resize_image(normalize(batch[1][0].float() / 255), 70, 1333)  # torchvision's order
+    assert torch.equal(x[1, :, :105, :70], expected)
+    assert x[0, :, 48:].abs().sum() == 0 and x[0, :, :, 64:].abs().sum() == 0
+    assert x[1, :, 105:].abs().sum() == 0 and x[1, :, :, 70:].abs().sum() == 0
+    assert [b.tolist() for b in gt_boxes] == [t["boxes"].tolist() for t in targets]
+    assert [b.tolist() for b in gt_labels] == [t["labels"].tolist() for t in targets]
+
+
+def test_uint8_and_float_images_prepare_identically():
+    # uint8 is divided by 255 first: the same values a float caller passes, then the same ops
+    image = torch.randint(0, 256, (3, 37, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for size in (None, (37, 50), (64, 86), (20, 27)):
+        assert torch.equal(prepare_image(image, size), prepare_image(image.float() / 255, size))
+    batch, sizes = preprocess([image, image.float() / 255], [(64, 86), (64, 86)])
+    assert sizes == [(64, 86)] * 2 and torch.equal(batch[0], batch[1])
+    # resize-then-normalise differs from torchvision's normalise-then-resize only by rounding
+    other = normalize(resize_image(image.float() / 255, 64, 1333))
+    assert torch.allclose(other, prepare_image(image, (64, 86)), atol=1e-5)
+
+
+def test_resized_size_is_what_interpolate_makes():
+    for h, w in ((480, 640), (427, 640), (333, 500), (60, 80), (641, 479), (50, 999)):
+        for min_size, max_size in ((800, 1333), (640, 1066), (192, 320), (45, 1333), (57, 101)):
+            scale = min(min_size / min(h, w), max_size / max(h, w))
+            out = torch.nn.functional.interpolate(torch.zeros(1, 3, h, w), scale_factor=scale, mode="bilinear",
+                                                  recompute_scale_factor=True, align_corners=False)
+            assert resized_size((h, w), min_size, max_size) == tuple(out.shape[-2:]), (h, w, min_size, max_size)
+            assert tuple(resize_image(torch.zeros(3, h, w), min_size, max_size).shape[-2:]) == tuple(out.shape[-2:])
+
+
+def test_resize_in_worker_or_on_device_gives_the_same_batches(tiny):
+    ds = CocoDataset(tiny, "val", train=True)
+    sampler = TrainSampler(ds, batch_size=2, min_sizes=(64, 96, 33), max_iter=6, seed=1)
+    assert any(k[2] for keys in sampler for k in keys) and any(not k[2] for keys in sampler for k in keys)
+    for keys in sampler:
+        ds.resize_in_worker = False
+        on_device = to_device(collate([ds[k] for k in keys]), "cpu")
+        ds.resize_in_worker = True
+        samples = [ds[k] for k in keys]
+        assert all(image.dtype == torch.float32 and tuple(image.shape[-2:]) == t["size"] for image, t in samples)
+        in_worker = to_device(collate(samples), "cpu")
+        assert on_device[0].shape == in_worker[0].shape
+        assert torch.allclose(on_device[0], in_worker[0], atol=1e-5)  # the very same code, up to rounding
+        assert all(torch.equal(a, b) for a, b in zip(on_device[1], in_worker[1]))
 
 
 def test_dataloader_end_to_end(tiny):
     ds = CocoDataset(tiny, "val", train=True)
     sampler = TrainSampler(ds, batch_size=2, min_sizes=(64, 96), max_iter=3)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=1)
     seen = 0
-    for images, targets in loader:
+    for batch in loader:
+        assert batch[0].dtype == torch.uint8
+        images, gt_boxes, gt_labels = to_device(batch, "cpu")
         assert images.shape[0] == 2 and images.shape[-1] % 32 == 0 and images.shape[-2] % 32 == 0
-        for t in targets:
-            assert min(t["size"]) in (64, 96) and t["boxes"].shape[0] == t["labels"].shape[0] >= 1
+        for t, boxes, labels in zip(batch[1], gt_boxes, gt_labels):
+            assert min(t["size"]) in (64, 96) and boxes.shape[0] == labels.shape[0] >= 1
         seen += 1
     assert seen == 3
 
@@ -469,3 +529,170 @@ def test_shapes_boxes_are_tight_around_painted_pixels(name):
         # and the raster is the geometry: within a pixel and a half of the exact extent
         exact = (cx + extent[0], cy + extent[1], cx + extent[2], cy + extent[3])
         assert np.allclose(box, exact, atol=1.5), (box, exact)
+
+
+# ----------------------------------------------------------------------------- EXIF orientation
+
+# the stored picture that EXIF orientation k turns into the upright one: the inverse of
+# exif_transpose's transposition (all are their own inverse except the two quarter turns)
+INVERSE = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+           7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+UPRIGHT_BOX = (8, 4, 40, 14)  # a white box in an 80x50 upright photo: asymmetric, so every transposition moves it
+
+
+def phone_photos(tmp_path, orientations=range(1, 9), annotate="upright"):
+    """JPEGs stored turned by EXIF orientation k whose upright picture holds UPRIGHT_BOX, annotated
+    as a labelling tool shows them ("upright") or as stored ("raw")."""
+    root = str(tmp_path / f"phone_{annotate}")
+    os.makedirs(os.path.join(root, "s"), exist_ok=True)
+    upright = np.zeros((50, 80, 3), dtype=np.uint8)
+    x1, y1, x2, y2 = UPRIGHT_BOX
+    upright[y1:y2, x1:x2] = 255
+    upright = Image.fromarray(upright)
+    images, annotations = [], []
+    for k in orientations:
+        stored = upright if INVERSE[k] is None else upright.transpose(INVERSE[k])
+        exif = Image.Exif()
+        exif[0x0112] = k
+        stored.save(os.path.join(root, "s", f"o{k}.jpg"), quality=95, exif=exif)
+        box = UPRIGHT_BOX if annotate == "upright" else bright_box_of(np.asarray(stored))
+        w, h = (80, 50) if annotate == "upright" else stored.size
+        images.append(image_entry(k, f"o{k}.jpg", w, h))
+        annotations.append(ann(k, k, 5, [box[0], box[1], box[2] - box[0], box[3] - box[1]]))
+    write_coco(root, "s", images, annotations, [{"id": 5, "name": "box"}])
+    return root
+
+
+def bright_box_of(pixels):
+    rows, cols = np.flatnonzero(pixels.mean(2).max(1) > 127), np.flatnonzero(pixels.mean(2).max(0) > 127)
+    return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
+def test_exif_orientations_1_to_8_read_upright_as_exif_transpose(tmp_path):
+    from PIL import ImageOps
+    root = phone_photos(tmp_path)
+    ds = CocoDataset(root, "s", train=True)
+    ds.check_images(show_progress=False)  # every header fits its annotation once turned upright
+    for i in range(len(ds)):
+        image, target = ds[i]
+        with Image.open(ds.path(i)) as img:
+            expected = np.array(ImageOps.exif_transpose(img).convert("RGB"))  # [h, w, 3]
+        assert torch.equal(image, torch.from_numpy(expected).permute(2, 0, 1)), ds.file_name(i)
+        # the annotated box lands on the object (JPEG blurs edges by a pixel)
+        assert np.allclose(bright_box(image.float() / 255), target["boxes"][0].tolist(), atol=1), ds.file_name(i)
+
+
+@pytest.mark.parametrize("k", [3, 6, 8])
+def test_exif_rotated_boxes_land_on_the_object_through_training_input(tmp_path, k):
+    ds = CocoDataset(phone_photos(tmp_path, [k]), "s", train=True)
+    for flip in (False, True):
+        seen, boxes = network_input(ds, (0, 64, flip))  # resized, normalised: what the loss sees
+        assert np.allclose(bright_box(seen), boxes[0].tolist(), atol=1.5)
+
+
+def test_raw_orientation_reads_as_stored(tmp_path):
+    root = phone_photos(tmp_path, annotate="raw")
+    ds = CocoDataset(root, "s", train=True, exif=False)
+    ds.check_images(show_progress=False)
+    for i in range(len(ds)):
+        image, target = ds[i]
+        with Image.open(ds.path(i)) as img:
+            assert tuple(image.shape[-2:]) == (img.height, img.width)
+        assert np.allclose(bright_box(image.float() / 255), target["boxes"][0].tolist(), atol=1)
+    # the same raw annotations read upright: 5-8 no longer fit, and the message says what to do
+    with pytest.raises(DataError) as e:
+        CocoDataset(root, "s", train=True).check_images(show_progress=False)
+    message = one_line(e)
+    assert message.startswith("4 of 8 images cannot be used: ") and "--raw-orientation" in message
+    assert all(f"o{k}.jpg" in message for k in (5, 6, 7, 8))
+    # and upright annotations read raw: the other way round
+    with pytest.raises(DataError) as e:
+        CocoDataset(phone_photos(tmp_path), "s", train=True, exif=False).check_images(show_progress=False)
+    assert "4 of 8 images" in one_line(e) and "leave out --raw-orientation" in one_line(e)
+
+
+# ----------------------------------------------------------------------------- the header check
+
+def test_header_check_names_every_kind_of_unusable_image(tiny, capsys):
+    ds = CocoDataset(tiny, "val", train=False)
+    ds.check_images()
+    out = capsys.readouterr().out
+    assert "checking images: 5/5" in out and "done in" in out  # a progress line on stdout
+    with open(os.path.join(tiny, "val", "b.png"), "wb") as f:
+        f.write(b"not a png at all")
+    Image.new("RGB", (65, 48)).save(os.path.join(tiny, "val", "a.jpg"))
+    os.remove(os.path.join(tiny, "val", "e.png"))
+    os.remove(os.path.join(tiny, "val", "d.png"))
+    os.mkdir(os.path.join(tiny, "val", "d.png"))  # unreadable
+    with pytest.raises(DataError) as e:
+        ds.check_images(show_progress=False)
+    message = one_line(e)
+    assert message.startswith("4 of 5 images cannot be used: ")  # in file order
+    assert os.path.join(tiny, "val", "a.jpg") + " (is 65x48 but the annotations say 64x48)" in message
+    assert os.path.join(tiny, "val", "b.png") + " (not an image)" in message
+    assert os.path.join(tiny, "val", "e.png") + " (missing)" in message
+    assert os.path.join(tiny, "val", "d.png") + " (unreadable: IsADirectoryError" in message
+    assert "c.png" not in message
+
+
+def test_header_check_in_parallel_names_the_first_few_and_counts_all(tiny):
+    good = os.path.join(tiny, "val", "a.jpg")
+    bad = os.path.join(tiny, "val", "nothing.jpg")
+    paths = [good] * 1500 + [bad] * 7 + [good] * 10
+    with pytest.raises(DataError) as e:
+        data.check_images(paths, [(48, 64)] * len(paths), workers=2, show_progress=False)
+    message = one_line(e)
+    assert message.startswith(f"7 of {len(paths)} images cannot be used: {bad} (missing), ")
+    assert message.count(bad) == 5 and message.endswith("... and 2 more")
+    data.check_images([good] * 1500, [(48, 64)] * 1500, workers=2, show_progress=False)  # all fine
+
+
+def test_truncated_image_passes_the_header_check_and_fails_at_decode_with_its_name(tiny):
+    path = os.path.join(tiny, "val", "a.jpg")
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=95)  # ~10 kB of pixels behind a ~600-byte header
+    good = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(good[: len(good) // 2])  # header intact, pixels cut
+    ds = CocoDataset(tiny, "val", train=True)
+    ds.check_images(show_progress=False)
+    with pytest.raises(DataError) as e:
+        ds[0]
+    assert one_line(e).startswith(f"cannot read image {path}")
+
+
+# ----------------------------------------------------------------------------- memory
+
+def test_training_dataset_keeps_only_flat_arrays(tiny):
+    ds = CocoDataset(tiny, "val", train=True)
+    for name, value in vars(ds).items():
+        if name == "categories":  # K small dicts, the label -> category id table
+            assert all(set(c) == {"id", "name"} for c in value)
+        else:
+            assert value is None or isinstance(value, (np.ndarray, str, bool, int)), name
+    assert ds._coco is None  # no pycocotools index until evaluation asks for one
+    assert len(ds.coco.getAnnIds()) == 8 and ds._coco is not None
+
+
+def test_training_stops_before_iteration_0_on_an_image_it_would_never_draw(tmp_path, capsys):
+    # one iteration of 2 images draws 2 of the 8; the corrupt one is named before anything runs
+    import train
+    root = str(tmp_path / "user")
+    os.makedirs(os.path.join(root, "s"))
+    for k in range(8):
+        Image.new("RGB", (48, 32), (k * 30, 90, 160)).save(os.path.join(root, "s", f"p{k}.jpg"))
+    with open(os.path.join(root, "s", "p5.jpg"), "wb") as f:
+        f.write(b"\xff\xd8 not really a JPEG")
+    write_coco(root, "s", [image_entry(k + 1, f"p{k}.jpg", 48, 32) for k in range(8)],
+               [ann(k + 1, k + 1, 5, [4, 4, 20, 12]) for k in range(8)], [{"id": 5, "name": "thing"}])
+    args = ["--data", root, "--train-split", "s", "--backbone", "resnet18", "--weights", "none",
+            "--batch-size", "2", "--max-iter", "1", "--min-size", "32", "--max-size", "64", "--workers", "0",
+            "--device", "cpu", "--output", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: 1 of 8 images cannot be used: {os.path.join(root, 's', 'p5.jpg')} (not an image)\n"
+    assert "checking images: 8/8" in captured.out
+    assert not os.path.exists(tmp_path / "run" / "config.json")

@@ -268,8 +268,8 @@ def test_forward_rejects_bad_input():
         m(torch.zeros(3, 64, 64))
     with pytest.raises(ValueError, match="image 1"):
         m.detect([torch.rand(3, 32, 32), torch.rand(32, 32)])
-    with pytest.raises(TypeError, match="uint8"):
-        m.detect([torch.zeros(3, 32, 32, dtype=torch.uint8)])
+    with pytest.raises(TypeError, match="int32"):  # floats in [0, 1] or uint8 only
+        m.detect([torch.zeros(3, 32, 32, dtype=torch.int32)])
     with pytest.raises(ValueError, match="backbone 'resnet9'"):
         RetinaNet(3, backbone="resnet9", weights="none")
 

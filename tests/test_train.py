@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 import freeanchor
 import train
-from data import CocoDataset, collate, prepare_shapes
+from data import CocoDataset, collate, prepare_shapes, to_device
 from model import RetinaNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,8 @@ def assert_same_weights(a, b):
 def test_overfits_a_fixed_batch(tiny_data):
     torch.manual_seed(0)
     dataset = CocoDataset(tiny_data, "train2017", train=True, max_size=64)
-    images, targets = collate([dataset[(i, 64, False)] for i in range(4)])
+    batch = collate([dataset[(i, 64, False)] for i in range(4)])
+    images, targets = to_device(batch, "cpu")[0], batch[1]  # normalised, resized, padded
     model = RetinaNet(2, backbone="resnet18", weights="none", min_size=64, max_size=64)
     optimizer = torch.optim.SGD(train.param_groups(model, 1e-4), lr=0.003, momentum=0.9)
     losses = []
