@@ -1,7 +1,7 @@
 """Tests of the numpy oracle `reference/freeanchor_np.py`: a hand-worked loss, box helpers, edge cases.
 
 The expected numbers below are derived by hand in the comments, from the paper's equations
-(FreeAnchor §3, Eqs. 3-7) and design.md §4, never by calling the oracle's own pieces.
+(FreeAnchor §3, Eqs. 3-7), never by calling the oracle's own pieces.
 Run with `python -m pytest tests/test_reference.py`.
 """
 
