@@ -77,6 +77,7 @@ def assert_same_weights(a, b):
 
 # ----------------------------------------------------------------------------- learning
 
+@pytest.mark.slow  # 60 training steps: the longest in-process test
 def test_overfits_a_fixed_batch(tiny_data):
     torch.manual_seed(0)
     dataset = CocoDataset(tiny_data, "train2017", train=True, max_size=64)
