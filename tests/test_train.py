@@ -27,7 +27,7 @@ from model import RetinaNet
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone", "resnet18", "--weights", "none", "--min-size", "64", "--max-size", "64",
         "--workers", "0", "--log-every", "1"]
-CPU = ["--device", "cpu"]  # for the claims that hold bit for bit on CPU only
+CPU = ["--device", "cpu"]  # bit-for-bit claims (CPU only) and the gloo DDP tests
 
 
 def make_dataset(root, num_images=8, size=64):
@@ -125,7 +125,7 @@ def test_two_process_ddp_step_equals_one_process(tiny_data, tmp_path):
     backbone = tmp_path / "resnet18.pt"
     import torchvision
     torch.save(torchvision.models.resnet18().state_dict(), backbone)
-    args = [*TINY, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
+    args = [*TINY, *CPU, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
             "--lr", "0.05", "--warmup-iters", "0"]
     single = run_cli([*args, "--output", str(tmp_path / "single")])
     assert single.returncode == 0, single.stderr
@@ -152,7 +152,7 @@ def test_two_process_ddp_from_scratch_on_cpu(tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "scratch"
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29518", os.path.join(ROOT, "train.py"), *TINY, "--data", tiny_data,
+                          "--master_port", "29518", os.path.join(ROOT, "train.py"), *TINY, *CPU, "--data", tiny_data,
                           "--batch-size", "2", "--max-iter", "2", "--output", str(out)],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
