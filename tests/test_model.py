@@ -1,8 +1,14 @@
-"""Tests of model.py: RetinaNet against torchvision's own pieces (design.md §5, §8).
+"""Tests of model.py: RetinaNet against torchvision's own pieces.
 
 Oracles: torchvision's AnchorGenerator (through the RetinaNet it builds), BoxCoder((10, 10, 5, 5)),
 and torchvision's RetinaNet itself (transform + postprocess_detections) on the same weights.
 Everything is tiny (resnet18, images of ~64x96) so the file runs in seconds on a CPU.
+
+Bit-for-bit equality is asserted only where both sides run the very same ops on the same inputs:
+`detect` against the RetinaNet of `to_torchvision` (on CPU, within one torch build) and `detect`
+twice. Anything else (ours against torchvision's own model after the (10, 10, 5, 5) rescale,
+per-level against whole-tensor sigmoid) is compared to float32 tolerances, with candidates paired
+by their (anchor, class) index, never by equal scores.
 
     python -m pytest -q tests/test_model.py
 """
@@ -41,24 +47,37 @@ def images(seed=1):
     return [torch.rand(3, 50, 70, generator=g), torch.rand(3, 64, 96, generator=g)]
 
 
-def assert_same_detections(ours, theirs, exact=True):
-    """exact: the very same ops on the very same weights, equal bit for bit (on CPU); otherwise the
-    regression conv went through a x(10, 10, 5, 5) and back, and boxes agree up to rounding."""
+def assert_same_detections(ours, theirs):
+    """The very same ops on the very same weights and inputs (on CPU): equal bit for bit."""
     assert len(ours) == len(theirs)
     for o, t in zip(ours, theirs):
         assert o["boxes"].shape == t["boxes"].shape
         assert torch.equal(o["scores"], t["scores"])
         assert torch.equal(o["labels"], t["labels"])
-        if exact:
-            assert torch.equal(o["boxes"], t["boxes"])
-        else:
-            torch.testing.assert_close(o["boxes"], t["boxes"], rtol=1e-5, atol=1e-3)
+        assert torch.equal(o["boxes"], t["boxes"])
+
+
+def ramp_logits(cls_conv, high=2.0, low=-2.0):
+    """Replace the output of the last classification conv [B, 9*K, h, w] by logits falling
+    linearly from `high` to `low` along each level's (anchor, class) index (detect's order:
+    position, then cell anchor, then class). Sorting by score then keeps the index order on any
+    device and kernel: neighbours differ by >= 1e-4 in score, a thousand times float32 rounding,
+    so two different computations of the same candidates can be paired by position."""
+    def hook(module, inputs, out):
+        B, C, h, w = out.shape
+        ramp = torch.linspace(high, low, h * w * C, dtype=out.dtype, device=out.device)  # [h*w*9*K]
+        ramp = ramp.view(h, w, model.NUM_ANCHORS, C // model.NUM_ANCHORS).permute(2, 3, 0, 1)  # [9, K, h, w]
+        return ramp.reshape(1, C, h, w).expand(B, C, h, w)
+
+    return cls_conv.register_forward_hook(hook)
 
 
 # ----------------------------------------------------------------------------- anchors, boxes
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 160), (224, 128)])
 def test_anchors_equal_torchvision(size):
+    # Anchors are integers (rounded cell anchors plus integer shifts), so any correct computation
+    # gives them exactly: compared bit for bit.
     m = tiny(num_classes=2)
     tv = to_torchvision(m)
     batch = torch.zeros(1, 3, *size)
@@ -115,6 +134,10 @@ def test_encode_decode_round_trip_and_torchvision_box_coder():
 # ----------------------------------------------------------------------------- torchvision equivalence
 
 def test_detect_equals_torchvision():
+    # The claim is bit-for-bit equality on CPU, within one torch build: detect runs torchvision's
+    # own ops (per-level sigmoid, top-k, decode in its units, batched_nms) on the very weights
+    # to_torchvision exports. test_from_torchvision_of_torchvisions_own_model compares two
+    # different computations to tolerances instead.
     m = tiny()
     tv = to_torchvision(m)
     ours = m.detect(images())
@@ -158,9 +181,12 @@ def test_detect_without_nms_returns_the_candidates():
 def test_detect_decodes_what_forward_predicts():
     # detect decodes deltas in torchvision's units (to equal it bit for bit); the plain way, forward's
     # deltas decoded with BOX_WEIGHTS, must give the same boxes up to rounding. Threshold 0 and an
-    # unbounded top-k keep every (anchor, class) pair.
+    # unbounded top-k keep every (anchor, class) pair. The class logits are a ramp over the
+    # (anchor, class) index, so detect's candidates come out in index order and pair with
+    # forward's by position; the boxes come from the network's real box head.
     m = tiny()
     m.score_thresh, m.topk_candidates = 0.0, 10**9
+    ramp_logits(m.cls_head[-1])
     image = images()[1]  # 64x96: neither resized nor padded
     (candidates,) = m.detect([image], nms=False)
     with torch.no_grad():
@@ -169,15 +195,12 @@ def test_detect_decodes_what_forward_predicts():
     boxes = torch.stack((boxes[:, 0].clamp(0, 96), boxes[:, 1].clamp(0, 64),
                          boxes[:, 2].clamp(0, 96), boxes[:, 3].clamp(0, 64)), dim=1)  # [A, 4]
     scores = cls_logits[0].sigmoid().flatten()  # [A*K], index = anchor*K + class
+    index = torch.arange(len(scores))  # [A*K]
     assert len(candidates["scores"]) == len(scores) == 1161 * 5
-    # Pair each candidate with the (anchor, class) pairs of the same score and label (ties are
-    # common among 5805 float32 scores, so their order is no evidence), then compare boxes.
-    same = ((candidates["scores"][:, None] == scores[None])
-            & (candidates["labels"][:, None] == torch.arange(len(scores))[None] % 5))  # [N, A*K]
-    i, j = same.nonzero(as_tuple=True)
-    close = ((candidates["boxes"][i] - boxes[j // 5]).abs() <= 1e-3 + 1e-5 * boxes[j // 5].abs()).all(1)
-    assert torch.zeros(len(scores), dtype=torch.bool).index_put_((i,), close, accumulate=True).all()
-    assert same.any(0).all()  # and every pair is some candidate
+    assert torch.equal(candidates["labels"], index % 5)
+    torch.testing.assert_close(candidates["scores"], scores)  # float32 tolerances: 1.3e-6 relative
+    torch.testing.assert_close(candidates["boxes"], boxes[index // 5], rtol=1e-5, atol=1e-3)
+    assert (boxes[:, 2:] - boxes[:, :2]).std(0).min() > 1  # boxes of many sizes, not one repeated
 
 
 def test_detect_keeps_training_flags_and_runs_without_grad():
@@ -204,7 +227,11 @@ def test_round_trip_through_torchvision_keeps_the_state(tmp_path):
             == {n for n, p in m.named_parameters() if p.requires_grad})
 
 
-def test_from_torchvision_of_torchvisions_own_model():
+def test_from_torchvision_of_torchvisions_own_model(monkeypatch):
+    # Two different computations: our regression conv is torchvision's times (10, 10, 5, 5). So the
+    # network outputs are compared to float32 tolerances, index by index, and the postprocessing
+    # before NMS (where one rounding can flip an IoU at the threshold) on ramp logits (see
+    # ramp_logits), candidate by candidate.
     torch.manual_seed(0)
     tv = torchvision.models.detection.retinanet_resnet50_fpn(
         weights=None, weights_backbone=None, num_classes=4, min_size=64, max_size=96)
@@ -216,7 +243,31 @@ def test_from_torchvision_of_torchvisions_own_model():
     m = from_torchvision(tv)
     assert m.config == dict(num_classes=4, backbone="resnet50", min_size=64, max_size=96, frozen_bn=False)
     assert m.detections_per_img == 300  # torchvision's default, carried over
-    assert_same_detections(m.detect(images()), tv(images()), exact=False)
+    assert (m.score_thresh, m.nms_thresh, m.topk_candidates) == (tv.score_thresh, tv.nms_thresh, tv.topk_candidates)
+
+    batch = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cls_logits, box_deltas, anchors = m(batch)
+        head = tv.head(list(tv.backbone(batch).values()))
+    assert cls_logits.abs().max() > 1 and box_deltas.abs().max() > 1  # values to compare, not zeros
+    torch.testing.assert_close(cls_logits, head["cls_logits"], rtol=1e-4, atol=1e-4)
+    weights = torch.tensor(model.BOX_WEIGHTS)  # [4]
+    torch.testing.assert_close(box_deltas / weights, head["bbox_regression"], rtol=1e-4, atol=1e-4)
+
+    ramp_logits(m.cls_head[-1])
+    ramp_logits(tv.head.classification_head.cls_logits)
+    # torchvision's candidates: its postprocessing with NMS replaced by "keep all, in order"
+    monkeypatch.setattr(torchvision.ops.boxes, "batched_nms",
+                        lambda boxes, scores, labels, threshold: torch.arange(len(scores)))
+    tv.detections_per_img = 10**9
+    theirs = tv(images())
+    for ours, t in zip(m.detect(images(), nms=False), theirs):
+        # scores > 0.05 everywhere: the top 1000 of each level of the 64x96 batch, or all of it
+        levels = ((8, 12), (4, 6), (2, 3), (1, 2), (1, 1))  # P3..P7
+        assert len(ours["scores"]) == sum(min(1000, h * w * 9 * 4) for h, w in levels)
+        assert torch.equal(ours["labels"], t["labels"])
+        torch.testing.assert_close(ours["scores"], t["scores"])
+        torch.testing.assert_close(ours["boxes"], t["boxes"], rtol=1e-5, atol=1e-3)
 
 
 def test_from_torchvision_refuses_v2():
@@ -227,7 +278,8 @@ def test_from_torchvision_refuses_v2():
 
 # ----------------------------------------------------------------------------- architecture
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", [b if b in ("resnet18", "resnet34", "resnet50")
+                                      else pytest.param(b, marks=pytest.mark.slow) for b in BACKBONES])
 def test_output_shapes_every_backbone(backbone):
     torch.manual_seed(0)
     m = RetinaNet(3, backbone=backbone, weights="none").eval()

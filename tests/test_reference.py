@@ -1,7 +1,7 @@
 """Tests of the numpy oracle `reference/freeanchor_np.py`: a hand-worked loss, box helpers, edge cases.
 
 The expected numbers below are derived by hand in the comments, from the paper's equations
-(FreeAnchor §3, Eqs. 3-7) and design.md §4, never by calling the oracle's own pieces.
+(FreeAnchor §3, Eqs. 3-7), never by calling the oracle's own pieces.
 Run with `python -m pytest tests/test_reference.py`.
 """
 
@@ -18,7 +18,7 @@ LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 
 
 def fl(q, gamma=2.0):
-    """FL(q) = q^gamma * (-log(1 - q)) with q clamped to [1e-12, 1 - 1e-12] (design.md §4.7)."""
+    """FL(q) = q^gamma * (-log(1 - q)) with q clamped to [1e-12, 1 - 1e-12]."""
     q = min(max(q, 1e-12), 1 - 1e-12)
     return q ** gamma * -math.log(1 - q)
 

@@ -1,9 +1,13 @@
 """Tests of train.py: learning, the DDP normaliser, exact resume (also after kill -9), the
 non-finite guard, the recipe, and the CLI end to end on tiny data.
 
+Exact resume is a CPU claim within one torch build (the same ops on the same inputs, run twice):
+those tests pin --device cpu, so they check it on every machine, GPU machines included.
+
     python -m pytest tests/test_train.py
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,6 +27,7 @@ from model import RetinaNet
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone", "resnet18", "--weights", "none", "--min-size", "64", "--max-size", "64",
         "--workers", "0", "--log-every", "1"]
+CPU = ["--device", "cpu"]  # bit-for-bit claims (CPU only) and the gloo DDP tests
 
 
 def make_dataset(root, num_images=8, size=64):
@@ -72,6 +77,7 @@ def assert_same_weights(a, b):
 
 # ----------------------------------------------------------------------------- learning
 
+@pytest.mark.slow  # 60 training steps: the longest in-process test
 def test_overfits_a_fixed_batch(tiny_data):
     torch.manual_seed(0)
     dataset = CocoDataset(tiny_data, "train2017", train=True, max_size=64)
@@ -111,14 +117,16 @@ def test_lr_schedule_and_weight_decay_groups():
 
 # ----------------------------------------------------------------------------- DDP
 
+@pytest.mark.slow
 def test_two_process_ddp_step_equals_one_process(tiny_data, tmp_path):
     """2 gloo processes x 1 image == 1 process x 2 images, one SGD step: the gradients are averaged
-    over processes and the loss normaliser ||B|| is all-reduced (design §4.8). Pretrained (here: a
-    local random backbone file) so BatchNorm is frozen and nothing else differs."""
+    over processes and the loss normaliser ||B|| is all-reduced. Pretrained (here: a local random
+    backbone file) so BatchNorm is frozen and nothing else differs. Different computations (batch
+    split, thread counts): compared to float32 tolerances."""
     backbone = tmp_path / "resnet18.pt"
     import torchvision
     torch.save(torchvision.models.resnet18().state_dict(), backbone)
-    args = [*TINY, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
+    args = [*TINY, *CPU, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
             "--lr", "0.05", "--warmup-iters", "0"]
     single = run_cli([*args, "--output", str(tmp_path / "single")])
     assert single.returncode == 0, single.stderr
@@ -139,12 +147,13 @@ def test_two_process_ddp_step_equals_one_process(tiny_data, tmp_path):
     assert log[0]["positive"] == pytest.approx(single_log[0]["positive"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_from_scratch_on_cpu(tiny_data, tmp_path):
     """--weights none under torchrun on CPU: trainable BatchNorm without SyncBatchNorm (CUDA only)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "scratch"
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29518", os.path.join(ROOT, "train.py"), *TINY, "--data", tiny_data,
+                          "--master_port", "29518", os.path.join(ROOT, "train.py"), *TINY, *CPU, "--data", tiny_data,
                           "--batch-size", "2", "--max-iter", "2", "--output", str(out)],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -156,7 +165,8 @@ def test_two_process_ddp_from_scratch_on_cpu(tiny_data, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
-    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "7", "--ckpt-every", "3",
+    # bit for bit: the same ops on the same inputs, on CPU (see the file's docstring)
+    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "7", "--ckpt-every", "3",
             "--warmup-iters", "2", "--lr", "0.02"]
     train.main([*args, "--output", str(tmp_path / "whole")])
 
@@ -183,9 +193,11 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path,
     assert [r["loss"] for r in cut_log] == [r["loss"] for r in whole_log]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
-    """A real SIGKILL in the middle of the run (checkpoints every 2 iterations), then --resume."""
-    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "10", "--ckpt-every", "2",
+    """A real SIGKILL in the middle of the run (checkpoints every 2 iterations), then --resume:
+    bit for bit on CPU, where both runs are the same ops on the same inputs."""
+    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "10", "--ckpt-every", "2",
             "--warmup-iters", "2", "--lr", "0.02", "--seed", "3"]
     whole = run_cli([*args, "--output", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr
@@ -249,6 +261,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path
     assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent/data"], "data root not found: /nonexistent/data"),
     (["--backbone", "resnet7"], "--backbone resnet7"),
@@ -262,6 +275,7 @@ def test_bad_arguments_give_one_line(args, message, tiny_data, tmp_path):
     assert message in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run(tiny_data, tmp_path):
     args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
     train.main(args)
@@ -271,6 +285,7 @@ def test_refuses_to_overwrite_a_run(tiny_data, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_tiny_shapes(tmp_path):
     root = prepare_shapes(str(tmp_path / "shapes"), num_train=12, num_val=4)
     res = run_cli(["--data", root, "--backbone", "resnet18", "--weights", "none", "--batch-size", "2",
@@ -287,9 +302,23 @@ def test_cli_end_to_end_on_tiny_shapes(tmp_path):
     assert final["config"]["loss"] == "retinanet" and final["model_config"]["backbone"] == "resnet18"
     model = RetinaNet(**{**final["model_config"], "weights": "none"})
     model.load_state_dict(final["model"])
-    help_text = run_cli(["--help"]).stdout
-    for flag in ("--bag-size", "--iou-threshold", "--resume", "--amp", "--ckpt-every", "paper"):
-        assert flag in help_text
+
+
+def test_every_loss_setting_is_a_flag_with_its_default_shown():
+    """Each FreeAnchorConfig field: --help shows the flag with the dataclass default, and the flag
+    sets the field that reaches the loss (a changed value, not the default coming back)."""
+    help_text = " ".join(train.build_parser().format_help().split())
+    argv, expected = [], {}
+    for f in dataclasses.fields(freeanchor.FreeAnchorConfig):
+        flag = "--" + f.name.replace("_", "-")
+        entry = help_text.split(f"{flag} {f.name.upper()} ", 1)[1].split(" --", 1)[0]  # this flag's help
+        assert f"(default: {f.default})" in entry, (flag, entry)
+        expected[f.name] = f.default + 1 if isinstance(f.default, int) else f.default / 2
+        argv += [flag, str(expected[f.name])]
+    _, loss_cfg = train.parse_config(argv)
+    assert dataclasses.asdict(loss_cfg) == pytest.approx(expected)
+    _, default_cfg = train.parse_config([])
+    assert default_cfg == freeanchor.FreeAnchorConfig()
 
 
 def test_imagenet_weights_offline_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
