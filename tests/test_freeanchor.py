@@ -218,6 +218,7 @@ def test_gradients_match_finite_differences_of_the_oracle():
     np.testing.assert_allclose(gd.numpy(), finite_difference(positive, box_deltas.numpy().copy()), rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_gradcheck_through_logits_and_deltas():
     """Predictions away from the objects: P{a_j in A+} is 0 around this point, so the whole loss
     is differentiable in both inputs and gradcheck sees everything."""
@@ -230,6 +231,7 @@ def test_gradcheck_through_logits_and_deltas():
     assert torch.autograd.gradcheck(total, (x, d))
 
 
+@pytest.mark.slow
 def test_gradcheck_with_matched_pairs():
     """With P{a_j in A+} > 0: logits through the whole loss, deltas through the positive term."""
     cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(31, [3, 1], A=40, K=3, size=64, hit=0.8)
