@@ -292,7 +292,8 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
     return {"positive": positive, "negative": negative}
 
 
-def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=RetinaNetLossConfig()):
+def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=RetinaNetLossConfig(),
+                   average_count=None):
     """The hand-crafted baseline of Eq. 1: RetinaNet's IoU assignment with focal loss.
 
     Each anchor takes the object it overlaps most: IoU >= fg_iou is positive, < bg_iou negative,
@@ -301,7 +302,8 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Ret
     without a positive. Classification: sigmoid focal loss over all non-ignored anchors and
     classes. Regression: SmoothL1 on the (10, 10, 5, 5) deltas of the positives, averaged over the
     4 coordinates (the authors' RetinaNet baseline divides by 4 x positives: maskrcnn-benchmark's
-    BBOX_REG_WEIGHT = 4). Both are normalised by the batch's number of positive anchors.
+    BBOX_REG_WEIGHT = 4). Both are normalised by the batch's number of positive anchors, or by
+    average_count(that count) when given (train.py: its mean over DDP processes).
     Same inputs as free_anchor_loss; returns {"classification", "regression"}.
     """
     B, A, K = _check_inputs(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)
@@ -330,7 +332,10 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Ret
             img = torch.arange(B, device=boxes.device)[:, None].expand(B, A)  # [B, A]
             if G > 0:
                 cls_target[img[positive], positive.nonzero()[:, 1], labels[img, best_obj][positive]] = 1
-            num_pos = positive.sum().clamp(min=1)  # []
+            num_pos = positive.sum().float()  # []
+            if average_count is not None:
+                num_pos = average_count(num_pos)  # []
+            num_pos = num_pos.clamp(min=1)  # []
 
         # sigmoid focal loss (Lin et al. 2017, Eq. 5) on every non-ignored anchor-class pair
         p = torch.sigmoid(cls_logits)  # [B, A, K]

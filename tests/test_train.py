@@ -102,9 +102,10 @@ def test_lr_schedule_and_weight_decay_groups():
     model = RetinaNet(3, backbone="resnet18", weights="none", min_size=64, max_size=64)
     decay, no_decay = train.param_groups(model, 1e-4)
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0
+    assert decay["lr_factor"] == 1 and no_decay["lr_factor"] == 2  # the authors' BIAS_LR_FACTOR
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(names[id(p)].endswith("weight") and p.ndim == 4 for p in decay["params"])
-    assert all(p.ndim == 1 for p in no_decay["params"])  # biases and BatchNorm scales
+    assert all(names[id(p)].endswith("weight") for p in decay["params"])
+    assert all(names[id(p)].endswith("bias") for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == sum(p.requires_grad for p in model.parameters())
 
 
