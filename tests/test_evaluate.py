@@ -371,3 +371,37 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
     assert [two["coco"][k] for k in evaluate.COCO_STATS] == pytest.approx([one["coco"][k] for k in evaluate.COCO_STATS])
     for key in ("recall_before", "recall_after", "NR_tau"):
         assert two["nms_recall"][key] == pytest.approx(one["nms_recall"][key])
+
+
+# ----------------------------------------------------------------------------- one forward pass for NMS recall
+
+def _matched(a, b):
+    """Detections a and b are the same set: same count and labels, scores and boxes equal up to
+    float32 rounding (NMS here runs in original pixels, model.detect's in resized ones)."""
+    assert len(a["boxes"]) == len(b["boxes"])
+    torch.testing.assert_close(_rows(a), _rows(b), rtol=1e-5, atol=1e-3)
+
+
+def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
+    """detect_with_candidates gives detect()'s detections and detect(nms=False)'s candidates while
+    running the network once per scale and flip, not twice."""
+    model = make_model()
+    images = [dataset[i][0] for i in range(2)] + [torch.rand(3, 48, 80)]
+    for scales, flip in (([64], False), ([48, 64], True)):
+        expected = evaluate.detect(model, images, scales, scales, flip=flip)
+        expected_candidates = evaluate.detect(model, images, scales, scales, flip=flip, nms=False)
+        calls = {"n": 0}
+        real_predict = model._predict
+
+        def counting(*a, **k):
+            calls["n"] += 1
+            return real_predict(*a, **k)
+
+        monkeypatch.setattr(model, "_predict", counting)
+        dets, candidates = evaluate.detect_with_candidates(model, images, scales, scales, flip=flip)
+        monkeypatch.undo()
+        assert calls["n"] == len(scales) * (2 if flip else 1)
+        for d, e, c, ec in zip(dets, expected, candidates, expected_candidates):
+            assert len(d["boxes"]) > 0
+            _matched(d, e)
+            _matched(c, ec)
