@@ -162,8 +162,9 @@ def lr_at(it, cfg):
 
 def param_groups(model, weight_decay):
     """The authors' two groups (maskrcnn-benchmark's make_optimizer): every trainable parameter
-    but biases at the base lr with `weight_decay`; biases at BIAS_LR_FACTOR x the lr with
-    WEIGHT_DECAY_BIAS. "lr_factor" (saved in the optimizer's state) scales lr_at's rate per group."""
+    but biases at the base lr with `weight_decay` (trainable BatchNorm scales included, as there;
+    with pretrained weights BatchNorm is frozen and has none); biases at BIAS_LR_FACTOR x the lr
+    with WEIGHT_DECAY_BIAS. "lr_factor" (saved in the optimizer's state) scales lr_at's rate per group."""
     weights, biases = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -179,7 +180,7 @@ def make_optimizer(model, cfg):
     buffer exactly, and a first step that step_unless skips then leaves defined buffers behind."""
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, fused=True)
     for group in optimizer.param_groups:
-        for p in group["params"]:
+        for p in group["params"] if cfg.momentum != 0 else ():
             optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return optimizer
 

@@ -405,3 +405,20 @@ def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
             assert len(d["boxes"]) > 0
             _matched(d, e)
             _matched(c, ec)
+
+
+def test_compiled_evaluation_equals_eager(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """--compile (the network inside detect) against eager on CPU: the same AP and NMS recall up
+    to float32 rounding. aot_eager backend: traces like inductor, without its slow CPU codegen."""
+    import functools
+    args = ["--ckpt", tiny_ckpt, "--workers", "0", "--max-images", "4", "--batch-size", "2", "--nms-recall"]
+    eager, _ = run_main([*args, "--output", str(tmp_path / "eager")], capsys)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compiled, _ = run_main([*args, "--compile", "--output", str(tmp_path / "compiled")], capsys)
+    for name in evaluate.COCO_STATS:
+        if eager["coco"][name] is None:
+            assert compiled["coco"][name] is None
+        else:
+            assert compiled["coco"][name] == pytest.approx(eager["coco"][name], abs=1e-3)
+    assert compiled["nms_recall"]["NR"] == pytest.approx(eager["nms_recall"]["NR"], abs=1e-3)
