@@ -628,6 +628,7 @@ def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
 import argparse  # noqa: E402  (kept with the section that uses them)
 import dataclasses  # noqa: E402
 
+
 def add_config_arguments(parser, config, title):
     """One --flag per field of the dataclass `config`, in an argument group `title`; the field's
     metadata["help"] is the help text. bool fields get --flag / --no-flag (default None: "auto",
