@@ -427,17 +427,26 @@ def test_non_finite_loss_found_at_the_next_log_names_its_iteration(tiny_data, tm
 
 
 def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
-    """--compile (network and loss) against eager on CPU, through two padded sizes (multi-scale):
+    """--compile (network and loss) against eager on CPU, through several padded sizes (multi-scale):
     the same losses and weights up to float32 rounding. torch.compile runs with the aot_eager
     backend here, which traces and partitions exactly as inductor does but skips its code
     generation (minutes on a 2-core CPU); the GPU benchmark exercises inductor."""
     import functools
-    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--min-size", "48", "64",
-            "--warmup-iters", "0", "--lr", "0.01"]
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "4", "--min-size", "32", "96",
+            "--max-size", "96", "--warmup-iters", "0", "--lr", "0.01"]
     train.main([*args, "--output", str(tmp_path / "eager")])
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    shapes = set()
+    real_forward = RetinaNet.forward
+
+    def recording_forward(self, images):
+        shapes.add(tuple(images.shape[-2:]))
+        return real_forward(self, images)
+
+    monkeypatch.setattr(RetinaNet, "forward", recording_forward)
     train.main([*args, "--compile", "--output", str(tmp_path / "compiled")])
+    assert len(shapes) > 1  # padded batches of 32 and 96 pixels: a recompilation with dynamic sizes
     eager = [json.loads(l) for l in open(tmp_path / "eager" / "log.jsonl")]
     compiled = [json.loads(l) for l in open(tmp_path / "compiled" / "log.jsonl")]
     for e, c in zip(eager, compiled):
