@@ -485,17 +485,31 @@ def collate(batch):
     return batch_images([image for image, _ in batch]), [target for _, target in batch]
 
 
-def to_device(batch, device):
+def to_device(batch, device, pad_to=None):
     """A loader batch (collate) -> (images [B, 3, H, W] float32 normalised and zero-padded to a
     multiple of 32, gt_boxes [[G_b, 4]], gt_labels [[G_b]]) on `device`. Copies are non-blocking
     (from pinned memory when the DataLoader pins). A uint8 batch is cut back into its images,
     which model.preprocess turns into floats, normalises, resizes to each target's "size" and
     pads on the device: the very function RetinaNet.detect uses. A float batch was prepared in
-    the workers by model.prepare_image (the same code): it only moves."""
+    the workers by model.prepare_image (the same code): it only moves.
+
+    pad_to: the objects come as two padded tensors instead of lists, gt_boxes [B, G, 4] and
+    gt_labels [B, G] with label -1 at the padding, G the largest count rounded up to a multiple of
+    pad_to (train.py: 8). The losses take both forms; this one is two copies instead of 2 B, and
+    torch.compile sees a shape that changes rarely and never drops to 0 or 1 (sizes it would
+    specialise on, compiling again for each such batch)."""
     images, targets = batch
     images = images.to(device, non_blocking=True)  # [B, 3, H, W]
-    gt_boxes = [t["boxes"].to(device, non_blocking=True) for t in targets]  # [[G_b, 4]]
-    gt_labels = [t["labels"].to(device, non_blocking=True) for t in targets]  # [[G_b]]
+    if pad_to:
+        G = -(-max(1, *(len(t["labels"]) for t in targets)) // pad_to) * pad_to
+        boxes = torch.zeros(len(targets), G, 4)  # [B, G, 4]
+        labels = torch.full((len(targets), G), -1, dtype=torch.long)  # [B, G]
+        for b, t in enumerate(targets):
+            boxes[b, :len(t["boxes"])], labels[b, :len(t["labels"])] = t["boxes"], t["labels"]
+        gt_boxes, gt_labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    else:
+        gt_boxes = [t["boxes"].to(device, non_blocking=True) for t in targets]  # [[G_b, 4]]
+        gt_labels = [t["labels"].to(device, non_blocking=True) for t in targets]  # [[G_b]]
     if images.dtype == torch.uint8:
         cut = [images[b, :, :h, :w] for b, (h, w) in enumerate(t["orig_size"] for t in targets)]
         images, _ = preprocess(cut, [t["size"] for t in targets])  # [B, 3, H', W']
@@ -811,6 +825,70 @@ def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
         shutil.rmtree(tmp, ignore_errors=True)
     print(f" done in {time.time() - start:.0f} s", flush=True)
     return root
+
+
+# ----------------------------------------------------------------------------- shared by train.py and evaluate.py
+
+import argparse  # noqa: E402  (kept with the section that uses them)
+import dataclasses  # noqa: E402
+
+
+def add_config_arguments(parser, config, title):
+    """One --flag per field of the dataclass `config`, in an argument group `title`; the field's
+    metadata["help"] is the help text. bool fields get --flag / --no-flag (default None: "auto",
+    resolved by the caller), tuple fields take one or more ints."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = getattr(f.type, "__name__", f.type)
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f.metadata["help"])
+        elif kind == "tuple":
+            group.add_argument(flag, type=int, nargs="+", default=f.default, help=f.metadata["help"])
+        else:
+            group.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=f.default,
+                               help=f.metadata["help"])
+    return parser
+
+
+def config_from_args(config, args):
+    """The dataclass `config` built from the matching entries of vars(parsed arguments)."""
+    return config(**{f.name: args[f.name] for f in dataclasses.fields(config)})
+
+
+def setup_processes(device):
+    """torchrun or plain python -> (ddp, rank, world, device): under torchrun one process per GPU
+    (cuda:LOCAL_RANK, NCCL) or CPU processes sharing the cores (gloo); otherwise (False, 0, 1, device)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False, 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True, rank, world, device
+
+
+def resolve_root_once(data, ddp, master):
+    """resolve_root on rank 0 first (it may build `shapes`), then on the other ranks."""
+    if master:
+        root = resolve_root(data)
+    if ddp:
+        torch.distributed.barrier()
+    if not master:
+        root = resolve_root(data)
+    return root
+
+
+def format_eta(seconds):
+    """Seconds -> '12m05s', or '3h07m' from an hour on."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint of train.py: COCO AP, plus the analyses that only the FreeAnchor paper
 (Zhang et al., "FreeAnchor: Learning to Match Anchors for Visual Object Detection", NeurIPS 2019)
-defines (design.md §7).
+defines (§4.2-4.3: Table 1, Figs. 5-6).
 
 - COCO AP, AP50, AP75, APS, APM, APL (the columns of Table 2) with pycocotools, on the split the
   checkpoint was trained to be validated on, or on any COCO-layout data (--data, --split).
@@ -8,7 +8,8 @@ defines (design.md §7).
   image ids), metrics.json every number printed.
 - --nms-recall (Table 1): NR_tau = recall after NMS / recall before NMS at IoU tau, class-aware (an
   object is recalled when a detection of its own class overlaps it by >= tau); NR is the mean over
-  tau = 0.50, 0.55, ..., 0.90. "Before NMS" is exactly what RetinaNet.detect feeds to NMS.
+  tau = 0.50, 0.55, ..., 0.90. "Before NMS" is exactly what RetinaNet.detect feeds to NMS; both
+  come from the same forward pass (NMS runs on the candidates already computed).
 - --breakdown: AP of square vs slender categories (Fig. 5: clock, traffic light, sports ball vs
   toothbrush, skis, couch, tie on COCO; data.SHAPES_SQUARE vs SHAPES_SLENDER on shapes) and AP
   over images grouped by object count [0,10], [11,20], [21,30], [31,inf) (Fig. 6); tables and
@@ -24,13 +25,16 @@ defines (design.md §7).
     python evaluate.py --ckpt ... --test-scales 480 640 800 960 1120 1280 --flip
     torchrun --nproc_per_node=8 evaluate.py --ckpt ...     # images sharded over ranks, rank 0 reports
 
+Speed: images are read by DataLoader workers and go through the network a batch at a time; on
+CUDA the network runs in channels_last with bfloat16 autocast by default (--no-amp,
+--no-channels-last), and --compile runs it under torch.compile.
+
 Tests: python -m pytest tests/test_evaluate.py
 """
 
 import argparse
 import contextlib
 import copy
-import dataclasses
 import io
 import json
 import math
@@ -45,7 +49,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
 import freeanchor
-from data import SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, available_cpus, resolve_root
+from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, add_config_arguments, available_cpus,
+                  config_from_args, format_eta, resolve_root_once, setup_processes)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -71,14 +76,19 @@ class EvalConfig:
                 "value over the trained shorter side)"})
     score_thresh: float = field(default=0.05, metadata={
         "help": "keep detections scoring above this (paper and torchvision: 0.05)"})
-    batch_size: int = field(default=8, metadata={"help": "images per detect call (per process)"})
-    workers: int = field(default=2, metadata={"help": "data loading processes per evaluating process"})
+    batch_size: int = field(default=8, metadata={"help": "images per forward pass (per process)"})
+    workers: int = field(default=4, metadata={"help": "image reading processes per evaluating process "
+                                                      "(at most the CPUs available)"})
     device: str = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
-    amp: bool = field(default=False, metadata={"help": "bfloat16 autocast for the network (CUDA)"})
+    amp: bool = field(default=None, metadata={
+        "help": "bfloat16 autocast for the network (default: on with CUDA, off on CPU)"})
+    channels_last: bool = field(default=None, metadata={
+        "help": "channels_last memory format for the network (default: on with CUDA, off on CPU)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     max_images: int = field(default=None, metadata={"help": "evaluate only the first N images of the split"})
     output: str = field(default=None, metadata={"help": "folder for the results (default: <ckpt dir>/eval_<split>)"})
     nms_recall: bool = field(default=False, metadata={
-        "help": "NMS recall NR, NR50..NR90 (Table 1); runs the network a second time for the candidates"})
+        "help": "NMS recall NR, NR50..NR90 (Table 1), from the candidates of the same forward pass"})
     breakdown: bool = field(default=False, metadata={
         "help": "AP of square vs slender categories (Fig. 5) and by objects per image (Fig. 6), with charts"})
     test_scales: tuple = field(default=None, metadata={
@@ -99,23 +109,15 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Evaluate a FreeAnchor / RetinaNet checkpoint: COCO AP and the paper's NR, Fig. 5, Fig. 6.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(EvalConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.type is tuple:
-            parser.add_argument(flag, type=int, nargs="+", default=f.default, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, required=f.name == "ckpt",
-                                help=f.metadata["help"])
-    return parser
+    return add_config_arguments(parser, EvalConfig, "evaluation")
 
 
 def parse_config(argv):
     """argv -> EvalConfig; bad values refused with one line (ValueError)."""
     args = vars(build_parser().parse_args(argv))
-    cfg = EvalConfig(**args)
+    if args["ckpt"] is None:
+        raise ValueError("--ckpt is required: a checkpoint of train.py (model_final.pt or last.pt)")
+    cfg = config_from_args(EvalConfig, args)
     for name in ("batch_size", "max_images", "min_size", "max_size"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -134,6 +136,9 @@ def parse_config(argv):
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA device is available here (use --device cpu)")
+    on_cuda = cfg.device.startswith("cuda")
+    cfg.amp = on_cuda if cfg.amp is None else cfg.amp
+    cfg.channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
     return cfg
 
 
@@ -198,6 +203,30 @@ def detect(model, images, scales, max_sizes, flip=False, nms=True):
         else:
             results.append({k: torch.cat([d[k] for d in dets]) for k in ("boxes", "scores", "labels")})
     return results
+
+
+def detect_with_candidates(model, images, scales, max_sizes, flip=False):
+    """(detect(...), detect(..., nms=False)) from one forward pass per scale and flip: each pass's
+    candidates go through the class-wise NMS that model.detect applies (torchvision's
+    batched_nms, model.nms_thresh, model.detections_per_img best), here in original pixels rather
+    than resized ones; IoU does not change when x and y are scaled, so the same boxes survive up
+    to float rounding at the threshold."""
+    passes = [(s, m, f) for s, m in zip(scales, max_sizes) for f in ((False, True) if flip else (False,))]
+    per_pass_candidates, per_pass_dets = [], []
+    for s, m, f in passes:
+        candidates = model.detect([image.flip(-1) for image in images] if f else images, nms=False,
+                                  min_size=s, max_size=m)
+        if f:
+            candidates = [{**c, "boxes": flip_boxes(c["boxes"], image.shape[-1])} for c, image in zip(candidates, images)]
+        per_pass_candidates.append(candidates)
+        per_pass_dets.append([merge_detections([c], model.nms_thresh, model.detections_per_img) for c in candidates])
+    if len(passes) == 1:
+        return per_pass_dets[0], per_pass_candidates[0]
+    dets = [merge_detections([p[b] for p in per_pass_dets], model.nms_thresh, model.detections_per_img)
+            for b in range(len(images))]
+    candidates = [{k: torch.cat([p[b][k] for p in per_pass_candidates]) for k in ("boxes", "scores", "labels")}
+                  for b in range(len(images))]
+    return dets, candidates
 
 
 def best_iou(gt_boxes, gt_labels, boxes, labels):
@@ -490,11 +519,6 @@ def _as_list(batch):
     return batch
 
 
-def format_eta(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def progress(done, total, start, note=""):
     """One \\r-updated line on stdout (stderr stays free for a one-line error): images done/total, img/s, ETA."""
     elapsed = max(time.time() - start, 1e-9)
@@ -511,13 +535,20 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
                                          num_workers=min(cfg.workers, available_cpus()), collate_fn=_as_list,
                                          pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+    if cfg.channels_last:  # convolutions in NHWC follow the weights' layout
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        # the network inside detect (backbone, FPN, heads); shapes: see train.py's --compile
+        model._predict = torch.compile(model._predict)
     records, start, position = [], time.time(), 0
     shares = total / max(len(indices), 1)  # under DDP, rank 0 counts its share for everyone
     for batch in loader:
         images = [image.to(device, non_blocking=True) for image, _ in batch]
         with autocast:
-            dets = detect(model, images, scales, max_sizes, cfg.flip)
-            candidates = detect(model, images, scales, max_sizes, cfg.flip, nms=False) if cfg.nms_recall else None
+            if cfg.nms_recall:
+                dets, candidates = detect_with_candidates(model, images, scales, max_sizes, cfg.flip)
+            else:
+                dets = detect(model, images, scales, max_sizes, cfg.flip)
         for b, (_, target) in enumerate(batch):
             det = {k: v.cpu() for k, v in dets[b].items()}
             record = {"index": indices[position], "image_id": target["image_id"], **det}
@@ -538,18 +569,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
 def evaluate(cfg):
     """The whole evaluation; returns the metrics dict on rank 0 (None on other ranks)."""
     # ------------------------------------------------------------------ processes (torchrun or plain python)
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if ddp:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{local_rank}"
-            torch.cuda.set_device(cfg.device)
-        else:  # CPU processes share the machine's cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    else:
-        rank, world = 0, 1
+    ddp, rank, world, cfg.device = setup_processes(cfg.device)
     master = rank == 0
     try:
         return _evaluate(cfg, ddp, rank, world, master)
@@ -577,12 +597,7 @@ def _evaluate(cfg, ddp, rank, world, master):
         cfg.output = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), f"eval_{cfg.split}")
 
     # ------------------------------------------------------------------ data
-    if master:
-        root = resolve_root(cfg.data)  # builds shapes once
-    if ddp:
-        dist.barrier()
-    if not master:
-        root = resolve_root(cfg.data)
+    root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
     raw = cfg.raw_orientation or train_cfg.get("raw_orientation", False)  # read images as training did
     dataset = CocoDataset(root, cfg.split, train=False, max_size=max_sizes[0], exif=not raw)
     if [dict(c) for c in ckpt["categories"]] != dataset.categories:

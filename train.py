@@ -2,8 +2,9 @@
 RetinaNet loss it replaces, on COCO or any COCO-layout dataset.
 
 The recipe is the paper's (§4.1) and the authors' configs: SGD with momentum 0.9 and weight decay
-1e-4, lr 0.01 for 16 images per iteration (scaled linearly with the batch), linear warmup over 500
-iterations from lr/3, 90k iterations with lr / 10 at 60k and 80k, horizontal flips.
+1e-4, lr 0.01 for 16 images per iteration (scaled linearly with the batch), biases at 2x that lr
+without weight decay, linear warmup over 500 iterations from lr/3, 90k iterations with lr / 10 at
+60k and 80k, horizontal flips.
 
     torchrun --nproc_per_node=8 train.py --backbone resnet50          # the paper's R-50 1x on COCO
     python train.py --data shapes --backbone resnet18 --weights none  # offline, CPU (see README)
@@ -13,7 +14,17 @@ One process per GPU (or CPU process under torchrun with gloo); rank 0 logs and s
 --ckpt-every iterations DIR/last.pt is written atomically; --resume continues from it with the
 same model, optimizer, schedule, RNG states and data order, so a run killed at any moment and
 resumed ends with the same weights as one that never stopped (bit for bit on CPU).
-At the end DIR/model_final.pt holds what evaluate.py needs. Tests: python -m pytest tests/test_train.py
+At the end DIR/model_final.pt holds what evaluate.py needs.
+
+Speed: on CUDA the network runs in channels_last with bfloat16 autocast by default (--no-amp,
+--no-channels-last turn them off; the loss is float32 either way), cudnn picks its kernels per
+padded shape, and --compile runs the network and the loss under torch.compile. A steady-state
+step never waits for the GPU: object counts come from the host, and a non-finite loss is not read
+back each step but turns the optimizer step into a no-op on the device (see `step_unless`); the
+flag is read where a log line or checkpoint needs the host anyway, and the run stops there,
+naming the first bad iteration, before writing anything.
+
+Tests: python -m pytest tests/test_train.py
 """
 
 import argparse
@@ -33,8 +44,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
-from data import CocoDataset, DataError, TrainSampler, available_cpus, collate, resolve_root, to_device
+from data import (CocoDataset, DataError, TrainSampler, add_config_arguments, available_cpus, collate,
+                  config_from_args, format_eta, resolve_root_once, setup_processes, to_device)
 from model import BACKBONES, RetinaNet
+
+# maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
+# authors' FreeAnchor configs: every bias trains at twice the learning rate, without weight decay.
+BIAS_LR_FACTOR = 2.0
+WEIGHT_DECAY_BIAS = 0.0
 
 
 @dataclass
@@ -64,7 +81,7 @@ class TrainConfig:
         "help": "clip the gradient's total L2 norm to this (0: off, as in the paper; helps from-scratch runs "
                 "survive higher learning rates)"})
     weight_decay: float = field(default=1e-4, metadata={
-        "help": "SGD weight decay, not applied to biases and norm parameters (paper: 1e-4)"})
+        "help": "SGD weight decay; biases train at 2x the lr without it (paper and authors' configs: 1e-4)"})
     min_size: tuple = field(default=(800,), metadata={
         "help": "shorter image side; several values: drawn per image (multi-scale training, e.g. "
                 "640 672 704 736 768 800) (paper: 800)"})
@@ -75,8 +92,13 @@ class TrainConfig:
     ckpt_every: int = field(default=1000, metadata={"help": "write last.pt every this many iterations"})
     log_every: int = field(default=20, metadata={"help": "log a line (and log.jsonl) every this many iterations"})
     device: str = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
-    amp: bool = field(default=False, metadata={
-        "help": "bfloat16 autocast for the network (CUDA); the loss stays float32"})
+    amp: bool = field(default=None, metadata={
+        "help": "bfloat16 autocast for the network; the loss stays float32 (default: on with CUDA, off on CPU)"})
+    channels_last: bool = field(default=None, metadata={
+        "help": "channels_last memory format for the network (default: on with CUDA, off on CPU)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the network and the loss (compiles once, then once more with dynamic image "
+                "sizes when the padded batch size first changes)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and of the data order"})
     workers: int = field(default=4, metadata={"help": "data loading processes per training process"})
     raw_orientation: bool = field(default=False, metadata={
@@ -91,25 +113,16 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Train RetinaNet with the FreeAnchor loss (NeurIPS 2019) or the RetinaNet baseline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for config, title in ((TrainConfig, "training"), (freeanchor.FreeAnchorConfig, "FreeAnchor loss (--loss freeanchor)")):
-        group = parser.add_argument_group(title)
-        for f in dataclasses.fields(config):
-            flag = "--" + f.name.replace("_", "-")
-            if f.type is bool:
-                group.add_argument(flag, action="store_true", help=f.metadata["help"])
-            elif f.type is tuple:
-                group.add_argument(flag, type=int, nargs="+", default=f.default, help=f.metadata["help"])
-            else:
-                kind = {"int": int, "float": float, "str": str}.get(getattr(f.type, "__name__", f.type), str)
-                group.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    add_config_arguments(parser, TrainConfig, "training")
+    add_config_arguments(parser, freeanchor.FreeAnchorConfig, "FreeAnchor loss (--loss freeanchor)")
     return parser
 
 
 def parse_config(argv):
     """argv -> (TrainConfig, FreeAnchorConfig), defaults resolved, bad values refused in one line."""
     args = vars(build_parser().parse_args(argv))
-    cfg = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
-    loss_cfg = freeanchor.FreeAnchorConfig(**{f.name: args[f.name] for f in dataclasses.fields(freeanchor.FreeAnchorConfig)})
+    cfg = config_from_args(TrainConfig, args)
+    loss_cfg = config_from_args(freeanchor.FreeAnchorConfig, args)
     problems = []
     if cfg.backbone not in BACKBONES:
         problems.append(f"--backbone {cfg.backbone}: choose one of {', '.join(BACKBONES)}")
@@ -139,6 +152,11 @@ def parse_config(argv):
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA device is available here (use --device cpu)")
+    on_cuda = cfg.device.startswith("cuda")
+    cfg.amp = on_cuda if cfg.amp is None else cfg.amp
+    # on CPU neither pays for certain: channels_last measured within noise of NCHW on the quickstart,
+    # and bfloat16 is fast only on CPUs with native bf16 (e.g. AVX512-BF16), slow elsewhere
+    cfg.channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
     return cfg, loss_cfg
 
 
@@ -149,14 +167,36 @@ def lr_at(it, cfg):
 
 
 def param_groups(model, weight_decay):
-    """Weight decay on conv/linear weights only, not on biases or norm parameters."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        is_norm = isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm))
-        for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                (no_decay if is_norm or name == "bias" else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """The authors' two groups (maskrcnn-benchmark's make_optimizer): every trainable parameter
+    but biases at the base lr with `weight_decay` (trainable BatchNorm scales included, as there;
+    with pretrained weights BatchNorm is frozen and has none); biases at BIAS_LR_FACTOR x the lr
+    with WEIGHT_DECAY_BIAS. "lr_factor" (saved in the optimizer's state) scales lr_at's rate per group."""
+    weights, biases = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (biases if name.endswith("bias") else weights).append(p)
+    return [{"params": weights, "weight_decay": weight_decay, "lr_factor": 1.0},
+            {"params": biases, "weight_decay": WEIGHT_DECAY_BIAS, "lr_factor": BIAS_LR_FACTOR}]
+
+
+def make_optimizer(model, cfg):
+    """SGD with momentum over param_groups, fused (one kernel for all parameters, and the only
+    form whose step can be skipped on the device: step_unless). The momentum buffers start at
+    zero instead of being created by the first step: buf = momentum * 0 + grad is that step's
+    buffer exactly, and a first step that step_unless skips then leaves defined buffers behind."""
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, fused=True)
+    for group in optimizer.param_groups:
+        for p in group["params"] if cfg.momentum != 0 else ():
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
+
+
+def step_unless(optimizer, skip):
+    """optimizer.step(), except that nothing changes (parameters, momentum) where `skip`, a 0-dim
+    float tensor on the parameters' device, is non-zero; the host never reads `skip`, so the step
+    does not wait for the GPU. Fused SGD takes the flag GradScaler uses for overflowed steps."""
+    optimizer.grad_scale, optimizer.found_inf = None, skip
+    optimizer.step()
 
 
 def save_atomic(obj, path):
@@ -170,9 +210,10 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-# settings that define a run: --resume refuses a last.pt saved with others (it would not continue that run)
+# settings that define a run: --resume refuses a last.pt saved with others (it would not continue that run),
+# the FreeAnchor settings (loss_config) included
 RESUME_MUST_MATCH = ("backbone", "weights", "loss", "batch_size", "lr", "max_iter", "steps", "warmup_iters",
-                     "min_size", "max_size", "seed", "clip_grad")
+                     "momentum", "weight_decay", "min_size", "max_size", "seed", "clip_grad")
 
 
 def rng_state():
@@ -194,37 +235,18 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def format_eta(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def train(cfg, loss_cfg):
     # ------------------------------------------------------------------ processes (torchrun or plain python)
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if ddp:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{local_rank}"
-            torch.cuda.set_device(cfg.device)
-        else:  # CPU processes share the machine's cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    else:
-        rank, world = 0, 1
+    ddp, rank, world, cfg.device = setup_processes(cfg.device)
     master = rank == 0
     device = torch.device(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a handful of padded shapes recur all run long
 
     # ------------------------------------------------------------------ data (all checks before iteration 0)
-    if master:
-        root = resolve_root(cfg.data)  # builds shapes once
-    if ddp:
-        dist.barrier()
-    if not master:
-        root = resolve_root(cfg.data)
+    root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
     dataset = CocoDataset(root, cfg.train_split, train=True, max_size=cfg.max_size, exif=not cfg.raw_orientation)
     if master and not cfg.skip_check:  # every image's header, on all CPUs; the other ranks wait
         dataset.check_images()
@@ -248,12 +270,12 @@ def train(cfg, loss_cfg):
                           min_size=cfg.min_size, max_size=cfg.max_size)
     except RuntimeError as e:  # ImageNet weights not downloadable: model.py's one-line advice
         raise ValueError(str(e)) from None
-    model = model.to(device)
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     if ddp and not model.config["frozen_bn"] and device.type == "cuda":
         # from scratch: BatchNorm statistics over all GPUs. SyncBatchNorm exists only on CUDA: CPU
         # processes normalise over their own images (rank 0's running statistics are broadcast).
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+    optimizer = make_optimizer(model, cfg)
 
     start_iter = 0
     if cfg.resume and os.path.exists(last_path):
@@ -267,6 +289,9 @@ def train(cfg, loss_cfg):
             raise ValueError(f"{last_path} was trained on other categories than {dataset.ann_file}")
         changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in RESUME_MUST_MATCH
                    if k in saved and saved[k] != getattr(cfg, k)]
+        saved_loss = ckpt.get("loss_config") or {}
+        changed += [f"--{k.replace('_', '-')} {saved_loss[k]} -> {v}" for k, v in dataclasses.asdict(loss_cfg).items()
+                    if k in saved_loss and saved_loss[k] != v]
         if changed:
             raise ValueError(f"{last_path} belongs to a different run ({'; '.join(changed)}): "
                              f"resume with the run's own settings, or use another --output")
@@ -284,6 +309,13 @@ def train(cfg, loss_cfg):
     raw_model = model
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    free_anchor_loss, retinanet_loss = freeanchor.free_anchor_loss, freeanchor.retinanet_loss
+    if cfg.compile:
+        # Compiled on the first batch, then once more with the image height and width dynamic when
+        # the padded size first changes (torch.compile's automatic dynamic shapes): two compilations
+        # per run, whatever the aspect-ratio groups and scales.
+        model = torch.compile(model)
+        free_anchor_loss, retinanet_loss = torch.compile(free_anchor_loss), torch.compile(retinanet_loss)
 
     sampler = TrainSampler(dataset, cfg.batch_size, min_sizes=cfg.min_size, flip=True, rank=rank,
                            world_size=world, seed=cfg.seed, start_iter=start_iter, max_iter=cfg.max_iter)
@@ -304,15 +336,42 @@ def train(cfg, loss_cfg):
             with open(log_path + ".tmp", "w") as f:  # atomic, like the checkpoints
                 f.writelines(kept)
             os.replace(log_path + ".tmp", log_path)
+        speed = ", ".join(name for name, on in (("bf16 autocast", cfg.amp), ("channels_last", cfg.channels_last),
+                                                ("torch.compile", cfg.compile)) if on) or "float32"
         print(f"{len(dataset)} training images, {len(dataset.categories)} classes, {world} process(es) x "
               f"{cfg.batch_size // world} images, {cfg.loss} loss, {cfg.backbone} ({cfg.weights}), "
-              f"iterations {start_iter}..{cfg.max_iter}, output {cfg.output}", flush=True)
+              f"iterations {start_iter}..{cfg.max_iter}, {cfg.device} ({speed}), output {cfg.output}", flush=True)
 
     def checkpoint(iteration):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "iteration": iteration, "rng": rng_state(), "categories": dataset.categories,
                      "model_config": raw_model.config, "config": dataclasses.asdict(cfg),
                      "loss_config": dataclasses.asdict(loss_cfg)}, last_path)
+
+    def average_over_processes(count):
+        """A count of this process's batch -> its mean over the processes, so that N processes x b
+        images train like 1 process x N b (DETR does the same with its box count)."""
+        if ddp:
+            dist.all_reduce(count)
+            count = count / world
+        return count
+
+    # Device-side record of the run's health, read by the host only where it logs or checkpoints:
+    # all_finite (every step so far had a finite loss and gradient), the first bad iteration and its loss terms.
+    terms = ("positive", "negative") if cfg.loss == "freeanchor" else ("classification", "regression")
+    all_finite = torch.ones((), dtype=torch.bool, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    bad_terms = torch.zeros(len(terms), device=device)
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+
+    def stop_if_not_finite():
+        if all_finite.item():  # the one host-device sync, where the host needs it anyway
+            return
+        values = ", ".join(f"{k} {v:.4g}" for k, v in zip(terms, bad_terms.tolist()))
+        what = "loss" if not math.isfinite(sum(bad_terms.tolist())) else "gradient"
+        kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else "no checkpoint was written"
+        raise FloatingPointError(f"non-finite {what} at iteration {first_bad.item()}: {values}; weights not updated "
+                                 f"from it on; stopped, {kept} (try a lower --lr or longer --warmup-iters)")
 
     # ------------------------------------------------------------------ the loop
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
@@ -321,63 +380,74 @@ def train(cfg, loss_cfg):
     for it, batch in zip(range(start_iter, cfg.max_iter), loader):
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, gt_boxes, gt_labels = to_device(batch, device)  # [B, 3, H, W] normalised, padded
+            group["lr"] = lr * group["lr_factor"]
+        # images [B, 3, H, W] normalised and padded; objects padded: gt_boxes [B, G, 4], gt_labels [B, G]
+        images, gt_boxes, gt_labels = to_device(batch, device, pad_to=8)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
 
         with autocast:
             cls_logits, box_deltas, anchors = model(images)
         if cfg.loss == "freeanchor":
-            # ||B|| of Eq. 7 averaged over processes: N processes x b images == 1 process x N b (design §4.8)
-            num_objects = torch.tensor(float(sum(len(b) for b in gt_boxes)), device=device)
+            # ||B|| of Eq. 7 from the host's lists (no device read), averaged over processes
+            num_objects = float(sum(len(t["labels"]) for t in batch[1]))
             if ddp:
-                dist.all_reduce(num_objects)
-                num_objects /= world
-            losses = freeanchor.free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels,
-                                                 cfg=loss_cfg, num_objects=num_objects)
+                num_objects = average_over_processes(torch.full((), num_objects, device=device))
+            losses = free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels,
+                                      cfg=loss_cfg, num_objects=num_objects)
         else:
-            losses = freeanchor.retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)
+            losses = retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels,
+                                    average_count=average_over_processes)
         loss = sum(losses.values())
-
-        # a non-finite loss on any process stops every process before the weights are touched
-        finite = torch.isfinite(loss.detach()).float()
-        if ddp:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() == 0:
-            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
-            kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else "no checkpoint was written"
-            raise FloatingPointError(f"non-finite loss at iteration {it}: {terms}; stopped, {kept} "
-                                     f"(try a lower --lr or longer --warmup-iters)")
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-        optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+        # a non-finite loss or gradient on any process skips this step and every later one on every
+        # process, without the host waiting for the answer
+        finite = (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float()
+        if ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        newly_bad = all_finite & (finite == 0)
+        first_bad = torch.where(newly_bad, it, first_bad)
+        bad_terms = torch.where(newly_bad, torch.stack([losses[k].detach().float() for k in terms]), bad_terms)
+        all_finite = all_finite & (finite > 0)
+        step_unless(optimizer, (~all_finite).float())
         window_iters += 1
 
         done = it + 1
+        if cfg.compile and done == start_iter + 1 and master:
+            loss.item()  # wait for the first step, which compiled the network
+            print(f"first iteration (compilation) {time.time() - window_start:.1f} s", flush=True)
         if done % cfg.log_every == 0 or done == cfg.max_iter:
-            values = torch.stack([v.detach().float() for v in losses.values()])
+            stop_if_not_finite()
+            values = torch.stack([losses[k].detach().float() for k in terms])
             if ddp:
                 dist.all_reduce(values)
                 values /= world
             elapsed = time.time() - window_start
             sec_per_iter = elapsed / window_iters
-            record = {"iter": done, "max_iter": cfg.max_iter, **{k: round(v, 6) for k, v in zip(losses, values.tolist())},
+            record = {"iter": done, "max_iter": cfg.max_iter, **{k: round(v, 6) for k, v in zip(terms, values.tolist())},
                       "loss": round(values.sum().item(), 6), "lr": lr, "s_per_iter": round(sec_per_iter, 4),
                       "images_per_s": round(cfg.batch_size / sec_per_iter, 2),
                       "eta_s": round(sec_per_iter * (cfg.max_iter - done)), "peak_mem_mb": round(peak_memory_mb(device))}
             if master:
-                terms = "  ".join(f"{k} {record[k]:.4f}" for k in losses)
-                print(f"iter {done}/{cfg.max_iter}  {terms}  loss {record['loss']:.4f}  lr {lr:.5f}  "
+                shown = "  ".join(f"{k} {record[k]:.4f}" for k in terms)
+                print(f"iter {done}/{cfg.max_iter}  {shown}  loss {record['loss']:.4f}  lr {lr:.5f}  "
                       f"{sec_per_iter:.3f} s/it  {record['images_per_s']:.1f} img/s  "
                       f"eta {format_eta(record['eta_s'])}  mem {record['peak_mem_mb']} MB", flush=True)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             window_start, window_iters = time.time(), 0
-        if master and (done % cfg.ckpt_every == 0 or done == cfg.max_iter):
-            checkpoint(done)
+        if done % cfg.ckpt_every == 0 or done == cfg.max_iter:
+            stop_if_not_finite()  # only a run whose every step was finite is saved
+            if master:
+                checkpoint(done)
 
+    stop_if_not_finite()
     if master:
         final = os.path.join(cfg.output, "model_final.pt")
         save_atomic({"model": raw_model.state_dict(), "model_config": raw_model.config,

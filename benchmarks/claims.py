@@ -1,4 +1,4 @@
-"""The paper's claims, probed at small scale on the built-in `shapes` dataset (issue #7).
+"""The paper's claims, probed at small scale on the built-in `shapes` dataset.
 
 Trains FreeAnchor and the RetinaNet baseline with identical budgets and seeds (the same train.py
 command, only --loss differs), evaluates both with --nms-recall --breakdown, and prints one table:

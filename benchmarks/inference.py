@@ -7,11 +7,15 @@ level, class-wise NMS 0.5, 100 detections per image (torchvision's default of 30
 100). Random weights would score every anchor near the 0.02 prior, below the 0.05 threshold, and
 leave NMS with nothing to do: the classification head gets a wider, shifted output instead, so that
 each image sends thousands of candidates to NMS, as a trained detector does. The images are random
-600x1000 pictures, which both models resize to 800x1333 (padded to 800x1344); each is timed on one
-model then the other, one image per call, after a warm-up.
+600x1000 pictures, which both models resize to 800x1333 (padded to 800x1344); each batch is timed
+on one model then the other, after a warm-up. With --batch N, ours detects N images per call (one
+forward pass, as evaluate.py does) while torchvision's gets them one by one (its batched forward
+is the same network); --channels-last and --compile apply to ours (evaluate.py's CUDA defaults:
+--amp --channels-last --batch 8).
 
     python benchmarks/inference.py                          # CPU, 5 images
     python benchmarks/inference.py --device cuda --amp --images 50
+    python benchmarks/inference.py --device cuda --amp --channels-last --batch 8 --images 200
 
 Prints a markdown table; never passes or fails on time.
 """
@@ -63,12 +67,15 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--amp", action="store_true", help="autocast: float16 on cuda, bfloat16 on cpu")
     parser.add_argument("--images", type=int, default=5, help="timed images (one per call)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per model first")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches per model first")
+    parser.add_argument("--batch", type=int, default=1, help="images per detect call of ours")
+    parser.add_argument("--channels-last", action="store_true", help="ours in channels_last")
+    parser.add_argument("--compile", action="store_true", help="ours under torch.compile (the network)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
-    if args.images < 1 or args.warmup < 0:
-        sys.exit("--images must be >= 1 and --warmup >= 0")
+    if args.images < 1 or args.warmup < 0 or args.batch < 1:
+        sys.exit("--images and --batch must be >= 1 and --warmup >= 0")
     device = torch.device(args.device)
 
     torch.manual_seed(0)
@@ -78,37 +85,45 @@ def main():
     theirs.load_state_dict(to_torchvision(ours).state_dict())
     theirs.detections_per_img = ours.detections_per_img
     ours, theirs = ours.to(device).eval(), theirs.to(device).eval()
+    if args.channels_last:
+        ours = ours.to(memory_format=torch.channels_last)
+    if args.compile:
+        ours._predict = torch.compile(ours._predict)  # as evaluate.py --compile
 
     g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 600, 1000, generator=g).to(device) for _ in range(args.images + args.warmup)]
+    n_batches = -(-args.images // args.batch)
+    images = [torch.rand(3, 600, 1000, generator=g).to(device) for _ in range((n_batches + args.warmup) * args.batch)]
+    batches = [images[i:i + args.batch] for i in range(0, len(images), args.batch)]
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
-    def run_ours(image):
+    def run_ours(batch):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-            return ours.detect([image])[0]
+            return ours.detect(batch)
 
-    def run_theirs(image):
+    def run_theirs(batch):
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-            return theirs([image])[0]
+            return [theirs([image])[0] for image in batch]
 
     seconds = {"ours": 0.0, "theirs": 0.0}
     same, candidates = 0, 0
-    for i, image in enumerate(images):
-        t_ours, d_ours = timed(lambda: run_ours(image), device)
-        t_theirs, d_theirs = timed(lambda: run_theirs(image), device)
+    for i, batch in enumerate(batches):
+        t_ours, dets_ours = timed(lambda: run_ours(batch), device)
+        t_theirs, dets_theirs = timed(lambda: run_theirs(batch), device)
         if i < args.warmup:
             continue
         seconds["ours"] += t_ours
         seconds["theirs"] += t_theirs
-        same += len(d_ours["boxes"]) == len(d_theirs["boxes"]) and torch.equal(d_ours["labels"], d_theirs["labels"]) \
-            and torch.allclose(d_ours["boxes"], d_theirs["boxes"], rtol=1e-3, atol=0.5)
+        for d_ours, d_theirs in zip(dets_ours, dets_theirs):
+            same += len(d_ours["boxes"]) == len(d_theirs["boxes"]) and torch.equal(d_ours["labels"], d_theirs["labels"]) \
+                and torch.allclose(d_ours["boxes"], d_theirs["boxes"], rtol=1e-3, atol=0.5)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
-            candidates += len(ours.detect([image], nms=False)[0]["boxes"])
+            candidates += sum(len(c["boxes"]) for c in ours.detect(batch, nms=False))
 
-    n = args.images
+    n = n_batches * args.batch
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{cpu_name()}, {torch.get_num_threads()} threads"
-    print(f"Inference, ResNet-50-FPN, 91 classes, 600x1000 images resized to 800x1333, batch 1, "
+    print(f"Inference, ResNet-50-FPN, 91 classes, 600x1000 images resized to 800x1333, ours: batch {args.batch}"
+          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}; theirs batch 1, "
           f"{n} images after {args.warmup} warm-up; {name}; AMP {'on' if args.amp else 'off'}; "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}")
     print(f"{candidates / n:.0f} candidates per image before NMS; same detections on {same}/{n} images\n")

@@ -1,16 +1,30 @@
-"""What a training step costs with FreeAnchor vs the RetinaNet loss vs torchvision (issue #7).
+"""What a training step costs: the network alone, with the FreeAnchor loss, with the RetinaNet
+loss, and torchvision's RetinaNet, eager (NCHW), in channels_last, and under torch.compile.
 
-One SGD step (forward, loss, backward, update) on the same images and boxes for
-  - ours + free_anchor_loss    (train.py --loss freeanchor)
-  - ours + retinanet_loss      (train.py --loss retinanet): the baseline every ratio refers to
-  - torchvision's retinanet_resnet50_fpn training step (its own matcher, focal loss and L1)
-all with the same backbone, weights initialised identically (ours exported with to_torchvision),
-frozen BatchNorm as with pretrained weights. The paper's anchor: FreeAnchor trains +5% slower than
-RetinaNet (5.27 h vs 5.02 h, §4.3). Each configuration runs in its own subprocess so that its
-peak memory is its own (CPU: peak resident memory; CUDA: torch.cuda.max_memory_allocated).
+One SGD step (forward, loss, backward, fused SGD update, as train.py does) on the same images and
+boxes for
+  - model_only          the network with a trivial loss (mean of its outputs): the ceiling, the
+                        reference every ratio refers to
+  - free_anchor_loss    train.py --loss freeanchor
+  - retinanet_loss      train.py --loss retinanet
+  - torchvision         torchvision's retinanet_resnet50_fpn training step (its own matcher and
+                        losses), eager only
+each in the modes
+  - eager               NCHW
+  - channels_last       the network's weights and input in channels_last (train.py's CUDA default)
+  - compiled            channels_last, network and loss each under torch.compile (train.py --compile)
+with the same backbone, weights initialised identically, frozen BatchNorm as with pretrained
+weights. On CUDA the network runs under bfloat16 autocast by default (--no-amp: float32), the
+loss in float32. Each row runs in its own subprocess, so that its peak memory is its own (CPU:
+peak resident memory; CUDA: torch.cuda.max_memory_allocated); "first step" is the first step's
+time, compilation included for compiled rows.
 
-    python benchmarks/train_step.py                                 # CPU: resnet50, 2 images of 512x640
-    python benchmarks/train_step.py --device cuda --amp --batch 2 16 --size 800 1333
+    python benchmarks/train_step.py --backbone resnet18 --size 128 160 --batch 2      # CPU smoke test
+    python benchmarks/train_step.py --device cuda --size 800 1333 --batch 2 8 16      # every row
+    python benchmarks/train_step.py --device cuda --size 800 1333 --batch 16 --modes compiled \\
+        --methods model_only free_anchor_loss                                         # ~3 min on an H100
+
+Prints a markdown table; never passes or fails on time.
 """
 
 import argparse
@@ -27,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import freeanchor  # noqa: E402
 from model import RetinaNet, batch_images, normalize, to_torchvision  # noqa: E402
 
-METHODS = ("retinanet_loss", "free_anchor_loss", "torchvision")
+MODES = ("eager", "channels_last", "compiled")
+METHODS = ("model_only", "free_anchor_loss", "retinanet_loss", "torchvision")
 K = 80
 
 
@@ -45,30 +60,43 @@ def make_batch(B, H, W, seed=0):
     return images, boxes, labels
 
 
-def run_one(method, backbone, B, H, W, device, amp, steps):
+def model_only_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels):
+    """A trivial loss that touches every output: the step then costs the network alone."""
+    return {"outputs": cls_logits.float().mean() + box_deltas.float().mean()}
+
+
+def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
     torch.manual_seed(0)
     # a "pretrained" backbone from a local file: FrozenBatchNorm and frozen stem, as in the paper's runs
     path = f"/tmp/freeanchor_bench_{backbone}.pt"
     if not os.path.exists(path):
         import torchvision
-        torch.save(torchvision.models.get_model(backbone).state_dict(), path)
+        torch.save(torchvision.models.get_model(backbone).state_dict(), path + f".{os.getpid()}")
+        os.replace(path + f".{os.getpid()}", path)
     model = RetinaNet(K, backbone=backbone, weights=path, min_size=min(H, W), max_size=max(H, W))
     images, boxes, labels = make_batch(B, H, W)
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py
     boxes, labels = [b.to(device) for b in boxes], [l.to(device) for l in labels]
+    memory_format = torch.contiguous_format if mode == "eager" else torch.channels_last
     if method == "torchvision":
-        net = to_torchvision(model).to(device).train()
+        net = to_torchvision(model).to(device, memory_format=memory_format).train()
         inputs = [im.to(device) for im in images]
         targets = [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)]
     else:
-        net = model.to(device).train()
-        batch = batch_images([normalize(im) for im in images]).to(device)
+        net = model.to(device, memory_format=memory_format).train()
+        batch = batch_images([normalize(im) for im in images]).to(device, memory_format=memory_format)
+        loss_fn = {"model_only": model_only_loss, "free_anchor_loss": freeanchor.free_anchor_loss,
+                   "retinanet_loss": freeanchor.retinanet_loss}[method]
+        if mode == "compiled":
+            net, loss_fn = torch.compile(net), torch.compile(loss_fn)
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, fused=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
-    for step in range(steps + 1):  # the first step warms up
-        if step == 1 and device.type == "cuda":
+    for step in range(warmup + steps):
+        if step == warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
@@ -78,8 +106,7 @@ def run_one(method, backbone, B, H, W, device, amp, steps):
             else:
                 cls_logits, box_deltas, anchors = net(batch)
         if method != "torchvision":
-            fn = freeanchor.free_anchor_loss if method == "free_anchor_loss" else freeanchor.retinanet_loss
-            losses = fn(cls_logits, box_deltas, anchors, boxes, labels)
+            losses = loss_fn(cls_logits, box_deltas, anchors, boxes, labels)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -90,8 +117,8 @@ def run_one(method, backbone, B, H, W, device, amp, steps):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = sorted(times[1:])
-    print(json.dumps({"seconds": times[len(times) // 2], "peak_mb": peak}))
+    timed = sorted(times[warmup:])
+    print(json.dumps({"seconds": timed[len(timed) // 2], "first": times[0], "peak_mb": peak}))
 
 
 def main():
@@ -100,13 +127,24 @@ def main():
     ap.add_argument("--backbone", default="resnet50")
     ap.add_argument("--batch", type=int, nargs="+", default=[2], help="images per step")
     ap.add_argument("--size", type=int, nargs=2, default=[512, 640], metavar=("H", "W"))
-    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast (the loss stays float32)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
-    ap.add_argument("--_one", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                    help="bfloat16 autocast for the network, the loss stays float32 (default: on with CUDA)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps first (default: 1, compiled rows 3: compilation and recompilation)")
+    ap.add_argument("--row-timeout", type=float, default=None, help="give up a row after this many seconds")
+    ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    amp = args.device == "cuda" if args.amp is None else args.amp
     H, W = args.size
     if args._one:
-        run_one(args._one[0], args.backbone, int(args._one[1]), H, W, args.device, args.amp, args.steps)
+        mode, method, B = args._one
+        warmup = args.warmup if args.warmup is not None else (3 if mode == "compiled" else 1)
+        run_one(mode, method, args.backbone, int(B), H, W, args.device, amp, args.steps, warmup)
         return
 
     if args.device == "cuda":
@@ -114,27 +152,36 @@ def main():
     else:
         name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
         machine = f"{name}, {os.cpu_count()} cores"
-    print(f"# training step, {args.backbone}, {H}x{W}, K = {K}, {'bf16 autocast' if args.amp else 'float32'}")
+    print(f"# training step, {args.backbone}, {H}x{W}, K = {K}, {'bf16 autocast' if amp else 'float32'}, fused SGD")
     print(f"# {args.device}: {machine}; torch {torch.__version__}; median of {args.steps} steps\n")
-    print("| images | method | s/iter | images/s | vs retinanet_loss | peak memory (MB) |")
-    print("|---|---|---|---|---|---|")
+    print("| images | mode | method | s/iter | images/s | vs model_only | first step (s) | peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for B in args.batch:
-        rows = {}
-        for method in METHODS:
-            cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--backbone", args.backbone,
-                   "--size", str(H), str(W), "--steps", str(args.steps), "--_one", method, str(B)]
-            if args.amp:
-                cmd.append("--amp")
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                print(f"| {B} | {method} | failed: {res.stderr.strip().splitlines()[-1]} | | | |")
-                continue
-            rows[method] = json.loads(res.stdout.strip().splitlines()[-1])
-        base = rows.get("retinanet_loss", {}).get("seconds")
-        for method, r in rows.items():
-            ratio = f"{r['seconds'] / base:.3f}" if base else "-"
-            print(f"| {B} | {method} | {r['seconds']:.3f} | {B / r['seconds']:.2f} | {ratio} | {r['peak_mb']:.0f} |",
-                  flush=True)
+        for mode in args.modes:
+            base = None
+            for method in args.methods:
+                if method == "torchvision" and mode == "compiled":
+                    continue  # its step has data-dependent Python control flow; eager and channels_last only
+                cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--backbone",
+                       args.backbone, "--size", str(H), str(W), "--steps", str(args.steps),
+                       "--amp" if amp else "--no-amp", "--_one", mode, method, str(B)]
+                if args.warmup is not None:
+                    cmd += ["--warmup", str(args.warmup)]
+                try:
+                    res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"| {B} | {mode} | {method} | over --row-timeout {args.row_timeout:g} s | | | | |", flush=True)
+                    continue
+                if res.returncode != 0:
+                    last = (res.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"| {B} | {mode} | {method} | failed: {last} | | | | |", flush=True)
+                    continue
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                if method == "model_only":
+                    base = r["seconds"]
+                ratio = f"{r['seconds'] / base:.3f}" if base else "-"
+                print(f"| {B} | {mode} | {method} | {r['seconds']:.4f} | {B / r['seconds']:.1f} | {ratio} | "
+                      f"{r['first']:.1f} | {r['peak_mb']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """FreeAnchor's loss in plain numpy float64: the test oracle of `freeanchor.free_anchor_loss`.
 
-FreeAnchor (Zhang, Wan, Liu, Ji, Ye, NeurIPS 2019), §3, Eqs. 3-7, with the semantics fixed in
-design.md §4. This file is written straight from the equations, one image and one object at a time,
-so that it is obviously right rather than fast; it never imports torch (or `freeanchor.py`), so that
+FreeAnchor (Zhang, Wan, Liu, Ji, Ye, NeurIPS 2019), §3, Eqs. 3-7, with the semantics of the
+authors' released code (P{a_j in A+} a per-class max, their clamps and normaliser) and one choice
+the paper leaves open (anchors of equal IoU compete for a bag's last places towards the lower
+anchor index). This file is written straight from the equations, one image and one object at a
+time, so that it is obviously right rather than fast; it never imports torch (or `freeanchor.py`), so that
 comparing the two implementations means something. Only the anchors of one object are vectorised.
 
 Letters: B images, A anchors, K classes, G objects of an image, n bag size.
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # (wx, wy, ww, wh): stds 0.1/0.1/0.2/0.2, design.md §5
-BOX_CLIP = math.log(1000.0 / 16)  # decode clamps dw, dh here before exp(), design.md §5
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # (wx, wy, ww, wh): stds 0.1/0.1/0.2/0.2, the authors' setting
+BOX_CLIP = math.log(1000.0 / 16)  # decode clamps dw, dh here before exp(), as torchvision and Detectron
 
 
 @dataclass
@@ -122,7 +124,7 @@ def match_prob(iou, t):
 
 
 def anchor_positive_prob(p_match, labels, num_classes):
-    """P{a_j in A+} per class (design.md §4.6): [A, K], the max of P{a_j -> b_i} over the objects of class c.
+    """P{a_j in A+} per class: [A, K], the max of P{a_j -> b_i} over the objects of class c.
 
     p_match [G, A] (rows are objects), labels [G]. 0 where the image has no object of class c.
     """
@@ -156,7 +158,7 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=N
     assert box_deltas.shape == (B, A, 4) and anchors.shape == (A, 4)
     assert len(gt_boxes) == B and len(gt_labels) == B
 
-    n = min(int(cfg.bag_size), A)  # a bag never holds more anchors than there are (design.md §4.10)
+    n = min(int(cfg.bag_size), A)  # a bag never holds more anchors than there are (small images)
     positive_sum = 0.0  # sum over objects of -log(bag_prob_i)
     negative_sum = 0.0  # sum over images, anchors, classes of FL(q)
     total_objects = 0

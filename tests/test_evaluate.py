@@ -445,3 +445,54 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
     assert [two["coco"][k] for k in evaluate.COCO_STATS] == pytest.approx([one["coco"][k] for k in evaluate.COCO_STATS])
     for key in ("recall_before", "recall_after", "NR_tau"):
         assert two["nms_recall"][key] == pytest.approx(one["nms_recall"][key])
+
+
+# ----------------------------------------------------------------------------- one forward pass for NMS recall
+
+def _matched(a, b):
+    """Detections a and b are the same set: same count and labels, scores and boxes equal up to
+    float32 rounding (NMS here runs in original pixels, model.detect's in resized ones)."""
+    assert len(a["boxes"]) == len(b["boxes"])
+    torch.testing.assert_close(_rows(a), _rows(b), rtol=1e-5, atol=1e-3)
+
+
+def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
+    """detect_with_candidates gives detect()'s detections and detect(nms=False)'s candidates while
+    running the network once per scale and flip, not twice."""
+    model = make_model()
+    images = [dataset[i][0] for i in range(2)] + [torch.rand(3, 48, 80)]
+    for scales, flip in (([64], False), ([48, 64], True)):
+        expected = evaluate.detect(model, images, scales, scales, flip=flip)
+        expected_candidates = evaluate.detect(model, images, scales, scales, flip=flip, nms=False)
+        calls = {"n": 0}
+        real_predict = model._predict
+
+        def counting(*a, **k):
+            calls["n"] += 1
+            return real_predict(*a, **k)
+
+        monkeypatch.setattr(model, "_predict", counting)
+        dets, candidates = evaluate.detect_with_candidates(model, images, scales, scales, flip=flip)
+        monkeypatch.undo()
+        assert calls["n"] == len(scales) * (2 if flip else 1)
+        for d, e, c, ec in zip(dets, expected, candidates, expected_candidates):
+            assert len(d["boxes"]) > 0
+            _matched(d, e)
+            _matched(c, ec)
+
+
+def test_compiled_evaluation_equals_eager(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """--compile (the network inside detect) against eager on CPU: the same AP and NMS recall up
+    to float32 rounding. aot_eager backend: traces like inductor, without its slow CPU codegen."""
+    import functools
+    args = ["--ckpt", tiny_ckpt, "--workers", "0", "--max-images", "4", "--batch-size", "2", "--nms-recall"]
+    eager, _ = run_main([*args, "--output", str(tmp_path / "eager")], capsys)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compiled, _ = run_main([*args, "--compile", "--output", str(tmp_path / "compiled")], capsys)
+    for name in evaluate.COCO_STATS:
+        if eager["coco"][name] is None:
+            assert compiled["coco"][name] is None
+        else:
+            assert compiled["coco"][name] == pytest.approx(eager["coco"][name], abs=1e-3)
+    assert compiled["nms_recall"]["NR"] == pytest.approx(eager["nms_recall"]["NR"], abs=1e-3)

@@ -109,9 +109,10 @@ def test_lr_schedule_and_weight_decay_groups():
     model = RetinaNet(3, backbone="resnet18", weights="none", min_size=64, max_size=64)
     decay, no_decay = train.param_groups(model, 1e-4)
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0
+    assert decay["lr_factor"] == 1 and no_decay["lr_factor"] == 2  # the authors' BIAS_LR_FACTOR
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(names[id(p)].endswith("weight") and p.ndim == 4 for p in decay["params"])
-    assert all(p.ndim == 1 for p in no_decay["params"])  # biases and BatchNorm scales
+    assert all(names[id(p)].endswith("weight") for p in decay["params"])
+    assert all(names[id(p)].endswith("bias") for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == sum(p.requires_grad for p in model.parameters())
 
 
@@ -334,3 +335,199 @@ def test_imagenet_weights_offline_is_one_line(tiny_data, tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert "--weights PATH" in err and "--weights none" in err
+
+
+# ----------------------------------------------------------------------------- recipe, speed and the sync-free step
+
+def test_optimizer_groups_in_last_pt(tiny_data, tmp_path):
+    """The authors' groups: biases at 2x the lr without weight decay, everything else at the lr
+    with --weight-decay; saved in last.pt with the rates of the last iteration."""
+    train.main([*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--lr", "0.03",
+                "--warmup-iters", "0", "--weight-decay", "0.0005", "--output", str(tmp_path / "r")])
+    ckpt = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    weights_group, bias_group = ckpt["optimizer"]["param_groups"]
+    assert weights_group["lr"] == pytest.approx(0.03) and weights_group["weight_decay"] == pytest.approx(0.0005)
+    assert bias_group["lr"] == pytest.approx(0.06) and bias_group["weight_decay"] == 0
+    assert weights_group["momentum"] == bias_group["momentum"] == pytest.approx(0.9)
+    model = RetinaNet(2, backbone="resnet18", weights="none", min_size=64, max_size=64)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    biases = [n for n in names if n.endswith("bias")]
+    assert len(bias_group["params"]) == len(biases) > 0
+    assert len(weights_group["params"]) == len(names) - len(biases)
+
+
+def test_resume_refuses_changed_momentum_weight_decay_or_freeanchor_settings(tiny_data, tmp_path, capsys):
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
+    train.main(args)
+    capsys.readouterr()
+    for change, culprit in ((["--momentum", "0.8"], "--momentum 0.9 -> 0.8"),
+                            (["--weight-decay", "0.001"], "--weight-decay 0.0001 -> 0.001"),
+                            (["--bag-size", "30"], "--bag-size 50 -> 30"),
+                            (["--iou-threshold", "0.5"], "--iou-threshold 0.6 -> 0.5")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*args, "--resume", *change])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and culprit in err, err
+
+
+def test_step_unless_leaves_weights_and_momentum_untouched():
+    """The device-side skip: a flagged step changes neither the parameters nor the momentum
+    buffers, even with non-finite gradients and weight decay, also as the very first step; an
+    unflagged step is plain SGD."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    reference = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    reference.load_state_dict(net.state_dict())
+    cfg = train.TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.01)
+    optimizer = train.make_optimizer(net, cfg)
+    plain = torch.optim.SGD(train.param_groups(reference, 0.01), lr=0.1, momentum=0.9)
+    for group in plain.param_groups:
+        group["lr"] = 0.1 * group["lr_factor"]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1 * group["lr_factor"]
+    x = torch.randn(5, 3, 8, 8)
+
+    def grads(model, poison):
+        model.zero_grad()
+        (model(x).square().sum() * (float("nan") if poison else 1.0)).backward()
+
+    def snapshot():
+        return ([p.detach().clone() for p in net.parameters()],
+                [optimizer.state[p]["momentum_buffer"].clone() for p in net.parameters()])
+
+    before = snapshot()
+    grads(net, poison=True)
+    train.step_unless(optimizer, torch.ones(()))  # a skipped first step
+    for a, b in zip(before, snapshot()):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for poison in (False, False):  # then plain SGD, as if the skipped step never happened
+        grads(net, poison)
+        grads(reference, poison)
+        train.step_unless(optimizer, torch.zeros(()))
+        plain.step()
+    for p, q in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    before = snapshot()
+    for poison in (True, False):  # flagged steps, with non-finite and with finite gradients
+        grads(net, poison)
+        train.step_unless(optimizer, torch.ones(()))
+        for a, b in zip(before, snapshot()):
+            assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_non_finite_loss_found_at_the_next_log_names_its_iteration(tiny_data, tmp_path, monkeypatch, capsys):
+    """No host read per step: a NaN at iteration 5 (0-based) is seen at the log after 8
+    iterations, yet the weights after iterations 5, 6 and 7 are those after iteration 4, the
+    error names iteration 5, and last.pt is the checkpoint written after 4 iterations."""
+    real_loss, real_step = freeanchor.free_anchor_loss, train.step_unless
+    calls, after_step = {"n": 0}, []
+
+    def nan_at_6th(*a, **k):
+        calls["n"] += 1
+        out = real_loss(*a, **k)
+        if calls["n"] == 6:
+            out["negative"] = out["negative"] * float("inf") * 0  # nan
+        return out
+
+    def recording_step(optimizer, skip):
+        real_step(optimizer, skip)
+        after_step.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
+
+    monkeypatch.setattr(freeanchor, "free_anchor_loss", nan_at_6th)
+    monkeypatch.setattr(train, "step_unless", recording_step)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "12", "--ckpt-every", "4",
+                    "--log-every", "8", "--lr", "0.02", "--output", str(tmp_path / "run")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite loss at iteration 5" in err and "negative nan" in err, err
+    assert len(after_step) == 8  # the run went on to the log of iteration 8 without reading the flag
+    assert any(not torch.equal(a, b) for a, b in zip(after_step[3], after_step[4]))  # good steps do move
+    for later in after_step[5:]:
+        assert all(torch.equal(a, b) for a, b in zip(after_step[4], later))
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ckpt["iteration"] == 4
+    model = RetinaNet(2, backbone="resnet18", weights="none", min_size=64, max_size=64)
+    model.load_state_dict(ckpt["model"])
+    flat = [p for g in train.param_groups(model, 1e-4) for p in g["params"]]  # the optimizer's order
+    assert len(flat) == len(after_step[3])
+    for p, q in zip(flat, after_step[3]):
+        assert torch.equal(p.detach(), q)
+    assert not (tmp_path / "run" / "model_final.pt").exists()
+
+
+def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
+    """--compile (network and loss) against eager on CPU, through several padded sizes (multi-scale):
+    the same losses and weights up to float32 rounding. torch.compile runs with the aot_eager
+    backend here, which traces and partitions exactly as inductor does but skips its code
+    generation (minutes on a 2-core CPU); the GPU benchmark exercises inductor."""
+    import functools
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "4", "--min-size", "32", "96",
+            "--max-size", "96", "--warmup-iters", "0", "--lr", "0.01"]
+    train.main([*args, "--output", str(tmp_path / "eager")])
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    shapes = set()
+    real_forward = RetinaNet.forward
+
+    def recording_forward(self, images):
+        shapes.add(tuple(images.shape[-2:]))
+        return real_forward(self, images)
+
+    monkeypatch.setattr(RetinaNet, "forward", recording_forward)
+    train.main([*args, "--compile", "--output", str(tmp_path / "compiled")])
+    assert len(shapes) > 1  # padded batches of 32 and 96 pixels: a recompilation with dynamic sizes
+    eager = [json.loads(l) for l in open(tmp_path / "eager" / "log.jsonl")]
+    compiled = [json.loads(l) for l in open(tmp_path / "compiled" / "log.jsonl")]
+    for e, c in zip(eager, compiled):
+        assert c["positive"] == pytest.approx(e["positive"], rel=1e-4, abs=1e-6)
+        assert c["negative"] == pytest.approx(e["negative"], rel=1e-4, abs=1e-6)
+    a, b = weights(tmp_path / "eager" / "model_final.pt"), weights(tmp_path / "compiled" / "model_final.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_retinanet_loss_normalises_by_the_averaged_count():
+    """average_count replaces the batch's positive count in both terms (train.py: its mean over
+    DDP processes)."""
+    torch.manual_seed(0)
+    cls_logits, box_deltas = torch.randn(2, 90, 3), torch.randn(2, 90, 4) * 0.1
+    anchors = torch.tensor([[x, y, x + 16.0, y + 16.0] for x in range(0, 60, 6) for y in range(0, 54, 6)])
+    gt_boxes = [torch.tensor([[4.0, 4.0, 20.0, 22.0]]), torch.tensor([[30.0, 10.0, 50.0, 28.0], [6.0, 30.0, 22.0, 44.0]])]
+    gt_labels = [torch.tensor([0]), torch.tensor([2, 1])]
+    plain = freeanchor.retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)
+    seen = []
+
+    def doubled(count):
+        seen.append(count)
+        return count * 2
+
+    halved = freeanchor.retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, average_count=doubled)
+    assert len(seen) == 1 and seen[0].ndim == 0 and seen[0] >= 1
+    for k in plain:
+        torch.testing.assert_close(halved[k], plain[k] / 2)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_retinanet_equals_one_process(tiny_data, tmp_path):
+    """The RetinaNet baseline under DDP: its positive count is averaged over processes, so 2
+    gloo processes x 1 image train like 1 process x 2 images (frozen BatchNorm: a local backbone file)."""
+    backbone = tmp_path / "resnet18.pt"
+    import torchvision
+    torch.save(torchvision.models.resnet18().state_dict(), backbone)
+    args = [*TINY, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
+            "--lr", "0.05", "--warmup-iters", "0", "--loss", "retinanet"]
+    single = run_cli([*args, "--output", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29527", os.path.join(ROOT, "train.py"), *args,
+                          "--output", str(tmp_path / "ddp")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = weights(tmp_path / "single" / "model_final.pt"), weights(tmp_path / "ddp" / "model_final.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    log = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl")]
+    single_log = [json.loads(l) for l in open(tmp_path / "single" / "log.jsonl")]
+    for key in ("classification", "regression"):
+        assert log[0][key] == pytest.approx(single_log[0][key], rel=1e-5)
