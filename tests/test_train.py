@@ -118,6 +118,24 @@ def test_lr_schedule_and_weight_decay_groups():
 
 # ----------------------------------------------------------------------------- DDP
 
+def train_single_and_ddp(tiny_data, tmp_path, backbone, port, *extra):
+    """Two SGD steps of 2 images, in 1 process and in 2 gloo processes of 1 image (1 thread each),
+    from a local random backbone file (frozen BatchNorm, so nothing else differs); the final
+    weights of both runs."""
+    import torchvision
+    torch.save(torchvision.models.resnet18().state_dict(), backbone)
+    args = [*TINY, *CPU, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
+            "--lr", "0.05", "--warmup-iters", "0", *extra]
+    single = run_cli([*args, "--output", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(port), os.path.join(ROOT, "train.py"), *args,
+                          "--output", str(tmp_path / "ddp")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return weights(tmp_path / "single" / "model_final.pt"), weights(tmp_path / "ddp" / "model_final.pt")
+
+
 @pytest.mark.slow
 def test_two_process_ddp_step_equals_one_process(tiny_data, tmp_path):
     """2 gloo processes x 1 image == 1 process x 2 images, one SGD step: the gradients are averaged
@@ -125,18 +143,7 @@ def test_two_process_ddp_step_equals_one_process(tiny_data, tmp_path):
     backbone file) so BatchNorm is frozen and nothing else differs. Different computations (batch
     split, thread counts): compared to float32 tolerances."""
     backbone = tmp_path / "resnet18.pt"
-    import torchvision
-    torch.save(torchvision.models.resnet18().state_dict(), backbone)
-    args = [*TINY, *CPU, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
-            "--lr", "0.05", "--warmup-iters", "0"]
-    single = run_cli([*args, "--output", str(tmp_path / "single")])
-    assert single.returncode == 0, single.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", os.path.join(ROOT, "train.py"), *args,
-                          "--output", str(tmp_path / "ddp")], capture_output=True, text=True, cwd=ROOT, env=env)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a, b = weights(tmp_path / "single" / "model_final.pt"), weights(tmp_path / "ddp" / "model_final.pt")
+    a, b = train_single_and_ddp(tiny_data, tmp_path, backbone, 29517)
     moved = 0
     start = RetinaNet(2, backbone="resnet18", weights=str(backbone), min_size=64, max_size=64).state_dict()
     for k in a:
@@ -512,19 +519,7 @@ def test_retinanet_loss_normalises_by_the_averaged_count():
 def test_two_process_ddp_retinanet_equals_one_process(tiny_data, tmp_path):
     """The RetinaNet baseline under DDP: its positive count is averaged over processes, so 2
     gloo processes x 1 image train like 1 process x 2 images (frozen BatchNorm: a local backbone file)."""
-    backbone = tmp_path / "resnet18.pt"
-    import torchvision
-    torch.save(torchvision.models.resnet18().state_dict(), backbone)
-    args = [*TINY, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
-            "--lr", "0.05", "--warmup-iters", "0", "--loss", "retinanet"]
-    single = run_cli([*args, "--output", str(tmp_path / "single")])
-    assert single.returncode == 0, single.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29527", os.path.join(ROOT, "train.py"), *args,
-                          "--output", str(tmp_path / "ddp")], capture_output=True, text=True, cwd=ROOT, env=env)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a, b = weights(tmp_path / "single" / "model_final.pt"), weights(tmp_path / "ddp" / "model_final.pt")
+    a, b = train_single_and_ddp(tiny_data, tmp_path, tmp_path / "resnet18.pt", 29527, "--loss", "retinanet")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     log = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl")]
