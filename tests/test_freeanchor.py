@@ -448,18 +448,6 @@ def test_retinanet_loss_batched_and_empty_images():
     assert empty["regression"].item() == 0.0 and empty["classification"].item() > 0
 
 
-def test_retinanet_average_count_sets_the_normaliser():
-    """train.py passes average_count (the positive count averaged over DDP processes): both terms
-    are divided by what it returns instead of this batch's count."""
-    batch = make_batch(97, [3, 2], A=300)
-    counts = []
-    plain = retinanet_loss(*batch, average_count=lambda n: counts.append(n) or n)
-    assert len(counts) == 1 and counts[0].ndim == 0 and counts[0] >= 1
-    halved = retinanet_loss(*batch, average_count=lambda n: 2 * n)
-    for term in plain:
-        torch.testing.assert_close(halved[term], plain[term] / 2)
-
-
 # ----------------------------------------------------------------------------- the shape of the code
 
 def test_ties_in_the_bag_go_to_the_lower_anchor_index():

@@ -463,6 +463,7 @@ def test_non_finite_loss_found_at_the_next_log_names_its_iteration(tiny_data, tm
     assert not (tmp_path / "run" / "model_final.pt").exists()
 
 
+@pytest.mark.slow
 def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
     """--compile (network and loss) against eager on CPU, through several padded sizes (multi-scale):
     the same losses and weights up to float32 rounding. torch.compile runs with the aot_eager
