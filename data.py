@@ -33,8 +33,10 @@ Build the shapes dataset by hand with `python data.py`; tests: `python -m pytest
 costs: `python benchmarks/data.py`.
 """
 
+import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -829,9 +831,6 @@ def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
 
 # ----------------------------------------------------------------------------- shared by train.py and evaluate.py
 
-import argparse  # noqa: E402  (kept with the section that uses them)
-import dataclasses  # noqa: E402
-
 
 def add_config_arguments(parser, config, title):
     """One --flag per field of the dataclass `config`, in an argument group `title`; the field's
@@ -882,13 +881,6 @@ def resolve_root_once(data, ddp, master):
     if not master:
         root = resolve_root(data)
     return root
-
-
-def format_eta(seconds):
-    """Seconds -> '12m05s', or '3h07m' from an hour on."""
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
 
 
 if __name__ == "__main__":

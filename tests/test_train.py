@@ -172,6 +172,7 @@ def test_two_process_ddp_from_scratch_on_cpu(tiny_data, tmp_path):
 
 # ----------------------------------------------------------------------------- resume
 
+@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     # bit for bit: the same ops on the same inputs, on CPU (see the file's docstring)
     args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "7", "--ckpt-every", "3",
