@@ -225,7 +225,7 @@ def save_atomic(obj, path):
 # settings that define a run: --resume refuses a last.pt saved with others (it would not continue that run),
 # the FreeAnchor settings (loss_config) included
 RESUME_MUST_MATCH = ("backbone", "weights", "loss", "batch_size", "lr", "max_iter", "steps", "warmup_iters",
-                     "momentum", "weight_decay", "min_size", "max_size", "seed", "clip_grad")
+                     "momentum", "weight_decay", "min_size", "max_size", "seed", "clip_grad", "raw_orientation")
 
 
 def rng_state():
