@@ -508,6 +508,8 @@ def to_device(batch, device, pad_to=None):
         labels = torch.full((len(targets), G), -1, dtype=torch.long)  # [B, G]
         for b, t in enumerate(targets):
             boxes[b, :len(t["boxes"])], labels[b, :len(t["labels"])] = t["boxes"], t["labels"]
+        if torch.device(device).type == "cuda":  # page-locked, so that the copies below are truly asynchronous
+            boxes, labels = boxes.pin_memory(), labels.pin_memory()
         gt_boxes, gt_labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     else:
         gt_boxes = [t["boxes"].to(device, non_blocking=True) for t in targets]  # [[G_b, 4]]
