@@ -696,3 +696,17 @@ def test_training_stops_before_iteration_0_on_an_image_it_would_never_draw(tmp_p
     assert captured.err == f"error: 1 of 8 images cannot be used: {os.path.join(root, 's', 'p5.jpg')} (not an image)\n"
     assert "checking images: 8/8" in captured.out
     assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_to_device_pads_the_objects_for_the_loss(tiny):
+    """pad_to: the objects as [B, G, 4] / [B, G] tensors, G the largest count rounded up to a
+    multiple of pad_to, label -1 at the padding, the lists' values in front."""
+    ds = CocoDataset(tiny, "val", train=False)
+    batch = collate([ds[i] for i in range(len(ds))])
+    _, lists_boxes, lists_labels = to_device(batch, "cpu")
+    _, boxes, labels = to_device(batch, "cpu", pad_to=8)
+    counts = [len(b) for b in lists_boxes]
+    assert boxes.shape == (len(ds), max(8, -(-max(counts) // 8) * 8), 4) and labels.shape == boxes.shape[:2]
+    for b, (bx, lb) in enumerate(zip(lists_boxes, lists_labels)):
+        assert torch.equal(boxes[b, :len(bx)], bx) and torch.equal(labels[b, :len(lb)], lb)
+        assert (labels[b, len(lb):] == -1).all()
