@@ -86,6 +86,9 @@ fi
 
 if want 3; then
 step "3. a training step, R-50 at 800x1333, B = 16, bf16"
-$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 2>&1 | tee -a "$log"
+# the rows that answer the targets (network-only vs FreeAnchor step, eager / channels_last / compiled);
+# the full table at B = 2, 8, 16 with every method takes longer: benchmarks/train_step.py --device cuda
+$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
+    --row-timeout 150 2>&1 | tee -a "$log"
 fi
 echo "written to $log"
