@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one go (about 5 minutes on one H100/H200):
+# The checks that need a GPU, in one go (sized for 5 minutes on one H100/H200):
 #   1. the loss on CUDA against the float64 numpy oracle: values (float64 and float32) and gradients
 #      (against finite differences of the oracle);
 #   2. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image loop
