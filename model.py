@@ -385,7 +385,12 @@ class RetinaNet(nn.Module):
         return [p3, p4, p5, p6, p7]
 
     def anchors(self, feature_sizes, image_size, device):
-        """Cached grid_anchors(): [A, 4] float32 on `device`."""
+        """Cached grid_anchors(): [A, 4] float32 on `device`. Under torch.compile they are
+        computed in the graph instead: a cache keyed by the padded size would make the compiled
+        network specialise on every size (a recompilation per size, then eager past the limit),
+        where the graph's sizes can stay symbolic."""
+        if torch.compiler.is_compiling():
+            return grid_anchors(feature_sizes, image_size, device)
         key = (tuple(feature_sizes), tuple(image_size), str(device))
         if key not in self._anchor_cache:
             if len(self._anchor_cache) >= 16:  # bound the memory; drop the oldest

@@ -98,8 +98,8 @@ class TrainConfig:
     channels_last: bool = field(default=None, metadata={
         "help": "channels_last memory format for the network (default: on with CUDA, off on CPU)"})
     compile: bool = field(default=False, metadata={
-        "help": "torch.compile the network and the loss (compiles once, then once more with dynamic image "
-                "sizes when the padded batch size first changes)"})
+        "help": "torch.compile the network and the loss, once for any image size and object count; the "
+                "log counts the compilations"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and of the data order"})
     workers: int = field(default=4, metadata={"help": "data loading processes per training process"})
     raw_orientation: bool = field(default=False, metadata={
@@ -328,9 +328,10 @@ def train(cfg, loss_cfg):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     free_anchor_loss, retinanet_loss = freeanchor.free_anchor_loss, freeanchor.retinanet_loss
     if cfg.compile:
-        # Compiled on the first batch, then once more with the image height and width dynamic when
-        # the padded size first changes (torch.compile's automatic dynamic shapes): two compilations
-        # per run, whatever the aspect-ratio groups and scales.
+        # Compiled once, on the first batch, for any image size and object count: the loop marks
+        # H, W, G and A dynamic (below), so aspect-ratio groups and multi-scale training never
+        # recompile. The log counts the compilations.
+        compiled_before = torch._dynamo.utils.counters["frames"]["ok"]  # this process may have compiled before
         model = torch.compile(model)
         free_anchor_loss, retinanet_loss = torch.compile(free_anchor_loss), torch.compile(retinanet_loss)
 
@@ -403,13 +404,22 @@ def train(cfg, loss_cfg):
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
+        if cfg.compile:  # image size and object count vary: compile for any of them at once
+            torch._dynamo.maybe_mark_dynamic(images, [2, 3])  # H, W
+            torch._dynamo.maybe_mark_dynamic(gt_boxes, 1), torch._dynamo.maybe_mark_dynamic(gt_labels, 1)  # G
+
         with autocast:
             cls_logits, box_deltas, anchors = model(images)
+        if cfg.compile:  # A, which follows H and W
+            torch._dynamo.maybe_mark_dynamic(cls_logits, 1), torch._dynamo.maybe_mark_dynamic(box_deltas, 1)
+            torch._dynamo.maybe_mark_dynamic(anchors, 0)
         if cfg.loss == "freeanchor":
-            # ||B|| of Eq. 7 from the host's lists (no device read), averaged over processes
-            num_objects = float(sum(len(t["labels"]) for t in batch[1]))
+            # ||B|| of Eq. 7 from the host's lists (no device read), averaged over processes; made
+            # on the device by a fill, not a copy, and a tensor, so that torch.compile does not
+            # specialise the loss on its value
+            num_objects = torch.full((), float(sum(len(t["labels"]) for t in batch[1])), device=device)
             if ddp:
-                num_objects = average_over_processes(torch.full((), num_objects, device=device))
+                num_objects = average_over_processes(num_objects)
             losses = free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels,
                                       cfg=loss_cfg, num_objects=num_objects)
         else:
@@ -451,11 +461,14 @@ def train(cfg, loss_cfg):
                       "loss": round(values.sum().item(), 6), "lr": lr, "s_per_iter": round(sec_per_iter, 4),
                       "images_per_s": round(cfg.batch_size / sec_per_iter, 2),
                       "eta_s": round(sec_per_iter * (cfg.max_iter - done)), "peak_mem_mb": round(peak_memory_mb(device))}
+            if cfg.compile:  # graphs torch.compile has built so far, network and loss: 2 unless it recompiled
+                record["compilations"] = torch._dynamo.utils.counters["frames"]["ok"] - compiled_before
             if master:
                 shown = "  ".join(f"{k} {record[k]:.4f}" for k in terms)
                 print(f"iter {done}/{cfg.max_iter}  {shown}  loss {record['loss']:.4f}  lr {lr:.5f}  "
                       f"{sec_per_iter:.3f} s/it  {record['images_per_s']:.1f} img/s  "
-                      f"eta {format_eta(record['eta_s'])}  mem {record['peak_mem_mb']} MB", flush=True)
+                      f"eta {format_eta(record['eta_s'])}  mem {record['peak_mem_mb']} MB"
+                      + (f"  compilations {record['compilations']}" if cfg.compile else ""), flush=True)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             window_start, window_iters = time.time(), 0
