@@ -518,6 +518,25 @@ def test_no_data_dependent_op_and_as_many_ops_for_any_batch(loss):
     assert not [op for op in small if op[0].startswith("aten.index") and "torch.bool" in op[1]]
 
 
+def test_host_data_enters_only_as_the_object_counts():
+    """torch.tensor(x, device="cuda") and torch.as_tensor(x, device="cuda") are blocking copies that
+    wait for the GPU's queue: a host sync that no op name shows. Host data enters the losses once,
+    as the lists' lengths (copied non-blocking); the padding box and a number passed as num_objects
+    are made on the device. On the CPU, host data made into a tensor shows as aten.lift_fresh."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(113, [3, 0, 2])
+    boxes = torch.zeros(3, 3, 4, dtype=torch.float64)
+    labels = torch.full((3, 3), -1)
+    for b, (bx, lb) in enumerate(zip(gt_boxes, gt_labels)):
+        boxes[b, :len(bx)], labels[b, :len(lb)] = bx, lb
+    for targets, host_tensors in (((gt_boxes, gt_labels), 1), ((boxes, labels), 0)):
+        for call in (lambda: free_anchor_loss(cls_logits, box_deltas, anchors, *targets),
+                     lambda: free_anchor_loss(cls_logits, box_deltas, anchors, *targets, num_objects=2.5),
+                     lambda: retinanet_loss(cls_logits, box_deltas, anchors, *targets)):
+            with OpRecorder() as rec:
+                call()
+            assert [name for name, _ in rec.ops].count("aten.lift_fresh") == host_tensors
+
+
 @pytest.mark.slow
 def test_compiles_as_one_graph_without_recompiling_per_object_count():
     """torch.compile(free_anchor_loss): no graph break, one recompilation at most (to dynamic
