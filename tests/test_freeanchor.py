@@ -306,6 +306,20 @@ def test_extreme_logits_stay_finite(dtype):
         assert torch.isfinite(x.grad).all() and torch.isfinite(d.grad).all(), fill
 
 
+def test_best_prediction_exactly_at_the_threshold_in_float32():
+    """An object's best prediction has IoU exactly t (0.6 = 60 / 100 in float32 too): then
+    t2 = max(0.6, t + 1e-12) = t in float32, and the saturated linear must give 0, not 0 / 0."""
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 6.0], [20.0, 20.0, 30.0, 30.0]], dtype=torch.float64)
+    boxes, labels = [torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=torch.float64)], [torch.tensor([1])]
+    deltas = torch.zeros(1, 2, 4, dtype=torch.float64)  # predictions = anchors: IoU 0.6 and 0
+    logits = torch.tensor([[[0.5, -1.0], [1.0, 2.0]]], dtype=torch.float64)
+    assert box_iou(boxes[0].float(), anchors.float())[0, 0] == torch.tensor(0.6, dtype=torch.float32)
+    want = assert_matches_oracle((logits, deltas, anchors, boxes, labels))[0]
+    out = free_anchor_loss(logits.float(), deltas.float(), anchors.float(), [boxes[0].float()], labels)
+    for term in TERMS:
+        assert abs(float(out[term]) - float(want[term])) <= 1e-6 * float(want[term]), term
+
+
 def test_float32_loss_under_autocast():
     cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(61, [3, 2])
     with torch.autocast("cpu", dtype=torch.bfloat16):
