@@ -73,6 +73,12 @@ def _as_float(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def unit_box(dtype, device):
+    """(0, 0, 1, 1), the box of the padding objects [4], computed on the device: torch.tensor(...,
+    device="cuda") would be a blocking host-to-device copy, which waits for the GPU's queue."""
+    return (torch.arange(4, device=device) >= 2).to(dtype)  # [4]  0, 0, 1, 1
+
+
 def pad_objects(gt_boxes, gt_labels, dtype, device):
     """The objects of a batch as dense tensors: boxes [B, G, 4], labels [B, G], valid [B, G].
 
@@ -80,7 +86,8 @@ def pad_objects(gt_boxes, gt_labels, dtype, device):
     [B, G, 4] and labels [B, G] that are -1 at the padding (what train.py's loader yields).
     G is at least 1, so that an empty batch needs no special case. Padding is a harmless unit box
     (finite encode and IoU, so masked-out entries can't leak NaN into gradients) with label 0.
-    No host-device synchronisation: the counts are the lists' lengths, known on the host.
+    No host-device synchronisation: the counts are the lists' lengths, known on the host, and the
+    only host data copied (non-blocking); the padding box is made on the device.
     """
     if torch.is_tensor(gt_boxes):
         B, G = gt_labels.shape
@@ -88,8 +95,7 @@ def pad_objects(gt_boxes, gt_labels, dtype, device):
         valid = gt_labels >= 0  # [B, G]
         if G == 0:  # a padded batch without objects: one padding object
             return pad_objects([gt_boxes[0]] * B, [gt_labels[0]] * B, dtype, device)
-        unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=dtype, device=device)  # [4]
-        boxes = torch.where(valid[..., None], gt_boxes.to(device, dtype), unit)  # [B, G, 4]
+        boxes = torch.where(valid[..., None], gt_boxes.to(device, dtype), unit_box(dtype, device))  # [B, G, 4]
         return boxes, gt_labels.to(device).clamp(min=0), valid.to(device)
     assert len(gt_boxes) == len(gt_labels), "one gt_boxes and one gt_labels tensor per image"
     for boxes, labels in zip(gt_boxes, gt_labels):
@@ -102,8 +108,7 @@ def pad_objects(gt_boxes, gt_labels, dtype, device):
     valid = torch.arange(G, device=device) < counts[:, None]  # [B, G]
     # masked_scatter fills the True places of `valid` in row-major order: image by image, each
     # image's objects in order, which is exactly the concatenation of the lists
-    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=dtype, device=device)  # [4]
-    boxes = unit.repeat(B, G, 1).masked_scatter_(valid[..., None], torch.cat(gt_boxes).to(device, dtype))  # [B, G, 4]
+    boxes = unit_box(dtype, device).repeat(B, G, 1).masked_scatter_(valid[..., None], torch.cat(gt_boxes).to(device, dtype))  # [B, G, 4]
     labels = torch.zeros(B, G, dtype=torch.long, device=device).masked_scatter_(
         valid, torch.cat(gt_labels).to(device, torch.long))  # [B, G]
     return boxes, labels, valid
@@ -211,7 +216,10 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
         n = min(cfg.bag_size, A)  # a bag can't hold more anchors than there are (tiny images)
         if num_objects is None:
             num_objects = valid.sum()  # []  ||B||
-        num_objects = torch.as_tensor(num_objects, dtype=box_deltas.dtype, device=box_deltas.device)  # []
+        elif not torch.is_tensor(num_objects):  # a host number (train.py without DDP): filled on the
+            # device, as torch.as_tensor(x, device="cuda") would be a blocking copy, a sync
+            num_objects = torch.full((), float(num_objects), dtype=box_deltas.dtype, device=box_deltas.device)  # []
+        num_objects = num_objects.to(box_deltas.device, box_deltas.dtype, non_blocking=True)  # []
 
         pred_boxes = decode(anchors, box_deltas.detach())  # [B, A, 4]
         bag, p_plus = match(anchors, pred_boxes, boxes, labels, valid, n, cfg.iou_threshold, K)  # [B, G, n], [B, A, K]

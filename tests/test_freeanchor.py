@@ -306,6 +306,20 @@ def test_extreme_logits_stay_finite(dtype):
         assert torch.isfinite(x.grad).all() and torch.isfinite(d.grad).all(), fill
 
 
+def test_best_prediction_exactly_at_the_threshold_in_float32():
+    """An object's best prediction has IoU exactly t (0.6 = 60 / 100 in float32 too): then
+    t2 = max(0.6, t + 1e-12) = t in float32, and the saturated linear must give 0, not 0 / 0."""
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 6.0], [20.0, 20.0, 30.0, 30.0]], dtype=torch.float64)
+    boxes, labels = [torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=torch.float64)], [torch.tensor([1])]
+    deltas = torch.zeros(1, 2, 4, dtype=torch.float64)  # predictions = anchors: IoU 0.6 and 0
+    logits = torch.tensor([[[0.5, -1.0], [1.0, 2.0]]], dtype=torch.float64)
+    assert box_iou(boxes[0].float(), anchors.float())[0, 0] == torch.tensor(0.6, dtype=torch.float32)
+    want = assert_matches_oracle((logits, deltas, anchors, boxes, labels))[0]
+    out = free_anchor_loss(logits.float(), deltas.float(), anchors.float(), [boxes[0].float()], labels)
+    for term in TERMS:
+        assert abs(float(out[term]) - float(want[term])) <= 1e-6 * float(want[term]), term
+
+
 def test_float32_loss_under_autocast():
     cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(61, [3, 2])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -516,6 +530,25 @@ def test_no_data_dependent_op_and_as_many_ops_for_any_batch(loss):
     names = {name for name, _ in small}
     assert not names & DATA_DEPENDENT, names & DATA_DEPENDENT
     assert not [op for op in small if op[0].startswith("aten.index") and "torch.bool" in op[1]]
+
+
+def test_host_data_enters_only_as_the_object_counts():
+    """torch.tensor(x, device="cuda") and torch.as_tensor(x, device="cuda") are blocking copies that
+    wait for the GPU's queue: a host sync that no op name shows. Host data enters the losses once,
+    as the lists' lengths (copied non-blocking); the padding box and a number passed as num_objects
+    are made on the device. On the CPU, host data made into a tensor shows as aten.lift_fresh."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(113, [3, 0, 2])
+    boxes = torch.zeros(3, 3, 4, dtype=torch.float64)
+    labels = torch.full((3, 3), -1)
+    for b, (bx, lb) in enumerate(zip(gt_boxes, gt_labels)):
+        boxes[b, :len(bx)], labels[b, :len(lb)] = bx, lb
+    for targets, host_tensors in (((gt_boxes, gt_labels), 1), ((boxes, labels), 0)):
+        for call in (lambda: free_anchor_loss(cls_logits, box_deltas, anchors, *targets),
+                     lambda: free_anchor_loss(cls_logits, box_deltas, anchors, *targets, num_objects=2.5),
+                     lambda: retinanet_loss(cls_logits, box_deltas, anchors, *targets)):
+            with OpRecorder() as rec:
+                call()
+            assert [name for name, _ in rec.ops].count("aten.lift_fresh") == host_tensors
 
 
 @pytest.mark.slow
