@@ -331,7 +331,7 @@ def train(cfg, loss_cfg):
         # Compiled once, on the first batch, for any image size and object count: the loop marks
         # H, W, G and A dynamic (below), so aspect-ratio groups and multi-scale training never
         # recompile. The log counts the compilations.
-        compiled_before = torch._dynamo.utils.counters["frames"]["ok"]  # this process may have compiled before
+        compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # this process may have compiled before
         model = torch.compile(model)
         free_anchor_loss, retinanet_loss = torch.compile(free_anchor_loss), torch.compile(retinanet_loss)
 
@@ -461,8 +461,8 @@ def train(cfg, loss_cfg):
                       "loss": round(values.sum().item(), 6), "lr": lr, "s_per_iter": round(sec_per_iter, 4),
                       "images_per_s": round(cfg.batch_size / sec_per_iter, 2),
                       "eta_s": round(sec_per_iter * (cfg.max_iter - done)), "peak_mem_mb": round(peak_memory_mb(device))}
-            if cfg.compile:  # graphs torch.compile has built so far, network and loss: 2 unless it recompiled
-                record["compilations"] = torch._dynamo.utils.counters["frames"]["ok"] - compiled_before
+            if cfg.compile:  # graphs torch.compile has built so far: 2 (network, loss) unless it recompiled
+                record["compilations"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_before
             if master:
                 shown = "  ".join(f"{k} {record[k]:.4f}" for k in terms)
                 print(f"iter {done}/{cfg.max_iter}  {shown}  loss {record['loss']:.4f}  lr {lr:.5f}  "
