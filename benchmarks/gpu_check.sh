@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one go (sized for 5 minutes on one H100/H200):
 #   1. the loss on CUDA against the float64 numpy oracle: values (float64 and float32) and gradients
-#      (against finite differences of the oracle);
+#      (against finite differences of the oracle); and no host-device synchronisation in a loss call;
 #   2. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image loop
 #      (the benchmark also checks that compiled equals eager to float32 rounding);
 #   3. a training step of R-50 at 800x1333 (benchmarks/train_step.py): eager, channels_last, compiled.
@@ -74,6 +74,24 @@ np.testing.assert_allclose(gd.cpu().numpy(), fd, rtol=1e-5, atol=1e-9)
 print(f"gradients: logits and deltas match finite differences of the oracle "
       f"(max abs diff {np.abs(gx.cpu().numpy() - fx).max():.1e}, {np.abs(gd.cpu().numpy() - fd).max():.1e})")
 
+if DEVICE == "cuda":  # no host-device synchronisation: torch raises on any synchronising call
+    from freeanchor import retinanet_loss
+    x, d, a, boxes, labels = to(T.make_batch(5, [9, 0, 3], A=3000, K=80, size=256), DEVICE, torch.float32)
+    padded_boxes = torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True)  # [B, G, 4]
+    padded_labels = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-1)  # [B, G]
+    calls = [(free_anchor_loss, boxes, labels), (free_anchor_loss, padded_boxes, padded_labels),
+             (retinanet_loss, boxes, labels), (retinanet_loss, padded_boxes, padded_labels)]
+    for check in (False, True):  # once to warm up (lazy CUDA initialisation), once checked
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if check else 0)
+        try:
+            for loss_fn, gb, gl in calls:
+                xc, dc = x.clone().requires_grad_(), d.clone().requires_grad_()
+                sum(loss_fn(xc, dc, a, gb, gl).values()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    print("no host-device synchronisation in either loss, forward + backward, lists or padded "
+          "(torch.cuda.set_sync_debug_mode('error'))")
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || echo "FAILED: the oracle check" | tee -a "$log"
 fi
