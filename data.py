@@ -162,6 +162,11 @@ def _load_annotations(ann_file):
               or not all(_is_number(v) for v in a["bbox"])]
     if broken:
         bad("annotation ids", broken, "need a 'bbox' of 4 finite numbers [x, y, w, h]")
+    # A negative width or height is no box at all (corners swapped by a converter, say); a zero or
+    # sub-pixel one is a degenerate object, which CocoDataset leaves out of the loss.
+    broken = [a["id"] for a in anns if a["bbox"][2] < 0 or a["bbox"][3] < 0]
+    if broken:
+        bad("annotation ids", broken, "have a 'bbox' [x, y, w, h] with a negative width or height")
     ann_ids = [a["id"] for a in anns]
     if _duplicates(ann_ids):
         bad("annotation ids", _duplicates(ann_ids), "appear more than once")
@@ -180,7 +185,7 @@ def _load_annotations(ann_file):
         bad("annotation ids", broken, "have an 'iscrowd' other than 0 or 1")
     for a in anns:  # COCOeval reads both fields of every ground truth
         a.setdefault("iscrowd", 0)
-        a.setdefault("area", float(max(a["bbox"][2], 0) * max(a["bbox"][3], 0)))
+        a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
     return coco
 
 

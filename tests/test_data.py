@@ -388,6 +388,9 @@ def test_malformed_annotation_file(tiny, content, culprit):
     (lambda d: d["annotations"][4].update(image_id=99), "annotation ids 21 refer to an image_id"),
     (lambda d: d["categories"][0].pop("name"), "categories at list positions 0 need"),
     (lambda d: d["annotations"].append(dict(d["annotations"][0])), "annotation ids 11 appear more"),
+    (lambda d: d["annotations"][0].update(bbox=[24, 6, -20, 10]), "annotation ids 11 have a 'bbox' [x, y, w, h] "
+                                                                  "with a negative width or height"),
+    (lambda d: d["annotations"][4].update(bbox=[0, 30, 10, -0.5]), "annotation ids 21 have a 'bbox'"),
 ])
 def test_incomplete_entries_are_named(tiny, break_it, culprit):
     path = os.path.join(tiny, "annotations", "instances_val.json")
