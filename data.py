@@ -167,6 +167,9 @@ def _load_annotations(ann_file):
     broken = [a["id"] for a in anns if a["bbox"][2] < 0 or a["bbox"][3] < 0]
     if broken:
         bad("annotation ids", broken, "have a 'bbox' [x, y, w, h] with a negative width or height")
+    broken = [a["id"] for a in anns if "area" in a and (not _is_number(a["area"]) or a["area"] < 0)]
+    if broken:  # COCOeval compares it with its area ranges
+        bad("annotation ids", broken, "have an 'area' that is not a number >= 0")
     ann_ids = [a["id"] for a in anns]
     if _duplicates(ann_ids):
         bad("annotation ids", _duplicates(ann_ids), "appear more than once")

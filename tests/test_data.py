@@ -391,6 +391,8 @@ def test_malformed_annotation_file(tiny, content, culprit):
     (lambda d: d["annotations"][0].update(bbox=[24, 6, -20, 10]), "annotation ids 11 have a 'bbox' [x, y, w, h] "
                                                                   "with a negative width or height"),
     (lambda d: d["annotations"][4].update(bbox=[0, 30, 10, -0.5]), "annotation ids 21 have a 'bbox'"),
+    (lambda d: [d["annotations"][k].update(area=v) for k, v in ((1, "big"), (3, None), (5, -1))],
+     "annotation ids 12, 14, 41 have an 'area' that is not a number >= 0"),
 ])
 def test_incomplete_entries_are_named(tiny, break_it, culprit):
     path = os.path.join(tiny, "annotations", "instances_val.json")
