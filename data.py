@@ -151,6 +151,9 @@ def _load_annotations(ann_file):
         bad("images at list positions", broken,
             "need an integer 'id', a non-empty 'file_name' and a positive 'width' and 'height'")
     image_ids = [im["id"] for im in images]
+    broken = [i for i in image_ids if not -2**63 <= i < 2**63]
+    if broken:  # CocoDataset keeps them in an int64 array
+        bad("image ids", broken, "do not fit in 64 bits (signed)")
     if _duplicates(image_ids):
         bad("image ids", _duplicates(image_ids), "appear more than once")
 

@@ -382,6 +382,8 @@ def test_malformed_annotation_file(tiny, content, culprit):
     (lambda d: d["images"][1].pop("file_name"), "images at list positions 1 need"),
     (lambda d: d["images"][0].update(width=0), "images at list positions 0 need"),
     (lambda d: d["images"].append(dict(d["images"][2])), "image ids 3 appear more than once"),
+    (lambda d: [d["images"][4].update(id=2**64), d["images"][3].update(id=-2**63)],
+     f"image ids {2**64} do not fit in 64 bits"),
     (lambda d: d["annotations"][2].update(bbox=[1, 2, 3]), "annotation ids 13 need a 'bbox'"),
     (lambda d: d["annotations"][1].update(bbox=[1, 2, "3", None]), "annotation ids 12 need a 'bbox'"),
     (lambda d: d["annotations"][3].pop("id"), "annotations at list positions 3 need"),
