@@ -218,6 +218,22 @@ def test_resized_size_is_what_interpolate_makes():
             assert tuple(resize_image(torch.zeros(3, h, w), min_size, max_size).shape[-2:]) == tuple(out.shape[-2:])
 
 
+def test_image_longer_than_max_size_to_1_keeps_a_1_px_side(tmp_path):
+    # 2x300 px at shorter side 64, longer at most 96: scale 0.32 would make the short side 0 px
+    assert resized_size((2, 300), 64, 96) == (1, 96) and resized_size((300, 2), 64, 96) == (96, 1)
+    root = str(tmp_path / "strip")
+    os.makedirs(os.path.join(root, "s"))
+    Image.new("RGB", (300, 2), (255, 255, 255)).save(os.path.join(root, "s", "strip.png"))
+    write_coco(root, "s", [image_entry(1, "strip.png", 300, 2)], [ann(1, 1, 5, [30, 0, 150, 2])],
+               [{"id": 5, "name": "line"}])
+    ds = CocoDataset(root, "s", train=True, max_size=96)
+    image, target = ds[(0, 64, False)]
+    assert target["size"] == (1, 96)
+    assert torch.allclose(target["boxes"], torch.tensor([[9.6, 0.0, 57.6, 1.0]]))  # x by 0.32, y by 1 / 2
+    seen, boxes = network_input(ds, (0, 64, False))
+    assert seen.shape == (3, 1, 96) and torch.allclose(seen, normalize(torch.ones(3, 1, 96)))
+
+
 def test_resize_in_worker_or_on_device_gives_the_same_batches(tiny):
     ds = CocoDataset(tiny, "val", train=True)
     sampler = TrainSampler(ds, batch_size=2, min_sizes=(64, 96, 33), max_iter=6, seed=1)
