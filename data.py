@@ -44,6 +44,7 @@ import math
 import operator
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -202,11 +203,36 @@ EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_
                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
+def _png_exif_after_pixels(path):
+    """The eXIf chunk of a PNG file that stores it after its pixels, as PIL keeps it
+    (b"Exif\0\0" + data), or None. Reads chunk headers and seeks past their data: PIL itself
+    finds such a chunk only by decoding the pixels, and then turns the picture by it."""
+    with open(path, "rb") as f:
+        f.seek(8)  # the PNG signature
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return b"Exif\x00\x00" + f.read(length)
+            if kind == b"IEND":
+                return None
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+
+
 def _orientation(img):
-    """The EXIF orientation (1-8, 1 = as stored) of an opened PIL image, from its header."""
+    """The EXIF orientation (1-8, 1 = as stored) of an opened PIL image, from its header (for a
+    PNG whose eXIf chunk follows the pixels, from that chunk, found without decoding)."""
     if img.format == "PNG" and "exif" not in img.info:
-        return 1  # PIL would decode the whole PNG looking for an eXIf chunk after the pixels
-    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        data = _png_exif_after_pixels(img.filename) if img.filename else None
+        if data is None:
+            return 1
+        exif = Image.Exif()
+        exif.load(data)
+    else:
+        exif = img.getexif()
+    orientation = exif.get(ExifTags.Base.Orientation, 1)
     return orientation if orientation in EXIF_TRANSPOSE else 1
 
 

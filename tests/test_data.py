@@ -4,8 +4,10 @@ Every dataset here is a handful of tiny images written into tmp_path. Run:
     python -m pytest -q tests/test_data.py
 """
 
+import io
 import json
 import os
+import struct
 from collections import Counter
 
 import numpy as np
@@ -633,6 +635,51 @@ def test_raw_orientation_reads_as_stored(tmp_path):
     with pytest.raises(DataError) as e:
         CocoDataset(phone_photos(tmp_path), "s", train=True, exif=False).check_images(show_progress=False)
     assert "4 of 8 images" in one_line(e) and "leave out --raw-orientation" in one_line(e)
+
+
+def png_with_exif_after_pixels(path, picture, orientation):
+    """Save `picture` as a PNG whose eXIf chunk (EXIF orientation tag) follows the pixels, which
+    the PNG format allows; PIL writes it before them."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG", exif=exif)
+    raw, chunks, pos = buffer.getvalue(), [], 8
+    while pos < len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        chunks.append((kind, raw[pos:pos + 12 + length]))
+        pos += 12 + length
+    late = [c for kind, c in chunks if kind not in (b"eXIf", b"IEND")] + [c for kind, c in chunks if kind == b"eXIf"]
+    with open(path, "wb") as f:
+        f.write(raw[:8] + b"".join(late) + chunks[-1][1])
+
+
+def test_png_with_exif_after_its_pixels_is_checked_as_it_is_read(tmp_path):
+    from PIL import ImageOps
+    root = str(tmp_path / "late")
+    os.makedirs(os.path.join(root, "s"))
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[2:6, 30:38] = 255
+    path = os.path.join(root, "s", "late.png")
+    png_with_exif_after_pixels(path, Image.fromarray(stored), 6)
+    with Image.open(path) as img:
+        assert "exif" not in img.info  # not in the header: PIL finds it only by decoding
+        upright = np.array(ImageOps.exif_transpose(img).convert("RGB"))  # [40, 20, 3]
+    assert upright.shape == (40, 20, 3)
+    write_coco(root, "s", [image_entry(1, "late.png", 20, 40)], [ann(1, 1, 5, [14, 30, 4, 8])],
+               [{"id": 5, "name": "box"}])
+    ds = CocoDataset(root, "s", train=True)
+    ds.check_images(show_progress=False)  # annotated upright, as exif_transpose shows it
+    image, target = ds[0]
+    assert torch.equal(image, torch.from_numpy(upright).permute(2, 0, 1))
+    assert bright_box(image.float() / 255) == target["boxes"][0].tolist() == [14, 30, 18, 38]
+    # annotated as stored: refused by the header check, with the hint, not at decode
+    write_coco(root, "s", [image_entry(1, "late.png", 40, 20)], [ann(1, 1, 5, [30, 2, 8, 4])],
+               [{"id": 5, "name": "box"}])
+    with pytest.raises(DataError) as e:
+        CocoDataset(root, "s", train=True).check_images(show_progress=False)
+    assert "with EXIF orientation 6 applied" in one_line(e) and "--raw-orientation" in one_line(e)
+    CocoDataset(root, "s", train=True, exif=False).check_images(show_progress=False)
 
 
 # ----------------------------------------------------------------------------- the header check
