@@ -336,7 +336,8 @@ class CocoDataset(torch.utils.data.Dataset):
     dataset's own category of label k; it travels with the model so results map back). Boxes are
     COCO [x, y, w, h] -> xyxy, clipped to the image; crowd regions and boxes under 1 px wide or
     high after clipping never reach the loss. train=True keeps only images with at least one
-    usable box; train=False keeps every image (evaluation). Images are read upright (EXIF
+    usable box; train=False keeps every image (evaluation); `tiny_boxes` and `images_without_boxes`
+    count what the loss never sees (crowd regions aside). Images are read upright (EXIF
     orientation applied, as labelling tools show them) unless exif=False.
 
     dataset[i] -> (image [3, h, w] uint8 RGB at the original size, target);
@@ -407,6 +408,9 @@ class CocoDataset(torch.utils.data.Dataset):
         usable = ~crowd & (x2 - x1 >= 1) & (y2 - y1 >= 1)  # [M]
         count = np.bincount(owner[usable], minlength=len(image_id))  # [N] usable boxes per image
         keep = np.flatnonzero(count > 0) if train else np.arange(len(image_id))  # [N'] in file order
+        # what the loss never sees, for train.py to say: boxes under 1 px, images left without a box
+        self.tiny_boxes = int((~crowd & ~usable).sum())
+        self.images_without_boxes = int((count == 0).sum())
         if len(keep) == 0:
             raise DataError(f"{self.ann_file}: no image has a usable box (not crowd, at least "
                             f"1 px wide and high): nothing to train on")

@@ -107,6 +107,8 @@ def test_training_skips_images_without_usable_box_evaluation_keeps_all(tiny):
     evaluation = CocoDataset(tiny, "val", train=False)
     assert train.image_ids == [1, 2]
     assert evaluation.image_ids == [1, 2, 3, 4, 5]
+    assert train.tiny_boxes == evaluation.tiny_boxes == 3  # annotations 13, 42, 43; crowd not counted
+    assert train.images_without_boxes == evaluation.images_without_boxes == 3  # images 3, 4, 5
     assert evaluation.aspect_ratios == [64 / 48, 40 / 60, 1.0, 30 / 20, 24 / 16]
     _, target = train[1]
     assert target["image_id"] == 2 and target["orig_size"] == (60, 40) and target["size"] == (60, 40)
@@ -766,6 +768,20 @@ def test_training_stops_before_iteration_0_on_an_image_it_would_never_draw(tmp_p
     assert captured.err == f"error: 1 of 8 images cannot be used: {os.path.join(root, 's', 'p5.jpg')} (not an image)\n"
     assert "checking images: 8/8" in captured.out
     assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_training_says_what_it_leaves_out(tiny, tmp_path, capsys):
+    import train
+    with open(os.path.join(tiny, "val", "b.png"), "wb") as f:  # stops the run at the header check, before any model
+        f.write(b"not a png")
+    args = ["--data", tiny, "--train-split", "val", "--backbone", "resnet18", "--weights", "none", "--batch-size", "2",
+            "--max-iter", "1", "--min-size", "32", "--max-size", "64", "--workers", "0", "--device", "cpu",
+            "--output", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        train.main(args)
+    path = os.path.join(tiny, "annotations", "instances_val.json")
+    assert f"note: training leaves out 3 box(es) of {path} under 1 px wide or high once clipped to their " \
+           f"image, and 3 image(s) with no box left (crowd regions aside)\n" in capsys.readouterr().out
 
 
 def test_to_device_pads_the_objects_for_the_loss(tiny):
