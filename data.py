@@ -204,9 +204,9 @@ EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_
 
 
 def _png_exif_after_pixels(path):
-    """The eXIf chunk of a PNG file that stores it after its pixels, as PIL keeps it
-    (b"Exif\0\0" + data), or None. Reads chunk headers and seeks past their data: PIL itself
-    finds such a chunk only by decoding the pixels, and then turns the picture by it."""
+    """The eXIf chunk of a PNG file that stores it after its pixels, prefixed as PIL keeps it
+    (with "Exif" and two zero bytes), or None. Reads chunk headers and seeks past their data: PIL
+    itself finds such a chunk only by decoding the pixels, and then turns the picture by it."""
     with open(path, "rb") as f:
         f.seek(8)  # the PNG signature
         while True:
