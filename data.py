@@ -44,6 +44,7 @@ import math
 import operator
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -151,6 +152,9 @@ def _load_annotations(ann_file):
         bad("images at list positions", broken,
             "need an integer 'id', a non-empty 'file_name' and a positive 'width' and 'height'")
     image_ids = [im["id"] for im in images]
+    broken = [i for i in image_ids if not -2**63 <= i < 2**63]
+    if broken:  # CocoDataset keeps them in an int64 array
+        bad("image ids", broken, "do not fit in 64 bits (signed)")
     if _duplicates(image_ids):
         bad("image ids", _duplicates(image_ids), "appear more than once")
 
@@ -162,6 +166,14 @@ def _load_annotations(ann_file):
               or not all(_is_number(v) for v in a["bbox"])]
     if broken:
         bad("annotation ids", broken, "need a 'bbox' of 4 finite numbers [x, y, w, h]")
+    # A negative width or height is no box at all (corners swapped by a converter, say); a zero or
+    # sub-pixel one is a degenerate object, which CocoDataset leaves out of the loss.
+    broken = [a["id"] for a in anns if a["bbox"][2] < 0 or a["bbox"][3] < 0]
+    if broken:
+        bad("annotation ids", broken, "have a 'bbox' [x, y, w, h] with a negative width or height")
+    broken = [a["id"] for a in anns if "area" in a and (not _is_number(a["area"]) or a["area"] < 0)]
+    if broken:  # COCOeval compares it with its area ranges
+        bad("annotation ids", broken, "have an 'area' that is not a number >= 0")
     ann_ids = [a["id"] for a in anns]
     if _duplicates(ann_ids):
         bad("annotation ids", _duplicates(ann_ids), "appear more than once")
@@ -180,7 +192,7 @@ def _load_annotations(ann_file):
         bad("annotation ids", broken, "have an 'iscrowd' other than 0 or 1")
     for a in anns:  # COCOeval reads both fields of every ground truth
         a.setdefault("iscrowd", 0)
-        a.setdefault("area", float(max(a["bbox"][2], 0) * max(a["bbox"][3], 0)))
+        a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
     return coco
 
 
@@ -191,11 +203,36 @@ EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_
                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
+def _png_exif_after_pixels(path):
+    """The eXIf chunk of a PNG file that stores it after its pixels, prefixed as PIL keeps it
+    (with "Exif" and two zero bytes), or None. Reads chunk headers and seeks past their data: PIL
+    itself finds such a chunk only by decoding the pixels, and then turns the picture by it."""
+    with open(path, "rb") as f:
+        f.seek(8)  # the PNG signature
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return b"Exif\x00\x00" + f.read(length)
+            if kind == b"IEND":
+                return None
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+
+
 def _orientation(img):
-    """The EXIF orientation (1-8, 1 = as stored) of an opened PIL image, from its header."""
+    """The EXIF orientation (1-8, 1 = as stored) of an opened PIL image, from its header (for a
+    PNG whose eXIf chunk follows the pixels, from that chunk, found without decoding)."""
     if img.format == "PNG" and "exif" not in img.info:
-        return 1  # PIL would decode the whole PNG looking for an eXIf chunk after the pixels
-    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        data = _png_exif_after_pixels(img.filename) if img.filename else None
+        if data is None:
+            return 1
+        exif = Image.Exif()
+        exif.load(data)
+    else:
+        exif = img.getexif()
+    orientation = exif.get(ExifTags.Base.Orientation, 1)
     return orientation if orientation in EXIF_TRANSPOSE else 1
 
 
@@ -299,7 +336,8 @@ class CocoDataset(torch.utils.data.Dataset):
     dataset's own category of label k; it travels with the model so results map back). Boxes are
     COCO [x, y, w, h] -> xyxy, clipped to the image; crowd regions and boxes under 1 px wide or
     high after clipping never reach the loss. train=True keeps only images with at least one
-    usable box; train=False keeps every image (evaluation). Images are read upright (EXIF
+    usable box; train=False keeps every image (evaluation); `tiny_boxes` and `images_without_boxes`
+    count what the loss never sees (crowd regions aside). Images are read upright (EXIF
     orientation applied, as labelling tools show them) unless exif=False.
 
     dataset[i] -> (image [3, h, w] uint8 RGB at the original size, target);
@@ -370,6 +408,9 @@ class CocoDataset(torch.utils.data.Dataset):
         usable = ~crowd & (x2 - x1 >= 1) & (y2 - y1 >= 1)  # [M]
         count = np.bincount(owner[usable], minlength=len(image_id))  # [N] usable boxes per image
         keep = np.flatnonzero(count > 0) if train else np.arange(len(image_id))  # [N'] in file order
+        # what the loss never sees, for train.py to say: boxes under 1 px, images left without a box
+        self.tiny_boxes = int((~crowd & ~usable).sum())
+        self.images_without_boxes = int((count == 0).sum())
         if len(keep) == 0:
             raise DataError(f"{self.ann_file}: no image has a usable box (not crowd, at least "
                             f"1 px wide and high): nothing to train on")

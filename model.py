@@ -111,10 +111,12 @@ def decode(anchors, deltas, weights=BOX_WEIGHTS):
 def resized_size(size, min_size, max_size):
     """(h, w) -> (h', w'): shorter side `min_size`, longer at most `max_size`, with torchvision's
     GeneralizedRCNNTransform scale rule and F.interpolate's rounding of the output size
-    (recompute_scale_factor=True truncates size * scale), so that sizes match it exactly."""
+    (recompute_scale_factor=True truncates size * scale), so that sizes match it exactly. A side
+    that would truncate to 0 (an image longer than max_size : 1, on which torchvision's call fails)
+    is kept at 1 px."""
     h, w = size
     scale = min(min_size / min(h, w), max_size / max(h, w))
-    return int(h * scale), int(w * scale)
+    return max(int(h * scale), 1), max(int(w * scale), 1)
 
 
 def resize_image(image, min_size, max_size):

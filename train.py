@@ -265,6 +265,10 @@ def train(cfg, loss_cfg):
     # ------------------------------------------------------------------ data (all checks before iteration 0)
     root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
     dataset = CocoDataset(root, cfg.train_split, train=True, max_size=cfg.max_size, exif=not cfg.raw_orientation)
+    if master and (dataset.tiny_boxes or dataset.images_without_boxes):  # said once, never silent
+        print(f"note: training leaves out {dataset.tiny_boxes} box(es) of {dataset.ann_file} under 1 px wide or "
+              f"high once clipped to their image, and {dataset.images_without_boxes} image(s) with no box left "
+              f"(crowd regions aside)", flush=True)
     if master and not cfg.skip_check:  # every image's header, on all CPUs; the other ranks wait
         dataset.check_images()
     if ddp:

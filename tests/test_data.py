@@ -4,8 +4,10 @@ Every dataset here is a handful of tiny images written into tmp_path. Run:
     python -m pytest -q tests/test_data.py
 """
 
+import io
 import json
 import os
+import struct
 from collections import Counter
 
 import numpy as np
@@ -105,6 +107,8 @@ def test_training_skips_images_without_usable_box_evaluation_keeps_all(tiny):
     evaluation = CocoDataset(tiny, "val", train=False)
     assert train.image_ids == [1, 2]
     assert evaluation.image_ids == [1, 2, 3, 4, 5]
+    assert train.tiny_boxes == evaluation.tiny_boxes == 3  # annotations 13, 42, 43; crowd not counted
+    assert train.images_without_boxes == evaluation.images_without_boxes == 3  # images 3, 4, 5
     assert evaluation.aspect_ratios == [64 / 48, 40 / 60, 1.0, 30 / 20, 24 / 16]
     _, target = train[1]
     assert target["image_id"] == 2 and target["orig_size"] == (60, 40) and target["size"] == (60, 40)
@@ -216,6 +220,22 @@ def test_resized_size_is_what_interpolate_makes():
                                                   recompute_scale_factor=True, align_corners=False)
             assert resized_size((h, w), min_size, max_size) == tuple(out.shape[-2:]), (h, w, min_size, max_size)
             assert tuple(resize_image(torch.zeros(3, h, w), min_size, max_size).shape[-2:]) == tuple(out.shape[-2:])
+
+
+def test_image_longer_than_max_size_to_1_keeps_a_1_px_side(tmp_path):
+    # 2x300 px at shorter side 64, longer at most 96: scale 0.32 would make the short side 0 px
+    assert resized_size((2, 300), 64, 96) == (1, 96) and resized_size((300, 2), 64, 96) == (96, 1)
+    root = str(tmp_path / "strip")
+    os.makedirs(os.path.join(root, "s"))
+    Image.new("RGB", (300, 2), (255, 255, 255)).save(os.path.join(root, "s", "strip.png"))
+    write_coco(root, "s", [image_entry(1, "strip.png", 300, 2)], [ann(1, 1, 5, [30, 0, 150, 2])],
+               [{"id": 5, "name": "line"}])
+    ds = CocoDataset(root, "s", train=True, max_size=96)
+    image, target = ds[(0, 64, False)]
+    assert target["size"] == (1, 96)
+    assert torch.allclose(target["boxes"], torch.tensor([[9.6, 0.0, 57.6, 1.0]]))  # x by 0.32, y by 1 / 2
+    seen, boxes = network_input(ds, (0, 64, False))
+    assert seen.shape == (3, 1, 96) and torch.allclose(seen, normalize(torch.ones(3, 1, 96)))
 
 
 def test_resize_in_worker_or_on_device_gives_the_same_batches(tiny):
@@ -382,12 +402,19 @@ def test_malformed_annotation_file(tiny, content, culprit):
     (lambda d: d["images"][1].pop("file_name"), "images at list positions 1 need"),
     (lambda d: d["images"][0].update(width=0), "images at list positions 0 need"),
     (lambda d: d["images"].append(dict(d["images"][2])), "image ids 3 appear more than once"),
+    (lambda d: [d["images"][4].update(id=2**64), d["images"][3].update(id=-2**63)],
+     f"image ids {2**64} do not fit in 64 bits"),
     (lambda d: d["annotations"][2].update(bbox=[1, 2, 3]), "annotation ids 13 need a 'bbox'"),
     (lambda d: d["annotations"][1].update(bbox=[1, 2, "3", None]), "annotation ids 12 need a 'bbox'"),
     (lambda d: d["annotations"][3].pop("id"), "annotations at list positions 3 need"),
     (lambda d: d["annotations"][4].update(image_id=99), "annotation ids 21 refer to an image_id"),
     (lambda d: d["categories"][0].pop("name"), "categories at list positions 0 need"),
     (lambda d: d["annotations"].append(dict(d["annotations"][0])), "annotation ids 11 appear more"),
+    (lambda d: d["annotations"][0].update(bbox=[24, 6, -20, 10]), "annotation ids 11 have a 'bbox' [x, y, w, h] "
+                                                                  "with a negative width or height"),
+    (lambda d: d["annotations"][4].update(bbox=[0, 30, 10, -0.5]), "annotation ids 21 have a 'bbox'"),
+    (lambda d: [d["annotations"][k].update(area=v) for k, v in ((1, "big"), (3, None), (5, -1))],
+     "annotation ids 12, 14, 41 have an 'area' that is not a number >= 0"),
 ])
 def test_incomplete_entries_are_named(tiny, break_it, culprit):
     path = os.path.join(tiny, "annotations", "instances_val.json")
@@ -612,6 +639,51 @@ def test_raw_orientation_reads_as_stored(tmp_path):
     assert "4 of 8 images" in one_line(e) and "leave out --raw-orientation" in one_line(e)
 
 
+def png_with_exif_after_pixels(path, picture, orientation):
+    """Save `picture` as a PNG whose eXIf chunk (EXIF orientation tag) follows the pixels, which
+    the PNG format allows; PIL writes it before them."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG", exif=exif)
+    raw, chunks, pos = buffer.getvalue(), [], 8
+    while pos < len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        chunks.append((kind, raw[pos:pos + 12 + length]))
+        pos += 12 + length
+    late = [c for kind, c in chunks if kind not in (b"eXIf", b"IEND")] + [c for kind, c in chunks if kind == b"eXIf"]
+    with open(path, "wb") as f:
+        f.write(raw[:8] + b"".join(late) + chunks[-1][1])
+
+
+def test_png_with_exif_after_its_pixels_is_checked_as_it_is_read(tmp_path):
+    from PIL import ImageOps
+    root = str(tmp_path / "late")
+    os.makedirs(os.path.join(root, "s"))
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[2:6, 30:38] = 255
+    path = os.path.join(root, "s", "late.png")
+    png_with_exif_after_pixels(path, Image.fromarray(stored), 6)
+    with Image.open(path) as img:
+        assert "exif" not in img.info  # not in the header: PIL finds it only by decoding
+        upright = np.array(ImageOps.exif_transpose(img).convert("RGB"))  # [40, 20, 3]
+    assert upright.shape == (40, 20, 3)
+    write_coco(root, "s", [image_entry(1, "late.png", 20, 40)], [ann(1, 1, 5, [14, 30, 4, 8])],
+               [{"id": 5, "name": "box"}])
+    ds = CocoDataset(root, "s", train=True)
+    ds.check_images(show_progress=False)  # annotated upright, as exif_transpose shows it
+    image, target = ds[0]
+    assert torch.equal(image, torch.from_numpy(upright).permute(2, 0, 1))
+    assert bright_box(image.float() / 255) == target["boxes"][0].tolist() == [14, 30, 18, 38]
+    # annotated as stored: refused by the header check, with the hint, not at decode
+    write_coco(root, "s", [image_entry(1, "late.png", 40, 20)], [ann(1, 1, 5, [30, 2, 8, 4])],
+               [{"id": 5, "name": "box"}])
+    with pytest.raises(DataError) as e:
+        CocoDataset(root, "s", train=True).check_images(show_progress=False)
+    assert "with EXIF orientation 6 applied" in one_line(e) and "--raw-orientation" in one_line(e)
+    CocoDataset(root, "s", train=True, exif=False).check_images(show_progress=False)
+
+
 # ----------------------------------------------------------------------------- the header check
 
 def test_header_check_names_every_kind_of_unusable_image(tiny, capsys):
@@ -696,6 +768,20 @@ def test_training_stops_before_iteration_0_on_an_image_it_would_never_draw(tmp_p
     assert captured.err == f"error: 1 of 8 images cannot be used: {os.path.join(root, 's', 'p5.jpg')} (not an image)\n"
     assert "checking images: 8/8" in captured.out
     assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_training_says_what_it_leaves_out(tiny, tmp_path, capsys):
+    import train
+    with open(os.path.join(tiny, "val", "b.png"), "wb") as f:  # stops the run at the header check, before any model
+        f.write(b"not a png")
+    args = ["--data", tiny, "--train-split", "val", "--backbone", "resnet18", "--weights", "none", "--batch-size", "2",
+            "--max-iter", "1", "--min-size", "32", "--max-size", "64", "--workers", "0", "--device", "cpu",
+            "--output", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):
+        train.main(args)
+    path = os.path.join(tiny, "annotations", "instances_val.json")
+    assert f"note: training leaves out 3 box(es) of {path} under 1 px wide or high once clipped to their " \
+           f"image, and 3 image(s) with no box left (crowd regions aside)\n" in capsys.readouterr().out
 
 
 def test_to_device_pads_the_objects_for_the_loss(tiny):
