@@ -301,8 +301,9 @@ def coco_summary(E, img_ids=None, cat_ids=None):
     a subset to COCOeval.accumulate itself indexes evalImgs wrongly.) Returns ({name: % or None
     where there is no ground truth}, pycocotools' printed table)."""
     pe = E._paramsEval
-    keep_i = [n for n, i in enumerate(pe.imgIds) if img_ids is None or i in set(img_ids)]
-    keep_k = [n for n, k in enumerate(pe.catIds) if cat_ids is None or k in set(cat_ids)]
+    wanted = None if img_ids is None else set(img_ids)
+    keep_i = [n for n, i in enumerate(pe.imgIds) if wanted is None or i in wanted]
+    keep_k = [n for n, k in enumerate(pe.catIds) if cat_ids is None or k in cat_ids]
     if not keep_i or not keep_k:
         return {name: None for name in COCO_STATS}, ""
     I, A = len(pe.imgIds), len(pe.areaRng)
