@@ -344,8 +344,12 @@ def train(cfg, loss_cfg):
     workers = min(cfg.workers, available_cpus())  # the batches do not depend on it (the sampler draws)
     if master and workers < cfg.workers:
         print(f"note: --workers {cfg.workers} lowered to {workers}, the CPUs available here", flush=True)
+    # The loader draws its workers' seed when iteration starts: from a generator of its own, not
+    # from the global RNG that checkpoints save, or a resumed run would be one draw ahead of an
+    # uninterrupted one (nothing random reads it today; dropout or a random crop would).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=workers, pin_memory=device.type == "cuda")  # non_blocking copies
+                                         num_workers=workers, pin_memory=device.type == "cuda",  # non_blocking copies
+                                         generator=torch.Generator().manual_seed(cfg.seed))
 
     log_path = os.path.join(cfg.output, "log.jsonl")
     if master:

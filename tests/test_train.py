@@ -196,6 +196,14 @@ def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path,
     monkeypatch.setattr(freeanchor, "free_anchor_loss", real)
     train.main([*args, "--output", str(tmp_path / "cut"), "--resume"])
     assert_same_weights(weights(tmp_path / "whole" / "model_final.pt"), weights(tmp_path / "cut" / "model_final.pt"))
+    # the rest of the state a further resume would start from: momentum and the RNG states
+    whole_last = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
+    cut_last = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    for k, state in whole_last["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], cut_last["optimizer"]["state"][k]["momentum_buffer"])
+    assert torch.equal(whole_last["rng"]["torch"], cut_last["rng"]["torch"])
+    assert str(whole_last["rng"]["numpy"]) == str(cut_last["rng"]["numpy"])
+    assert whole_last["rng"]["python"] == cut_last["rng"]["python"]
     whole_log = [json.loads(l) for l in open(tmp_path / "whole" / "log.jsonl")]
     cut_log = [json.loads(l) for l in open(tmp_path / "cut" / "log.jsonl")]
     assert [r["iter"] for r in cut_log] == list(range(1, 8))
