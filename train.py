@@ -28,7 +28,9 @@ Tests: python -m pytest tests/test_train.py
 """
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -498,6 +500,28 @@ def train(cfg, loss_cfg):
     return os.path.join(cfg.output, "model_final.pt")
 
 
+@contextlib.contextmanager
+def run_directory_lock(path):
+    """Rank 0 holds an exclusive lock on the run directory while it runs: a second run there would
+    write the same last.pt.tmp and log.jsonl (say, a resume while the workers of a torchrun stopped
+    with kill -9 still go on: they outlive it). The kernel drops the lock when the process ends,
+    kill -9 included, so none is ever left stale. Creates the directory."""
+    if os.environ.get("RANK", "0") != "0":  # the other ranks of a torchrun write nothing
+        yield
+        return
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{path} is in use by another training process (after kill -9 on torchrun its "
+                             f"workers go on): stop it, or use another --output") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _iter_of(line):
     try:
         return json.loads(line)["iter"]
@@ -510,7 +534,8 @@ def main(argv=None):
     line on stderr and exit status 2 (1 for a non-finite loss), never a traceback."""
     try:
         cfg, loss_cfg = parse_config(argv)
-        return train(cfg, loss_cfg)
+        with run_directory_lock(cfg.output):
+            return train(cfg, loss_cfg)
     except (DataError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1 if isinstance(e, FloatingPointError) else 2)

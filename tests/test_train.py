@@ -236,6 +236,31 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
     assert_same_weights(weights(tmp_path / "whole" / "model_final.pt"), weights(tmp_path / "killed" / "model_final.pt"))
 
 
+@pytest.mark.slow
+def test_refuses_a_directory_another_run_is_writing(tiny_data, tmp_path):
+    """Two runs in one --output would write the same last.pt.tmp and log.jsonl (a resume while
+    the workers of a torchrun stopped with kill -9 still run: they outlive it). The second is
+    refused while the first lives, and kill -9 of the first leaves no stale lock behind."""
+    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "100000", "--ckpt-every", "1",
+            "--output", str(tmp_path / "r")]
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and not (tmp_path / "r" / "last.pt").exists():
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early"
+        # a changed --max-iter keeps this short whatever happens: refused for the lock, or for the setting
+        second = run_cli([*args, "--resume", "--max-iter", "1"])
+        assert second.returncode == 2 and "in use by another training process" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    after_kill = run_cli([*args, "--resume", "--max-iter", "1"])  # past the lock now, refused for its setting
+    assert after_kill.returncode == 2 and "--max-iter 100000 -> 1" in after_kill.stderr, after_kill.stderr
+
+
 def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
     args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
     train.main(args)
