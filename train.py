@@ -502,19 +502,21 @@ def train(cfg, loss_cfg):
 
 @contextlib.contextmanager
 def run_directory_lock(path):
-    """Rank 0 holds an exclusive lock on the run directory while it runs: a second run there would
-    write the same last.pt.tmp and log.jsonl (say, a resume while the workers of a torchrun stopped
-    with kill -9 still go on: they outlive it). The kernel drops the lock when the process ends,
-    kill -9 included, so none is ever left stale. Creates the directory."""
+    """Rank 0 holds an exclusive lock on the run directory (its file .lock) while it runs: a second
+    run there would write the same last.pt.tmp and log.jsonl (say, a resume while the workers of
+    a torchrun stopped with kill -9 still go on: they outlive it). A POSIX record lock: the kernel
+    drops it when the process ends, kill -9 included, and forked DataLoader workers (which may
+    linger a few seconds after their parent died) do not inherit it, so none is left stale.
+    Creates the directory."""
     if os.environ.get("RANK", "0") != "0":  # the other ranks of a torchrun write nothing
         yield
         return
     os.makedirs(path, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
             raise ValueError(f"{path} is in use by another training process (after kill -9 on torchrun its "
                              f"workers go on): stop it, or use another --output") from None
         yield

@@ -240,9 +240,10 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
 def test_refuses_a_directory_another_run_is_writing(tiny_data, tmp_path):
     """Two runs in one --output would write the same last.pt.tmp and log.jsonl (a resume while
     the workers of a torchrun stopped with kill -9 still run: they outlive it). The second is
-    refused while the first lives, and kill -9 of the first leaves no stale lock behind."""
+    refused while the first lives, and kill -9 of the first leaves no stale lock behind, even while
+    its DataLoader worker (forked, so holding its open files) lingers."""
     args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "100000", "--ckpt-every", "1",
-            "--output", str(tmp_path / "r")]
+            "--workers", "1", "--output", str(tmp_path / "r")]
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
