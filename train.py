@@ -36,9 +36,19 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
+
+
+def _interrupted_before_main(signum, frame):
+    print("interrupted: nothing was started", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): one line, as later on, not a traceback
+    signal.signal(signal.SIGINT, _interrupted_before_main)
 
 import numpy as np
 import torch
@@ -534,6 +544,7 @@ def _iter_of(line):
 def main(argv=None):
     """CLI entry: user mistakes (bad arguments, data, checkpoints, a diverging run) end with one
     line on stderr and exit status 2 (1 for a non-finite loss), never a traceback."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is the KeyboardInterrupt below
     try:
         cfg, loss_cfg = parse_config(argv)
         with run_directory_lock(cfg.output):

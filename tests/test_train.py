@@ -262,6 +262,22 @@ def test_refuses_a_directory_another_run_is_writing(tiny_data, tmp_path):
     assert after_kill.returncode == 2 and "--max-iter 100000 -> 1" in after_kill.stderr, after_kill.stderr
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_torch_imports_is_one_line():
+    """Ctrl-C in the seconds before main() runs (imports): one line and status 130 as later on, no
+    traceback. -X importtime reports each finished import on stderr: the signal lands inside torch's."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", os.path.join(ROOT, "train.py"), "--help"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "torch" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    err = line + proc.stderr.read()
+    proc.wait()
+    said = [l for l in err.splitlines() if not l.startswith("import time:")]
+    assert proc.returncode == 130 and len(said) == 1 and said[0].startswith("interrupted"), said
+
+
 def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
     args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
     train.main(args)
