@@ -523,8 +523,8 @@ def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
     backend here, which traces and partitions exactly as inductor does but skips its code
     generation (minutes on a 2-core CPU); the GPU benchmark exercises inductor."""
     import functools
-    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "4", "--min-size", "160", "224",
-            "--max-size", "224", "--warmup-iters", "0", "--lr", "0.01"]
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "4", "--min-size", "160", "192",
+            "--max-size", "192", "--warmup-iters", "0", "--lr", "0.01"]
     train.main([*args, "--output", str(tmp_path / "eager")])
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
@@ -538,7 +538,7 @@ def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "to_device", recording_to_device)
     train.main([*args, "--compile", "--output", str(tmp_path / "compiled")])
-    assert len(shapes) > 1  # padded batches of 160 and 224 pixels
+    assert len(shapes) > 1  # padded batches of 160 and 192 pixels
     eager = [json.loads(l) for l in open(tmp_path / "eager" / "log.jsonl")]
     compiled = [json.loads(l) for l in open(tmp_path / "compiled" / "log.jsonl")]
     assert [c["compilations"] for c in compiled] == [2] * 4  # network and loss, once each
