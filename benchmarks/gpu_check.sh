@@ -4,7 +4,10 @@
 #      (against finite differences of the oracle); and no host-device synchronisation in a loss call;
 #   2. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image loop
 #      (the benchmark also checks that compiled equals eager to float32 rounding);
-#   3. a training step of R-50 at 800x1333 (benchmarks/train_step.py): eager, channels_last, compiled.
+#   2b. where the time goes: a profile of the eager and compiled loss at B = 16, G = 100;
+#   3. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
+#      with the FreeAnchor loss, eager (channels_last, the CUDA default) and compiled;
+#   4. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last.
 # Everything printed is also written to DIR/gpu_check.txt (default: runs/gpu_check).
 #
 #     bash benchmarks/gpu_check.sh [DIR]
@@ -17,7 +20,7 @@ log="$out/gpu_check.txt"
 : > "$log"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-parts=${PARTS:-1 2 3}
+parts=${PARTS:-1 2 3 4}
 step() { echo "== $1" | tee -a "$log"; }
 want() { [[ " $parts " == *" $1 "* ]]; }
 
@@ -99,7 +102,7 @@ fi
 if want 2; then
 step "2. the loss at COCO scale (forward + backward, median of 7)"
 $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
-    --methods free_anchor_loss "per-image loop" 2>&1 | tee -a "$log"
+    --methods free_anchor_loss "per-image loop" --profile 16 100 2>&1 | tee -a "$log"
 fi
 
 if want 3; then
@@ -107,6 +110,11 @@ step "3. a training step, R-50 at 800x1333, B = 16, bf16"
 # the rows that answer the targets (network-only vs FreeAnchor step, eager / channels_last / compiled);
 # the full table at B = 2, 8, 16 with every method takes longer: benchmarks/train_step.py --device cuda
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --row-timeout 150 2>&1 | tee -a "$log"
+    --modes channels_last compiled --row-timeout 150 2>&1 | tee -a "$log"
+fi
+
+if want 4; then
+step "4. evaluate.py's detect, R-50 at 800x1333, batches of 8, bf16, channels_last"
+$py benchmarks/inference.py --device cuda --amp --channels-last --batch 8 --images 96 2>&1 | tee -a "$log"
 fi
 echo "written to $log"

@@ -17,6 +17,7 @@ its own (peak resident memory over what the inputs already took); on CUDA all ru
     python benchmarks/loss.py                      # CPU, all configurations (~15 min on 2 cores)
     python benchmarks/loss.py --batch 2 --objects 8 --compile
     python benchmarks/loss.py --device cuda --compile --repeats 7
+    python benchmarks/loss.py --device cuda --compile --batch 16 --objects 100 --profile 16 100
 """
 
 import argparse
@@ -161,6 +162,29 @@ def run_one(method, B, G, device, repeats):
             "first_call_s": first_call, "peak_mb": max(peak, 0) / 2**20, "values": values}
 
 
+def profile(B, G, device, methods):
+    """Where one forward + backward spends its time (torch.profiler): the ops, or on CUDA the
+    kernels, that take the most, for each of `methods` at (B, G), after one warm-up call."""
+    from torch.profiler import ProfilerActivity
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_inputs(B, G, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for method in methods:
+        fn = compiled_loss if method == COMPILED else METHODS[method]
+        def step():
+            x, d = cls_logits.clone().requires_grad_(), box_deltas.clone().requires_grad_()
+            sum(fn(x, d, anchors, gt_boxes, gt_labels).values()).backward()
+            sync()
+
+        step()  # warm-up (and compilation, for a size not timed above)
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+        print(f"\n# profile of {method}, B = {B}, G = {G}, forward + backward")
+        print(prof.key_averages().table(
+            sort_by="self_device_time_total" if device == "cuda" else "self_cpu_time_total",
+            row_limit=15, max_name_column_width=70))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -169,6 +193,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
     ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != COMPILED], choices=list(METHODS))
     ap.add_argument("--compile", action="store_true", help=f"add the '{COMPILED}' row")
+    ap.add_argument("--profile", type=int, nargs=2, metavar=("B", "G"),
+                    help="after the table, profile the free_anchor_loss rows at this (B, G)")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:
@@ -225,6 +251,8 @@ def main():
     if compile_times:
         print(f"\nfirst call of the compiled loss (includes compiling, or recompiling where a guard fails): "
               f"{'; '.join(compile_times)}")
+    if args.profile:
+        profile(*args.profile, args.device, [m for m in methods if m in ("free_anchor_loss", COMPILED)])
 
 
 if __name__ == "__main__":
