@@ -225,13 +225,19 @@ def step_unless(optimizer, skip):
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, flushed to disk, then renamed over `path`: a kill at any
-    moment leaves either the old file or the new one, never half of one."""
+    moment leaves either the old file or the new one, never half of one (and the directory is
+    flushed too, so that after a power cut the rename is not lost either)."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 # settings that define a run: --resume refuses a last.pt saved with others (it would not continue that run),
@@ -521,16 +527,22 @@ def run_directory_lock(path):
     if os.environ.get("RANK", "0") != "0":  # the other ranks of a torchrun write nothing
         yield
         return
+    created = not os.path.isdir(path)
     os.makedirs(path, exist_ok=True)
-    fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    lock = os.path.join(path, ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
+            created = False  # the other run's
             raise ValueError(f"{path} is in use by another training process (after kill -9 on torchrun its "
                              f"workers go on): stop it, or use another --output") from None
         yield
     finally:
+        if created and os.listdir(path) == [".lock"]:  # stopped before writing anything: leave no trace
+            os.remove(lock)
+            os.rmdir(path)
         os.close(fd)
 
 

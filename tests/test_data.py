@@ -767,7 +767,7 @@ def test_training_stops_before_iteration_0_on_an_image_it_would_never_draw(tmp_p
     captured = capsys.readouterr()
     assert captured.err == f"error: 1 of 8 images cannot be used: {os.path.join(root, 's', 'p5.jpg')} (not an image)\n"
     assert "checking images: 8/8" in captured.out
-    assert not os.path.exists(tmp_path / "run" / "config.json")
+    assert not os.path.exists(tmp_path / "run")  # nothing written, not even the run directory
 
 
 def test_training_says_what_it_leaves_out(tiny, tmp_path, capsys):
