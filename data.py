@@ -221,10 +221,11 @@ def _png_exif_after_pixels(path):
             f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
 
 
-def _orientation(img):
+def _orientation(img, loaded=False):
     """The EXIF orientation (1-8, 1 = as stored) of an opened PIL image, from its header (for a
-    PNG whose eXIf chunk follows the pixels, from that chunk, found without decoding)."""
-    if img.format == "PNG" and "exif" not in img.info:
+    PNG whose eXIf chunk follows the pixels, from that chunk, found without decoding; once the
+    image is `loaded`, PIL has read that chunk itself)."""
+    if img.format == "PNG" and "exif" not in img.info and not loaded:
         data = _png_exif_after_pixels(img.filename) if img.filename else None
         if data is None:
             return 1
@@ -243,7 +244,7 @@ def read_image(path, exif=True):
     try:
         with Image.open(path) as img:
             img.load()
-            method = EXIF_TRANSPOSE.get(_orientation(img)) if exif else None
+            method = EXIF_TRANSPOSE.get(_orientation(img, loaded=True)) if exif else None
             array = _to_rgb(img if method is None else img.transpose(method))
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, EOFError, struct.error, ...)
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None

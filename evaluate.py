@@ -539,8 +539,8 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     if cfg.channels_last:  # convolutions in NHWC follow the weights' layout
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
-        # the network inside detect (backbone, FPN, heads), compiled once for any batch and image
-        # size: they vary with the images' aspect ratios and the last batch
+        # the network inside detect (backbone, FPN, heads), compiled for any batch and image size,
+        # which vary with the images' aspect ratios (a last batch of one image compiles once more)
         model._predict = torch.compile(model._predict, dynamic=True)
     records, start, position = [], time.time(), 0
     shares = total / max(len(indices), 1)  # under DDP, rank 0 counts its share for everyone

@@ -108,7 +108,8 @@ def pad_objects(gt_boxes, gt_labels, dtype, device):
     valid = torch.arange(G, device=device) < counts[:, None]  # [B, G]
     # masked_scatter fills the True places of `valid` in row-major order: image by image, each
     # image's objects in order, which is exactly the concatenation of the lists
-    boxes = unit_box(dtype, device).repeat(B, G, 1).masked_scatter_(valid[..., None], torch.cat(gt_boxes).to(device, dtype))  # [B, G, 4]
+    boxes = unit_box(dtype, device).repeat(B, G, 1).masked_scatter_(
+        valid[..., None], torch.cat(gt_boxes).to(device, dtype))  # [B, G, 4]
     labels = torch.zeros(B, G, dtype=torch.long, device=device).masked_scatter_(
         valid, torch.cat(gt_labels).to(device, torch.long))  # [B, G]
     return boxes, labels, valid

@@ -202,14 +202,18 @@ def cell_anchors(sizes, ratios=ANCHOR_RATIOS):
     return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()  # [R*S, 4]
 
 
-def grid_anchors(feature_sizes, image_size, device):
+def grid_anchors(feature_sizes, image_size, device, cells=None):
     """Anchors of every level, concatenated: [A, 4] float32, A = sum over levels of h*w*9, ordered
     level, then y, then x, then the 9 cell anchors (torchvision's RetinaNet layout).
 
-    feature_sizes: [(h, w)] of P3..P7; image_size: (H, W) of the padded batch.
+    feature_sizes: [(h, w)] of P3..P7; image_size: (H, W) of the padded batch; cells: the cell
+    anchors of the levels [5, 9, 4] already on `device` (RetinaNet keeps them there), or None to
+    make them here (copied from the host: on a GPU, a copy that waits for it).
     """
+    if cells is None:
+        cells = torch.stack([cell_anchors(sizes) for sizes in ANCHOR_SIZES]).to(device)  # [5, 9, 4]
     anchors = []
-    for (h, w), sizes in zip(feature_sizes, ANCHOR_SIZES):
+    for level, (h, w) in enumerate(feature_sizes):
         # torchvision's stride rule, image // feature, rather than 2**level: the two differ for
         # P6/P7 when H or W is not a multiple of 128 (e.g. 800 // 13 = 61, not 64), and we must
         # match its anchors exactly.
@@ -218,8 +222,7 @@ def grid_anchors(feature_sizes, image_size, device):
         shift_y = torch.arange(h, dtype=torch.int32, device=device) * stride_y  # [h]
         shift_y, shift_x = torch.meshgrid(shift_y, shift_x, indexing="ij")  # [h, w]
         shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=-1).view(-1, 1, 4)  # [h*w, 1, 4]
-        cells = cell_anchors(sizes).to(device)  # [9, 4]
-        anchors.append((shifts + cells[None]).reshape(-1, 4))  # [h*w*9, 4] float32
+        anchors.append((shifts + cells[level][None]).reshape(-1, 4).float())  # [h*w*9, 4] float32
     return torch.cat(anchors)  # [A, 4]
 
 
@@ -366,6 +369,11 @@ class RetinaNet(nn.Module):
         # Anchors depend only on the feature-map sizes: cached per (sizes, device), a few at most
         # (multi-scale training visits a handful of padded sizes). Callers must not edit them in place.
         self._anchor_cache = {}
+        # The cell anchors of the 5 levels [5, 9, 4], whole pixels, as a buffer: they follow the model
+        # to its device, so that new anchors never wait for a host copy; integers, so that no
+        # .to(dtype) of the model rounds them; not saved in checkpoints (always the same).
+        self.register_buffer("cells", torch.stack([cell_anchors(sizes) for sizes in ANCHOR_SIZES]).int(),
+                             persistent=False)
 
     def features(self, images):
         """images [B, 3, H, W] -> [P3, P4, P5, P6, P7], each [B, 256, h_l, w_l] (strides 8..128)."""
@@ -392,12 +400,12 @@ class RetinaNet(nn.Module):
         network specialise on every size (a recompilation per size, then eager past the limit),
         where the graph's sizes can stay symbolic."""
         if torch.compiler.is_compiling():
-            return grid_anchors(feature_sizes, image_size, device)
+            return grid_anchors(feature_sizes, image_size, device, self.cells)
         key = (tuple(feature_sizes), tuple(image_size), str(device))
         if key not in self._anchor_cache:
             if len(self._anchor_cache) >= 16:  # bound the memory; drop the oldest
                 self._anchor_cache.pop(next(iter(self._anchor_cache)))
-            self._anchor_cache[key] = grid_anchors(feature_sizes, image_size, device)
+            self._anchor_cache[key] = grid_anchors(feature_sizes, image_size, device, self.cells)
         return self._anchor_cache[key]
 
     def forward(self, images):

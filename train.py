@@ -38,6 +38,7 @@ import random
 import resource
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -110,8 +111,8 @@ class TrainConfig:
     channels_last: bool = field(default=None, metadata={
         "help": "channels_last memory format for the network (default: on with CUDA, off on CPU)"})
     compile: bool = field(default=False, metadata={
-        "help": "torch.compile the network and the loss, once for any image size and object count; the "
-                "log counts the compilations"})
+        "help": "torch.compile the network and the loss, compiled for any image size and object count "
+                "(the log counts the compilations: usually 2)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and of the data order"})
     workers: int = field(default=4, metadata={"help": "data loading processes per training process"})
     raw_orientation: bool = field(default=False, metadata={
@@ -226,18 +227,32 @@ def step_unless(optimizer, skip):
 def save_atomic(obj, path):
     """torch.save to a temporary file, flushed to disk, then renamed over `path`: a kill at any
     moment leaves either the old file or the new one, never half of one (and the directory is
-    flushed too, so that after a power cut the rename is not lost either)."""
+    flushed too, where the file system allows, so that a power cut does not undo the rename).
+    Ctrl-C waits for the end of the write, then interrupts as anywhere else."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    interrupted = []
+    main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
+    if main_thread:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
-        os.fsync(directory)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     finally:
-        os.close(directory)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError:  # some network file systems refuse to flush a directory: durability only
+        pass
+    if interrupted:  # the Ctrl-C held back during the write
+        raise KeyboardInterrupt
 
 
 # settings that define a run: --resume refuses a last.pt saved with others (it would not continue that run),
@@ -285,8 +300,8 @@ def train(cfg, loss_cfg):
     dataset = CocoDataset(root, cfg.train_split, train=True, max_size=cfg.max_size, exif=not cfg.raw_orientation)
     if master and (dataset.tiny_boxes or dataset.images_without_boxes):  # said once, never silent
         print(f"note: training leaves out {dataset.tiny_boxes} box(es) of {dataset.ann_file} under 1 px wide or "
-              f"high once clipped to their image, and {dataset.images_without_boxes} image(s) with no box left "
-              f"(crowd regions aside)", flush=True)
+              f"high once clipped to their image, and {dataset.images_without_boxes} image(s) without a usable box "
+              f"(none annotated, or only crowd regions and such boxes)", flush=True)
     if master and not cfg.skip_check:  # every image's header, on all CPUs; the other ranks wait
         dataset.check_images()
     if ddp:
@@ -350,9 +365,10 @@ def train(cfg, loss_cfg):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     free_anchor_loss, retinanet_loss = freeanchor.free_anchor_loss, freeanchor.retinanet_loss
     if cfg.compile:
-        # Compiled once, on the first batch, for any image size and object count: the loop marks
-        # H, W, G and A dynamic (below), so aspect-ratio groups and multi-scale training never
-        # recompile. The log counts the compilations.
+        # Compiled on the first batch for any image size and object count: the loop marks H, W, G
+        # and A dynamic (below), so that aspect-ratio groups and multi-scale training do not
+        # recompile (a guard the backend adds of its own may still cost one more). The log counts
+        # the compilations.
         compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # this process may have compiled before
         model = torch.compile(model)
         free_anchor_loss, retinanet_loss = torch.compile(free_anchor_loss), torch.compile(retinanet_loss)
@@ -528,9 +544,12 @@ def run_directory_lock(path):
         yield
         return
     created = not os.path.isdir(path)
-    os.makedirs(path, exist_ok=True)
     lock = os.path.join(path, ".lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -538,9 +557,12 @@ def run_directory_lock(path):
             created = False  # the other run's
             raise ValueError(f"{path} is in use by another training process (after kill -9 on torchrun its "
                              f"workers go on): stop it, or use another --output") from None
+        except OSError as e:  # a file system without locks (NFS mounted nolock, some parallel ones)
+            print(f"note: {path} cannot be locked ({e.strerror}): make sure no other run writes there",
+                  flush=True)
         yield
     finally:
-        if created and os.listdir(path) == [".lock"]:  # stopped before writing anything: leave no trace
+        if created and os.listdir(path) == [".lock"]:  # stopped before writing anything: no run directory left
             os.remove(lock)
             os.rmdir(path)
         os.close(fd)
@@ -556,7 +578,8 @@ def _iter_of(line):
 def main(argv=None):
     """CLI entry: user mistakes (bad arguments, data, checkpoints, a diverging run) end with one
     line on stderr and exit status 2 (1 for a non-finite loss), never a traceback."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is the KeyboardInterrupt below
+    if threading.current_thread() is threading.main_thread():  # signals can only be set there
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is the KeyboardInterrupt below
     try:
         cfg, loss_cfg = parse_config(argv)
         with run_directory_lock(cfg.output):

@@ -781,7 +781,7 @@ def test_training_says_what_it_leaves_out(tiny, tmp_path, capsys):
         train.main(args)
     path = os.path.join(tiny, "annotations", "instances_val.json")
     assert f"note: training leaves out 3 box(es) of {path} under 1 px wide or high once clipped to their " \
-           f"image, and 3 image(s) with no box left (crowd regions aside)\n" in capsys.readouterr().out
+           f"image, and 3 image(s) without a usable box (none annotated, or only crowd regions and such boxes)\n" in capsys.readouterr().out
 
 
 def test_to_device_pads_the_objects_for_the_loss(tiny):

@@ -262,6 +262,28 @@ def test_refuses_a_directory_another_run_is_writing(tiny_data, tmp_path):
     assert after_kill.returncode == 2 and "--max-iter 100000 -> 1" in after_kill.stderr, after_kill.stderr
 
 
+def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tiny_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of writing last.pt: the write completes, then the run stops with one
+    line and status 130, as anywhere else; last.pt is whole and no temporary file is left."""
+    real_save = torch.save
+
+    def interrupted_save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # lands while the file is being written
+        time.sleep(0.05)
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--ckpt-every", "1",
+            "--output", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "interrupted: resume with --resume\n"
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=False)["iteration"] == 1
+    assert sorted(os.listdir(tmp_path / "r")) == [".lock", "config.json", "last.pt", "log.jsonl"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_torch_imports_is_one_line():
     """Ctrl-C in the seconds before main() runs (imports): one line and status 130 as later on, no
