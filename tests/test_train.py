@@ -262,6 +262,27 @@ def test_refuses_a_directory_another_run_is_writing(tiny_data, tmp_path):
     assert after_kill.returncode == 2 and "--max-iter 100000 -> 1" in after_kill.stderr, after_kill.stderr
 
 
+def test_output_that_cannot_be_written_or_locked(tiny_data, tmp_path, monkeypatch, capsys):
+    """--output under a file: one line naming it. A file system without locks (NFS mounted nolock):
+    a note, and the run goes on."""
+    import errno
+    import fcntl
+    (tmp_path / "afile").write_text("")
+    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1"]
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--output", str(tmp_path / "afile" / "run")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: --output {tmp_path / 'afile' / 'run'}: cannot write there (Not a directory)\n"
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    train.main([*args, "--output", str(tmp_path / "run")])
+    assert f"note: {tmp_path / 'run'} cannot be locked (No locks available)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "model_final.pt").exists()
+
+
 def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tiny_data, tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of writing last.pt: the write completes, then the run stops with one
     line and status 130, as anywhere else; last.pt is whole and no temporary file is left."""
