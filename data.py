@@ -45,7 +45,6 @@ import operator
 import os
 import shutil
 import struct
-import sys
 import tempfile
 import time
 from collections import Counter

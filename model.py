@@ -366,8 +366,8 @@ class RetinaNet(nn.Module):
         self.cls_head = _head(NUM_ANCHORS * num_classes, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
         self.box_head = _head(NUM_ANCHORS * 4, 0.0)
 
-        # Anchors depend only on the feature-map sizes: cached per (sizes, device), a few at most
-        # (multi-scale training visits a handful of padded sizes). Callers must not edit them in place.
+        # Anchors depend only on the feature-map sizes: cached per (sizes, device), 16 at most; a
+        # miss costs a few small kernels on the device. Callers must not edit them in place.
         self._anchor_cache = {}
         # The cell anchors of the 5 levels [5, 9, 4], whole pixels, as a buffer: they follow the model
         # to its device, so that new anchors never wait for a host copy; integers, so that no

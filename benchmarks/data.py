@@ -29,7 +29,6 @@ Prints markdown tables; never passes or fails on time.
 """
 
 import argparse
-import gc
 import json
 import os
 import platform
