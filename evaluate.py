@@ -528,6 +528,12 @@ def progress(done, total, start, note=""):
     print(f"\r{done}/{total} images{note}  {rate:.1f} img/s  eta {eta}   ", end="", flush=True)
 
 
+def batch_to_host(tensors):
+    """Per-image tensors on the device -> the same on the CPU, in one copy for the batch (each copy
+    to the host waits for the device to finish)."""
+    return torch.cat(tensors).cpu().split([len(t) for t in tensors])
+
+
 def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress, total):
     """Detect on dataset[indices] -> one record per image: {"index", "image_id", "boxes", "scores",
     "labels"} on the CPU, plus per-object best IoUs "before"/"after" NMS with --nms-recall."""
@@ -551,14 +557,15 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
                 dets, candidates = detect_with_candidates(model, images, scales, max_sizes, cfg.flip)
             else:
                 dets = detect(model, images, scales, max_sizes, cfg.flip)
+        on_host = {k: batch_to_host([d[k] for d in dets]) for k in ("boxes", "scores", "labels")}
+        if cfg.nms_recall:
+            targets = [(t["boxes"].to(device, non_blocking=True), t["labels"].to(device, non_blocking=True))
+                       for _, t in batch]
+            on_host["before"] = batch_to_host([best_iou(*gt, c["boxes"], c["labels"]) for gt, c in zip(targets, candidates)])
+            on_host["after"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"]) for gt, d in zip(targets, dets)])
         for b, (_, target) in enumerate(batch):
-            det = {k: v.cpu() for k, v in dets[b].items()}
-            record = {"index": indices[position], "image_id": target["image_id"], **det}
-            if cfg.nms_recall:
-                gt_boxes, gt_labels = target["boxes"].to(device), target["labels"].to(device)
-                record["before"] = best_iou(gt_boxes, gt_labels, candidates[b]["boxes"], candidates[b]["labels"]).cpu()
-                record["after"] = best_iou(gt_boxes, gt_labels, dets[b]["boxes"], dets[b]["labels"]).cpu()
-            records.append(record)
+            records.append({"index": indices[position], "image_id": target["image_id"],
+                            **{k: v[b] for k, v in on_host.items()}})
             position += 1
         if show_progress:
             progress(min(round(position * shares), total), total, start,

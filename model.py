@@ -145,8 +145,10 @@ def resize_boxes(boxes, old_size, new_size):
 
 def normalize(image):
     """[3, h, w] RGB in [0, 1] -> ImageNet-normalised [3, h, w]."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device)[:, None, None]
+    # made on the host and copied without waiting: torch.tensor(..., device="cuda") would be a
+    # blocking copy, which waits for the GPU's queue, for every image of every batch
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype).to(image.device, non_blocking=True)[:, None, None]  # [3, 1, 1]
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype).to(image.device, non_blocking=True)[:, None, None]  # [3, 1, 1]
     return (image - mean) / std
 
 
@@ -414,26 +416,19 @@ class RetinaNet(nn.Module):
         cls_logits, box_deltas, anchors, _ = self._predict(images)
         return cls_logits, box_deltas, anchors
 
-    def _predict(self, images, torchvision_deltas=False):
-        """forward(), plus the number of anchors of each level. torchvision_deltas: box deltas in
-        torchvision's (1, 1, 1, 1) units, from the prediction conv that to_torchvision exports."""
+    def _predict(self, images):
+        """forward(), plus the number of anchors of each level."""
         if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"RetinaNet expects images [B, 3, H, W], got "
                              f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
         features = self.features(images)
         K = self.num_classes
-        if torchvision_deltas:
-            box_weight, box_bias = _torchvision_box_conv(self.box_head[-1].weight, self.box_head[-1].bias)
         cls_logits, box_deltas = [], []
         for p in features:
             B, _, h, w = p.shape
-            if torchvision_deltas:
-                deltas = F.conv2d(self.box_head[:-1](p), box_weight, box_bias, padding=1)  # [B, 9*4, h, w]
-            else:
-                deltas = self.box_head(p)  # [B, 9*4, h, w]
             # [B, 9*K, h, w] -> [B, h*w*9, K]: position-major, then the 9 anchors (torchvision's order)
             cls_logits.append(self.cls_head(p).view(B, NUM_ANCHORS, K, h, w).permute(0, 3, 4, 1, 2).reshape(B, -1, K))
-            box_deltas.append(deltas.view(B, NUM_ANCHORS, 4, h, w).permute(0, 3, 4, 1, 2).reshape(B, -1, 4))
+            box_deltas.append(self.box_head(p).view(B, NUM_ANCHORS, 4, h, w).permute(0, 3, 4, 1, 2).reshape(B, -1, 4))
         feature_sizes = [tuple(p.shape[-2:]) for p in features]
         anchors = self.anchors(feature_sizes, images.shape[-2:], images.device)  # [A, 4]
         per_level = [h * w * NUM_ANCHORS for h, w in feature_sizes]
@@ -446,7 +441,8 @@ class RetinaNet(nn.Module):
 
         Returns one dict per image: boxes [N, 4] xyxy in original pixels, scores [N], labels [N]
         int64 in [0, K). Resizing, normalising and padding as torchvision's GeneralizedRCNNTransform;
-        postprocessing as its RetinaNet.postprocess_detections. nms=False returns the candidates
+        postprocessing as its RetinaNet.postprocess_detections, batched: the same detections as the
+        RetinaNet of to_torchvision to float32 rounding. nms=False returns the candidates
         that NMS would see (score threshold, per-level top-k, decoded, clipped, in original pixels).
         min_size, max_size override the model's (test-time scales). Eval-mode semantics; the
         training flags of the modules are left as they were.
@@ -474,38 +470,47 @@ class RetinaNet(nn.Module):
         modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
-            # Deltas in torchvision's units, from the very weights to_torchvision exports: the same
-            # boxes as decoding ours with BOX_WEIGHTS up to rounding (~1e-5 px), but this way
-            # detect equals torchvision's RetinaNet bit for bit (on CPU), not just to rounding.
-            cls_logits, box_deltas, anchors, per_level = self._predict(batch,
-                                                                       torchvision_deltas=True)
+            cls_logits, box_deltas, anchors, per_level = self._predict(batch)  # [B, A, K], [B, A, 4], [A, 4]
         finally:
             for module, training in modes:
                 module.training = training
 
-        K = self.num_classes
+        # torchvision's postprocess_detections, for the whole batch at once: per image and level,
+        # the top-k (anchor, class) pairs whose score passes the threshold, decoded and clipped,
+        # then class-wise NMS per image. Here the top-k comes first, over the logits (sigmoid is
+        # monotonic), and the threshold after it as a mask: the same candidates in the same order
+        # (ties at the k-th score aside), with no data-dependent shape until the one compaction of
+        # the batch. The host waits for the GPU twice per batch and once per image (NMS), where a
+        # loop over images and levels waits six times per image.
+        B, K = len(images), self.num_classes
+        top_logits, top_index, first = [], [], 0
+        for n in per_level:
+            logits, index = cls_logits[:, first:first + n].flatten(1).topk(
+                min(self.topk_candidates, n * K), dim=1)  # [B, k], index = anchor*K + class in the level
+            top_logits.append(logits)
+            top_index.append(index + first * K)
+            first += n
+        scores = torch.sigmoid(torch.cat(top_logits, dim=1).float())  # [B, N]  N = sum of the levels' k
+        top_index = torch.cat(top_index, dim=1)  # [B, N]
+        anchor_idx, labels = top_index // K, top_index % K  # [B, N]
+        deltas = box_deltas.gather(1, anchor_idx[..., None].expand(B, -1, 4)).float()  # [B, N, 4]
+        boxes = decode(anchors[anchor_idx], deltas)  # [B, N, 4]  in the resized image's pixels
+        # per image: (w, h, w, h) to clip to, and the ratios back to the original size, copied
+        # without a wait (float32 division, as torchvision's resize_boxes)
+        sizes = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32)  # [B, 4]
+        originals = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32)  # [B, 4]
+        sizes, ratios = torch.stack((sizes, originals / sizes)).to(boxes.device, non_blocking=True)  # [B, 4] each
+        boxes = torch.minimum(boxes.clamp(min=0), sizes[:, None])  # [B, N, 4]
+        passed = scores > self.score_thresh  # [B, N]
+        counts = passed.sum(1).tolist()  # candidates per image: a host read
+        where = passed.nonzero(as_tuple=True)  # the batch's candidates, image by image: a host read
+        per_image = zip(*(t[where].split(counts) for t in (boxes, scores, labels)))  # B x ([n_b, 4], [n_b], [n_b])
         results = []
-        for b, ((h, w), original_size) in enumerate(zip(image_sizes, original_sizes)):
-            boxes, scores, labels = [], [], []
-            for logits_l, deltas_l, anchors_l in zip(cls_logits[b].split(per_level), box_deltas[b].split(per_level),
-                                                     anchors.split(per_level)):
-                scores_l = torch.sigmoid(logits_l.float()).flatten()  # [A_l*K], index = anchor*K + class
-                candidates = torch.where(scores_l > self.score_thresh)[0]  # [n]
-                scores_l, top = scores_l[candidates].topk(min(self.topk_candidates, candidates.numel()))  # [k]
-                candidates = candidates[top]  # [k]
-                anchor_idx = candidates // K  # [k]
-                boxes_l = decode(anchors_l[anchor_idx], deltas_l[anchor_idx].float(),
-                                 weights=(1.0, 1.0, 1.0, 1.0))  # [k, 4], torchvision's units (see above)
-                boxes_l = torch.stack((boxes_l[:, 0].clamp(0, w), boxes_l[:, 1].clamp(0, h),
-                                       boxes_l[:, 2].clamp(0, w), boxes_l[:, 3].clamp(0, h)), dim=1)  # [k, 4]
-                boxes.append(boxes_l)
-                scores.append(scores_l)
-                labels.append(candidates % K)
-            boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)  # [N, 4], [N], [N]
+        for b, (boxes_b, scores_b, labels_b) in enumerate(per_image):
             if nms:
-                keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            results.append({"boxes": resize_boxes(boxes, (h, w), original_size), "scores": scores, "labels": labels})
+                keep = batched_nms(boxes_b, scores_b, labels_b, self.nms_thresh)[: self.detections_per_img]
+                boxes_b, scores_b, labels_b = boxes_b[keep], scores_b[keep], labels_b[keep]
+            results.append({"boxes": boxes_b * ratios[b], "scores": scores_b, "labels": labels_b})
         return results
 
 
