@@ -3,6 +3,7 @@
 # as a whole: the compiled rows are bounded by --row-timeout, and PARTS runs a subset):
 #   1. the loss on CUDA against the float64 numpy oracle: values (float64 and float32) and gradients
 #      (against finite differences of the oracle); and no host-device synchronisation in a loss call;
+#   1b. synchronisations of train.py's steady-state step and of detect (benchmarks/syncs.py);
 #   2. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image loop
 #      (the benchmark also checks that compiled equals eager to float32 rounding);
 #   2b. where the time goes: a profile of the eager and compiled loss at B = 16, G = 100;
@@ -98,6 +99,8 @@ if DEVICE == "cuda":  # no host-device synchronisation: torch raises on any sync
           "(torch.cuda.set_sync_debug_mode('error'))")
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || echo "FAILED: the oracle check" | tee -a "$log"
+step "1b. host-device synchronisations: train.py's step, detect"
+$py benchmarks/syncs.py --device cuda 2>&1 | grep -v "^iter \|images, \|^done:\|checking images" | tee -a "$log"
 fi
 
 if want 2; then

@@ -1,0 +1,144 @@
+"""Where the host waits for the GPU: host-device synchronisations of a training step and of detect.
+
+Every synchronisation stops the host from queueing work ahead of the GPU, so a loop that waits for
+the device several times per step leaves it idle in between. This counts them, with
+torch.cuda.set_sync_debug_mode("warn") (which flags every synchronising call torch makes: reads
+of a value, data-dependent shapes, blocking copies), in
+  - train.py's steady-state step: `train.main` on a small generated COCO-layout dataset, as a user
+    runs it (uint8 images through the loader, resized and normalised on the GPU, network, loss,
+    backward, the device-side skip of non-finite steps), counted between the optimizer steps
+    after the first two; the target is 0 (the host reads values only where it logs);
+  - `RetinaNet.detect` on a batch of 8 images: two reads for the batch up to NMS, then
+    torchvision's batched_nms for each image; and evaluate.py's copy of the results to the host,
+    one per field.
+On a CPU (no synchronisation exists there) it counts the ops that would be one on a GPU (reads of
+a value, data-dependent shapes) instead, as a dry run; blocking copies are invisible there.
+
+    python benchmarks/syncs.py --device cuda
+    python benchmarks/syncs.py                  # CPU dry run (~1 min)
+
+Prints a small table; never passes or fails.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import train  # noqa: E402
+from evaluate import batch_to_host  # noqa: E402
+from model import RetinaNet  # noqa: E402
+from test_train import make_dataset  # noqa: E402
+
+DATA_DEPENDENT = {"aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.item", "aten.masked_select"}
+
+
+class SyncCounter:
+    """Counts synchronisations on CUDA (set_sync_debug_mode's warnings), data-dependent ops on CPU."""
+
+    def __init__(self, device):
+        self.device, self.count = device, 0
+
+    def __enter__(self):
+        if self.device == "cuda":
+            self._warnings = warnings.catch_warnings(record=True)
+            self._caught = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            counter = self
+
+            class Mode(torch.utils._python_dispatch.TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    counter.count += str(func.overloadpacket) in DATA_DEPENDENT
+                    return func(*args, **(kwargs or {}))
+
+            self._mode = Mode()
+            self._mode.__enter__()
+        return self
+
+    def read(self):
+        if self.device == "cuda":
+            self.count = sum("synchroniz" in str(w.message) for w in self._caught)
+        return self.count
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+            self.read()
+            self._warnings.__exit__(*exc)
+        else:
+            self._mode.__exit__(*exc)
+
+
+def training_step_syncs(device, steps, compile):
+    """Synchronisations in each of train.main's steps after the first two (warm-up, and the first
+    step's caches)."""
+    root = make_dataset(os.path.join(tempfile.mkdtemp(), "data"), num_images=16, size=256)
+    real_step, per_step = train.step_unless, []
+    counter = SyncCounter(device)
+
+    def recording_step(optimizer, skip):
+        real_step(optimizer, skip)
+        per_step.append(counter.read())
+
+    train.step_unless = recording_step
+    args = ["--data", root, "--backbone", "resnet18", "--weights", "none", "--min-size", "224", "256",
+            "--max-size", "320", "--batch-size", "4", "--max-iter", str(steps), "--log-every", "1000",
+            "--ckpt-every", "1000", "--workers", "2", "--device", device,
+            "--output", os.path.join(tempfile.mkdtemp(), "run")] + (["--compile"] if compile else [])
+    try:
+        with counter:
+            train.main(args)
+    finally:
+        train.step_unless = real_step
+    return [b - a for a, b in zip(per_step[1:], per_step[2:])]
+
+
+def detect_syncs(device, batch):
+    """Synchronisations of detect before NMS, with NMS, and of evaluate.py's copy to the host."""
+    model = RetinaNet(80, backbone="resnet18", weights="none").to(device)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g).to(device) for _ in range(batch)]
+    model.detect(images)  # warm-up: cuDNN, caches
+    counts = {}
+    for nms in (False, True):
+        with SyncCounter(device) as counter:
+            dets = model.detect(images, nms=nms)
+        counts[nms] = counter.count
+    with SyncCounter(device) as counter:
+        for k in ("boxes", "scores", "labels"):
+            batch_to_host([d[k] for d in dets])
+    return counts[False], counts[True] - counts[False], counter.count
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--steps", type=int, default=6, help="training steps (the first two are not counted)")
+    ap.add_argument("--compile", action="store_true", help="also count train.py --compile's steps")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    what = "host-device synchronisations" if args.device == "cuda" else "data-dependent ops (CPU dry run)"
+    rows = [("train.py step (eager)", training_step_syncs(args.device, args.steps, compile=False))]
+    if args.compile:
+        rows.append(("train.py step (--compile)", training_step_syncs(args.device, args.steps, compile=True)))
+    print(f"\n# {what}, {args.device}, torch {torch.__version__}\n")
+    print("| what | count |")
+    print("|---|---|")
+    for name, counts in rows:
+        print(f"| {name}, steps 3..{args.steps} | {' '.join(map(str, counts))} (target on CUDA: 0 each) |")
+    before_nms, nms, copies = detect_syncs(args.device, 8)
+    print(f"| RetinaNet.detect, 8 images, up to NMS | {before_nms} (target on CUDA: 2, the compaction of the batch) |")
+    print(f"| its NMS, one batched_nms per image | {nms} |")
+    print(f"| evaluate.py's copy of the 8 images' detections to the host | {copies} (target on CUDA: 3, one per field) |")
+
+if __name__ == "__main__":
+    main()
