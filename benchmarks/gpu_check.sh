@@ -100,7 +100,7 @@ if DEVICE == "cuda":  # no host-device synchronisation: torch raises on any sync
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || echo "FAILED: the oracle check" | tee -a "$log"
 step "1b. host-device synchronisations: train.py's step, detect"
-$py benchmarks/syncs.py --device cuda 2>&1 | grep -v "^iter \|images, \|^done:\|checking images" | tee -a "$log"
+$py benchmarks/syncs.py --device "${DEVICE:-cuda}" 2>&1 | grep -v "^iter \|training images, \|^done:\|checking images" | tee -a "$log"
 fi
 
 if want 2; then
