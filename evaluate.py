@@ -50,7 +50,7 @@ from torchvision.ops import batched_nms
 
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, add_config_arguments, available_cpus,
-                  config_from_args, format_eta, resolve_root_once, setup_processes)
+                  config_from_args, device_defaults, format_eta, resolve_root_once, setup_processes)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -132,14 +132,7 @@ def parse_config(argv):
         raise ValueError("--min-size and --test-scales both set the shorter side: give one of them")
     if cfg.device not in (None, "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise ValueError(f"--device {cfg.device}: use cpu or cuda")
-    if cfg.device is None:
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: no CUDA device is available here (use --device cpu)")
-    on_cuda = cfg.device.startswith("cuda")
-    cfg.amp = on_cuda if cfg.amp is None else cfg.amp
-    cfg.channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
-    return cfg
+    return device_defaults(cfg)
 
 
 def load_checkpoint(path, device):

@@ -58,7 +58,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
 from data import (CocoDataset, DataError, TrainSampler, add_config_arguments, available_cpus, collate,
-                  config_from_args, format_eta, resolve_root_once, setup_processes, to_device)
+                  config_from_args, device_defaults, format_eta, resolve_root_once, setup_processes, to_device)
 from model import BACKBONES, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -162,16 +162,7 @@ def parse_config(argv):
     if cfg.output is None:
         data_name = os.path.basename(os.path.normpath(cfg.data))
         cfg.output = os.path.join("runs", f"{cfg.loss}_{cfg.backbone}_{data_name}")
-    if cfg.device is None:
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {cfg.device}: no CUDA device is available here (use --device cpu)")
-    on_cuda = cfg.device.startswith("cuda")
-    cfg.amp = on_cuda if cfg.amp is None else cfg.amp
-    # on CPU neither pays for certain: channels_last measured within noise of NCHW on the quickstart,
-    # and bfloat16 is fast only on CPUs with native bf16 (1.85x on the quickstart), slow elsewhere
-    cfg.channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
-    return cfg, loss_cfg
+    return device_defaults(cfg), loss_cfg
 
 
 def cpu_has_native_bf16():
