@@ -480,8 +480,8 @@ class RetinaNet(nn.Module):
         # then class-wise NMS per image. Here the top-k comes first, over the logits (sigmoid is
         # monotonic), and the threshold after it as a mask: the same candidates in the same order
         # (ties at the k-th score aside), with no data-dependent shape until the one compaction of
-        # the batch. The host waits for the GPU twice per batch and once per image (NMS), where a
-        # loop over images and levels waits six times per image.
+        # the batch. The host waits for the GPU twice per batch and then in each image's NMS, where
+        # a loop over images and levels waits at every level of every image.
         B, K = len(images), self.num_classes
         top_logits, top_index, first = [], [], 0
         for n in per_level:
