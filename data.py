@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
-from model import batch_images, prepare_image, preprocess, resize_boxes, resized_size
+from model import batch_images, host_to_device, prepare_image, preprocess, resize_boxes, resized_size
 
 
 class DataError(Exception):
@@ -549,9 +549,7 @@ def to_device(batch, device, pad_to=None):
         labels = torch.full((len(targets), G), -1, dtype=torch.long)  # [B, G]
         for b, t in enumerate(targets):
             boxes[b, :len(t["boxes"])], labels[b, :len(t["labels"])] = t["boxes"], t["labels"]
-        if torch.device(device).type == "cuda":  # page-locked, so that the copies below are truly asynchronous
-            boxes, labels = boxes.pin_memory(), labels.pin_memory()
-        gt_boxes, gt_labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        gt_boxes, gt_labels = host_to_device(boxes, device), host_to_device(labels, device)
     else:
         gt_boxes = [t["boxes"].to(device, non_blocking=True) for t in targets]  # [[G_b, 4]]
         gt_labels = [t["labels"].to(device, non_blocking=True) for t in targets]  # [[G_b]]

@@ -27,6 +27,7 @@ model trained here converts both ways to `torchvision.models.detection.RetinaNet
 Run the tests with `python -m pytest tests/test_model.py`.
 """
 
+import functools
 import math
 import os
 
@@ -143,12 +144,25 @@ def resize_boxes(boxes, old_size, new_size):
     return boxes * ratios
 
 
+def host_to_device(t, device):
+    """A tensor made on the host, on `device` without the host waiting for the device. On a GPU a
+    copy from ordinary (pageable) memory may wait for the GPU's queue, even with non_blocking, and
+    torch.tensor(..., device="cuda") always does: page-locked memory first."""
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+@functools.cache
+def _imagenet_stats(dtype, device):
+    """ImageNet's mean and std [3, 1, 1] on `device`, copied there once per process and dtype
+    (normalize runs on every image of every batch)."""
+    return tuple(host_to_device(torch.tensor(v, dtype=dtype)[:, None, None], device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def normalize(image):
     """[3, h, w] RGB in [0, 1] -> ImageNet-normalised [3, h, w]."""
-    # made on the host and copied without waiting: torch.tensor(..., device="cuda") would be a
-    # blocking copy, which waits for the GPU's queue, for every image of every batch
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype).to(image.device, non_blocking=True)[:, None, None]  # [3, 1, 1]
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype).to(image.device, non_blocking=True)[:, None, None]  # [3, 1, 1]
+    mean, std = _imagenet_stats(image.dtype, image.device)  # [3, 1, 1] each
     return (image - mean) / std
 
 
@@ -495,11 +509,11 @@ class RetinaNet(nn.Module):
         anchor_idx, labels = top_index // K, top_index % K  # [B, N]
         deltas = box_deltas.gather(1, anchor_idx[..., None].expand(B, -1, 4)).float()  # [B, N, 4]
         boxes = decode(anchors[anchor_idx], deltas)  # [B, N, 4]  in the resized image's pixels
-        # per image: (w, h, w, h) to clip to, and the ratios back to the original size, copied
-        # without a wait (float32 division, as torchvision's resize_boxes)
+        # per image: (w, h, w, h) to clip to, and the ratios back to the original size (float32
+        # division, as torchvision's resize_boxes)
         sizes = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=torch.float32)  # [B, 4]
         originals = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32)  # [B, 4]
-        sizes, ratios = torch.stack((sizes, originals / sizes)).to(boxes.device, non_blocking=True)  # [B, 4] each
+        sizes, ratios = host_to_device(torch.stack((sizes, originals / sizes)), boxes.device)  # [B, 4] each
         boxes = torch.minimum(boxes.clamp(min=0), sizes[:, None])  # [B, N, 4]
         passed = scores > self.score_thresh  # [B, N]
         counts = passed.sum(1).tolist()  # candidates per image: a host read

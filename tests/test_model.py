@@ -207,6 +207,18 @@ def test_detect_postprocesses_the_batch_at_once():
     assert sum(four.values()) - sum(one.values()) <= 3 * 30, (sum(one.values()), sum(four.values()))
 
 
+def test_preprocessing_makes_no_host_tensor_per_image():
+    """model.preprocess (training's to_device and detect, on the GPU) copies nothing from the host
+    per image: a tensor made from host data is a copy that may wait for the GPU. ImageNet's mean
+    and std are copied once per device and dtype."""
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=g), torch.rand(3, 64, 48, generator=g)]
+    model.preprocess(batch, [(64, 90), (64, 48)])  # the first call may copy the constants
+    with OpCounter() as counter:
+        model.preprocess(batch, [(64, 90), (64, 48)])
+    assert counter.counts["aten.lift_fresh"] == 0, counter.counts
+
+
 def test_detect_without_nms_returns_the_candidates():
     m = tiny()
     m.topk_candidates = 50
