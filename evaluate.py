@@ -528,9 +528,16 @@ def batch_to_host(tensors):
 
 
 def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress, total):
-    """Detect on dataset[indices] -> one record per image: {"index", "image_id", "boxes", "scores",
-    "labels"} on the CPU, plus per-object best IoUs "before"/"after" NMS with --nms-recall."""
+    """Detect on dataset[indices] -> one record per image, in the order they were detected (by
+    aspect ratio): {"index", "image_id", "boxes", "scores", "labels"} on the CPU, plus per-object
+    best IoUs "before"/"after" NMS with --nms-recall."""
     device = torch.device(cfg.device)
+    # Batches of images of similar shape: a batch is padded to its largest height and width, so one
+    # portrait image among landscape ones nearly doubles the pixels the network sees (1.47x over
+    # shapes' val split in index order, 1.02x sorted). The records keep their index; the caller
+    # puts them back in dataset order.
+    aspect_ratios = dataset.aspect_ratios
+    indices = sorted(indices, key=lambda i: aspect_ratios[i])
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
                                          num_workers=min(cfg.workers, available_cpus()), collate_fn=_as_list,
                                          pin_memory=device.type == "cuda")

@@ -410,6 +410,38 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     assert e.value.code == 2 and "--batch-size 0" in capsys.readouterr().err
 
 
+def test_batches_images_of_one_shape_and_writes_results_in_dataset_order(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """A batch is padded to its largest height and width: landscape and portrait images that
+    alternate in the file are batched by aspect ratio, so the network never sees a batch padded
+    beyond its own images, and the results still come out in the dataset's order."""
+    root = tmp_path / "mixed"
+    os.makedirs(root / "annotations")
+    os.makedirs(root / "val2017")
+    images, annotations = [], []
+    for n in range(8):
+        w, h = (64, 32) if n % 2 == 0 else (32, 64)  # model scale 64: kept as they are, padded to 32
+        Image.new("RGB", (w, h), (90, 90, 90)).save(root / "val2017" / f"{n}.png")
+        images.append({"id": 50 - n, "file_name": f"{n}.png", "width": w, "height": h})
+        annotations.append({"id": n + 1, "image_id": 50 - n, "category_id": 3, "bbox": [4, 4, 20, 20],
+                            "area": 400, "iscrowd": 0})
+    with open(root / "annotations" / "instances_val2017.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": CATEGORIES}, f)
+    shapes, real_predict = [], RetinaNet._predict
+
+    def recording_predict(self, batch):
+        shapes.append(tuple(batch.shape))
+        return real_predict(self, batch)
+
+    monkeypatch.setattr(RetinaNet, "_predict", recording_predict)
+    out = str(tmp_path / "eval")
+    run_main(["--ckpt", tiny_ckpt, "--data", str(root), "--split", "val2017", "--batch-size", "2", "--workers", "0",
+              "--device", "cpu", "--output", out], capsys)
+    assert sorted(shapes) == [(2, 3, 32, 64)] * 2 + [(2, 3, 64, 32)] * 2  # index order: 4 batches of 64x64
+    with open(os.path.join(out, "detections.json")) as f:
+        ids = [r["image_id"] for r in json.load(f)]
+    assert ids and ids == sorted(ids, reverse=True)  # image ids 50, 49, ..., as in the file
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
     """Images sharded over 2 gloo processes (the environment torchrun sets up) and gathered on
