@@ -33,6 +33,7 @@ EPS = 1e-12  # the clamp of the authors' code: Mean-max weights, t2, and q of th
 # 1 - q once q is clamped to 1 - EPS: 9.99978e-13 in float64, not 1e-12 (see the negative term)
 ONE_MINUS_Q_MIN = 1.0 - (1.0 - EPS)
 MAX_IOU_ELEMENTS = 1 << 28  # IoU matrices [B, G, A] larger than this are built in blocks of objects
+BAG_CHUNK = 64  # anchors per chunk of the bag's two-stage top-n (bag_indices)
 
 
 @dataclass
@@ -135,15 +136,26 @@ def bag_indices(iou, n):
     Ties are common (every anchor of one shape inside an object has the same IoU with it, and a
     small object's bag is topped up with anchors of IoU 0) and topk leaves them to the device.
     They go to the lower anchor index, so that the loss is the same on every device: in float32,
-    topk runs on an exact integer key, the IoU's bits (monotonic for IoU >= 0) above the reversed
-    anchor index; in float64 (tests), a stable sort does the same.
+    the ranking is on an exact integer key, the IoU's bits (monotonic for IoU >= 0) above the
+    reversed anchor index; in float64 (tests), a stable sort does the same.
+
+    A top-n over all A anchors reads each row many times (one pass per radix digit on a GPU), so it
+    runs in two stages: first the n chunks of BAG_CHUNK neighbouring anchors whose best key ranks
+    highest, then the top-n of those n * BAG_CHUNK candidates. Exact: a chunk that ranks above the
+    chunk of one of the n best anchors holds an anchor better than that one, and fewer than n are.
     """
     A = iou.shape[-1]
     if iou.dtype != torch.float32:
         return torch.sort(iou, dim=-1, descending=True, stable=True).indices[..., :n]  # [B, g, n]
     reverse_index = torch.arange(A - 1, -1, -1, device=iou.device)  # [A]  A-1 ... 0
     key = (iou.view(torch.int32).long() << 32) | reverse_index  # [B, g, A]  IoU first, then lower index
-    return key.topk(n, dim=-1).indices  # [B, g, n]
+    chunks = -(-A // BAG_CHUNK)
+    key = F.pad(key, (0, chunks * BAG_CHUNK - A), value=-1)  # [B, g, chunks * C]  padding ranks last
+    key = key.unflatten(-1, (chunks, BAG_CHUNK))  # [B, g, chunks, C]
+    best_chunks = key.amax(-1).topk(min(n, chunks), dim=-1).indices  # [B, g, m]
+    candidates = key.gather(2, best_chunks[..., None].expand(-1, -1, -1, BAG_CHUNK))  # [B, g, m, C]
+    best = candidates.flatten(2).topk(n, dim=-1).values  # [B, g, n]  keys, best first
+    return A - 1 - (best & 0xFFFFFFFF)  # [B, g, n]  the anchor index, from the key's low bits
 
 
 @torch.no_grad()
