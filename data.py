@@ -528,6 +528,17 @@ def collate(batch):
     return batch_images([image for image, _ in batch]), [target for _, target in batch]
 
 
+def pad_targets(boxes, labels, multiple):
+    """Lists of B host tensors, boxes [G_b, 4] and labels [G_b] -> boxes [B, G, 4] and labels [B, G]
+    (-1 at the padding), G the largest G_b rounded up to `multiple` (at least `multiple`)."""
+    G = -(-max(1, *(len(l) for l in labels)) // multiple) * multiple
+    padded_boxes = torch.zeros(len(boxes), G, 4)  # [B, G, 4]
+    padded_labels = torch.full((len(labels), G), -1, dtype=torch.long)  # [B, G]
+    for b, (image_boxes, image_labels) in enumerate(zip(boxes, labels)):
+        padded_boxes[b, :len(image_boxes)], padded_labels[b, :len(image_labels)] = image_boxes, image_labels
+    return padded_boxes, padded_labels
+
+
 def to_device(batch, device, pad_to=None):
     """A loader batch (collate) -> (images [B, 3, H, W] float32 normalised and zero-padded to a
     multiple of 32, gt_boxes [[G_b, 4]], gt_labels [[G_b]]) on `device`. Copies are non-blocking
@@ -544,11 +555,7 @@ def to_device(batch, device, pad_to=None):
     images, targets = batch
     images = images.to(device, non_blocking=True)  # [B, 3, H, W]
     if pad_to:
-        G = -(-max(1, *(len(t["labels"]) for t in targets)) // pad_to) * pad_to
-        boxes = torch.zeros(len(targets), G, 4)  # [B, G, 4]
-        labels = torch.full((len(targets), G), -1, dtype=torch.long)  # [B, G]
-        for b, t in enumerate(targets):
-            boxes[b, :len(t["boxes"])], labels[b, :len(t["labels"])] = t["boxes"], t["labels"]
+        boxes, labels = pad_targets([t["boxes"] for t in targets], [t["labels"] for t in targets], pad_to)
         gt_boxes, gt_labels = host_to_device(boxes, device), host_to_device(labels, device)
     else:
         gt_boxes = [t["boxes"].to(device, non_blocking=True) for t in targets]  # [[G_b, 4]]

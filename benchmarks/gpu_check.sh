@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one go (meant to fit in 5 minutes on one H100/H200; not yet timed
-# as a whole: the compiled rows are bounded by --row-timeout, and PARTS runs a subset):
+# The checks that need a GPU, in one go (about 6 minutes on one H200; PARTS runs a subset):
 #   1. the loss on CUDA against the float64 numpy oracle: values (float64 and float32) and gradients
 #      (against finite differences of the oracle); and no host-device synchronisation in a loss call;
-#   1b. synchronisations of train.py's steady-state step and of detect (benchmarks/syncs.py);
-#   2. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image loop
-#      (the benchmark also checks that compiled equals eager to float32 rounding);
-#   2b. where the time goes: a profile of the eager and compiled loss at B = 16, G = 100;
+#   2. the loss's speed at COCO scale (A = 201,600, K = 80): first the bag's top-n alone (one top-n
+#      over all anchors against bag_indices' two stages), then the whole loss eager and compiled vs
+#      the per-image loop (the benchmark also checks that compiled equals eager to float32
+#      rounding), then a profile of the eager and compiled loss at B = 16, G = 100;
 #   3. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
-#      with the FreeAnchor loss, eager (channels_last, the CUDA default) and compiled;
-#   4. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last.
+#      with the FreeAnchor loss, compiled and eager (channels_last, the CUDA default);
+#   4. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
+#   5. synchronisations of train.py's steady-state step, eager and --compile (with the number of
+#      graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py).
 # Everything printed is also written to DIR/gpu_check.txt (default: runs/gpu_check).
 #
 #     bash benchmarks/gpu_check.sh [DIR]
@@ -22,7 +23,7 @@ log="$out/gpu_check.txt"
 : > "$log"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-parts=${PARTS:-1 2 3 4}
+parts=${PARTS:-1 2 3 4 5}
 step() { echo "== $1" | tee -a "$log"; }
 want() { [[ " $parts " == *" $1 "* ]]; }
 
@@ -99,13 +100,45 @@ if DEVICE == "cuda":  # no host-device synchronisation: torch raises on any sync
           "(torch.cuda.set_sync_debug_mode('error'))")
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || echo "FAILED: the oracle check" | tee -a "$log"
-step "1b. host-device synchronisations: train.py's step, detect"
-$py benchmarks/syncs.py --device "${DEVICE:-cuda}" 2>&1 | grep -v "^iter \|training images, \|^done:\|checking images" | tee -a "$log"
 fi
 
 if want 2; then
+step "2. the bag's top-n at COCO scale (IoU [16, G, 201600] float32, median of 10)"
+$py - <<'PY' 2>&1 | tee -a "$log"
+import sys
+import torch
+sys.path[:0] = [".", "benchmarks"]
+from freeanchor import bag_indices
+from loss import coco_anchors
+from model import box_iou
+
+def one_stage(iou, n):  # the exact key, ranked by a single top-n over all A anchors
+    key = (iou.view(torch.int32).long() << 32) | torch.arange(iou.shape[-1] - 1, -1, -1, device=iou.device)
+    return key.topk(n, dim=-1).indices
+
+def median_ms(fn, *args):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn(*args)
+    times = []
+    for _ in range(10):
+        start.record(); fn(*args); end.record(); torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[5]
+
+anchors = coco_anchors().cuda()
+print("| G | one top-n, eager | two stages, eager | one top-n, compiled | two stages, compiled |")
+print("|---|---|---|---|---|")
+for G in (8, 83):  # 83: a block of G = 100 at B = 16 (MAX_IOU_ELEMENTS)
+    wh = torch.rand(16, G, 2, device="cuda") * 300 + 16
+    xy = torch.rand(16, G, 2, device="cuda") * 500
+    iou = box_iou(torch.cat([xy, xy + wh], -1), anchors)  # [16, G, A]
+    assert torch.equal(one_stage(iou, 50), bag_indices(iou, 50))
+    t = [median_ms(f, iou, 50) for f in (one_stage, bag_indices, torch.compile(one_stage), torch.compile(bag_indices))]
+    print(f"| {G} | " + " | ".join(f"{x:.2f} ms" for x in t) + " |")
+    del iou
+PY
 step "2. the loss at COCO scale (forward + backward, median of 7)"
-$py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
+timeout 240 $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
     --methods free_anchor_loss "per-image loop" --profile 16 100 2>&1 | tee -a "$log"
 fi
 
@@ -115,12 +148,16 @@ step "3. a training step, R-50 at 800x1333, B = 16, bf16"
 # the full table at B = 2, 8, 16 with every method takes longer: benchmarks/train_step.py --device cuda
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
     --modes compiled --row-timeout 150 2>&1 | tee -a "$log"
-$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods free_anchor_loss \
+$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
     --modes channels_last --row-timeout 60 2>&1 | tee -a "$log"
 fi
 
 if want 4; then
 step "4. evaluate.py's detect, R-50 at 800x1333, batches of 8, bf16, channels_last"
-$py benchmarks/inference.py --device cuda --amp --channels-last --batch 8 --images 96 2>&1 | tee -a "$log"
+timeout 120 $py benchmarks/inference.py --device cuda --amp --channels-last --batch 8 --images 96 2>&1 | tee -a "$log"
+fi
+if want 5; then
+step "5. host-device synchronisations: train.py's step (eager and --compile), detect"
+timeout 200 $py benchmarks/syncs.py --device "${DEVICE:-cuda}" --compile --steps 8 2>&1 | grep -v "^iter \|training images, \|^done:\|checking images" | tee -a "$log"
 fi
 echo "written to $log"

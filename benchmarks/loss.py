@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data import pad_targets  # noqa: E402
 from freeanchor import FreeAnchorConfig, free_anchor_loss, retinanet_loss  # noqa: E402
 from model import box_iou, decode, encode  # noqa: E402
 
@@ -127,10 +128,20 @@ def rss_bytes():
 compiled_loss = torch.compile(free_anchor_loss, dynamic=True)  # dynamic shapes: one graph for every (B, G)
 
 
+def padded(gt_boxes, gt_labels):
+    """The objects padded to [B, G, 4] and [B, G] on their device, as train.py passes them to the loss
+    (the compiled loss takes these: lists would fix B in the graph)."""
+    device = gt_boxes[0].device
+    boxes, labels = pad_targets([b.cpu() for b in gt_boxes], [l.cpu() for l in gt_labels], 8)
+    return boxes.to(device), labels.to(device)
+
+
 def run_one(method, B, G, device, repeats):
     """Time one configuration in this process: {"seconds" (median), "first_call_s", "peak_mb", "values", ...}."""
     cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_inputs(B, G, device)
     fn = compiled_loss if method == COMPILED else METHODS[method]
+    if method == COMPILED:
+        gt_boxes, gt_labels = padded(gt_boxes, gt_labels)
     forward_only = method == "sigmoid pass"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times, values = [], None
@@ -171,9 +182,11 @@ def profile(B, G, device, methods):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for method in methods:
         fn = compiled_loss if method == COMPILED else METHODS[method]
+        boxes, labels = padded(gt_boxes, gt_labels) if method == COMPILED else (gt_boxes, gt_labels)
+
         def step():
             x, d = cls_logits.clone().requires_grad_(), box_deltas.clone().requires_grad_()
-            sum(fn(x, d, anchors, gt_boxes, gt_labels).values()).backward()
+            sum(fn(x, d, anchors, boxes, labels).values()).backward()
             sync()
 
         step()  # warm-up (and compilation, for a size not timed above)

@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import freeanchor  # noqa: E402
-from model import RetinaNet, batch_images, normalize, to_torchvision  # noqa: E402
+from data import pad_targets  # noqa: E402
+from model import RetinaNet, batch_images, host_to_device, normalize, to_torchvision  # noqa: E402
 
 MODES = ("eager", "channels_last", "compiled")
 METHODS = ("model_only", "free_anchor_loss", "retinanet_loss", "torchvision")
@@ -78,6 +79,10 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
     device = torch.device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py
+    # the objects as train.py passes them: padded to a multiple of 8, label -1 at the padding
+    gt_boxes, gt_labels = pad_targets(boxes, labels, 8)  # [B, G, 4], [B, G]
+    gt_boxes, gt_labels = host_to_device(gt_boxes, device), host_to_device(gt_labels, device)
+    num_objects = torch.full((), float(sum(len(l) for l in labels)), device=device)  # [], as train.py
     boxes, labels = [b.to(device) for b in boxes], [l.to(device) for l in labels]
     memory_format = torch.contiguous_format if mode == "eager" else torch.channels_last
     if method == "torchvision":
@@ -91,6 +96,9 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
                    "retinanet_loss": freeanchor.retinanet_loss}[method]
         if mode == "compiled":
             net, loss_fn = torch.compile(net), torch.compile(loss_fn)
+            # the dimensions train.py --compile marks dynamic: image size, object count, anchors
+            torch._dynamo.maybe_mark_dynamic(batch, [2, 3])
+            torch._dynamo.maybe_mark_dynamic(gt_boxes, 1), torch._dynamo.maybe_mark_dynamic(gt_labels, 1)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, fused=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -105,8 +113,13 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
                 losses = net(inputs, targets)
             else:
                 cls_logits, box_deltas, anchors = net(batch)
-        if method != "torchvision":
-            losses = loss_fn(cls_logits, box_deltas, anchors, boxes, labels)
+        if mode == "compiled" and method != "torchvision":
+            torch._dynamo.maybe_mark_dynamic(cls_logits, 1), torch._dynamo.maybe_mark_dynamic(box_deltas, 1)
+            torch._dynamo.maybe_mark_dynamic(anchors, 0)
+        if method == "free_anchor_loss":
+            losses = loss_fn(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, num_objects=num_objects)
+        elif method != "torchvision":
+            losses = loss_fn(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
