@@ -141,8 +141,9 @@ def bag_indices(iou, n):
 
     A top-n over all A anchors reads each row many times (one pass per radix digit on a GPU), so it
     runs in two stages: first the n chunks of BAG_CHUNK neighbouring anchors whose best key ranks
-    highest, then the top-n of those n * BAG_CHUNK candidates. Exact: a chunk that ranks above the
-    chunk of one of the n best anchors holds an anchor better than that one, and fewer than n are.
+    highest, then the top-n of those n * BAG_CHUNK candidates. Exact: each chunk that ranks above
+    the chunk of one of the n best anchors holds an anchor better than that one, and fewer than n
+    anchors are better, so that chunk is among the n best chunks.
     """
     A = iou.shape[-1]
     if iou.dtype != torch.float32:
@@ -150,10 +151,10 @@ def bag_indices(iou, n):
     reverse_index = torch.arange(A - 1, -1, -1, device=iou.device)  # [A]  A-1 ... 0
     key = (iou.view(torch.int32).long() << 32) | reverse_index  # [B, g, A]  IoU first, then lower index
     chunks = -(-A // BAG_CHUNK)
-    key = F.pad(key, (0, chunks * BAG_CHUNK - A), value=-1)  # [B, g, chunks * C]  padding ranks last
-    key = key.unflatten(-1, (chunks, BAG_CHUNK))  # [B, g, chunks, C]
-    best_chunks = key.amax(-1).topk(min(n, chunks), dim=-1).indices  # [B, g, m]
-    candidates = key.gather(2, best_chunks[..., None].expand(-1, -1, -1, BAG_CHUNK))  # [B, g, m, C]
+    key = F.pad(key, (0, chunks * BAG_CHUNK - A), value=-1)  # [B, g, chunks * BAG_CHUNK]  padding ranks last
+    key = key.unflatten(-1, (chunks, BAG_CHUNK))  # [B, g, chunks, BAG_CHUNK]
+    best_chunks = key.amax(-1).topk(min(n, chunks), dim=-1).indices  # [B, g, m], m = min(n, chunks)
+    candidates = key.gather(2, best_chunks[..., None].expand(-1, -1, -1, BAG_CHUNK))  # [B, g, m, BAG_CHUNK]
     best = candidates.flatten(2).topk(n, dim=-1).values  # [B, g, n]  keys, best first
     return A - 1 - (best & 0xFFFFFFFF)  # [B, g, n]  the anchor index, from the key's low bits
 

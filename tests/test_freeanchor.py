@@ -474,6 +474,29 @@ def test_ties_in_the_bag_go_to_the_lower_anchor_index():
     assert torch.equal(freeanchor.bag_indices(iou.float(), 50), want)
 
 
+@pytest.mark.parametrize("A", [30, 64, 130, 3201, 20000])
+@pytest.mark.parametrize("values", ["continuous", "ties", "mostly zero", "clustered", "spread"])
+def test_two_stage_bag_equals_one_sort(A, values):
+    """bag_indices ranks chunks of BAG_CHUNK anchors first, then the anchors of the best chunks:
+    the same n anchors as one stable sort of the whole row, whatever the row's length (a multiple
+    of the chunk or not, fewer chunks than n, fewer anchors than n) and wherever the best lie."""
+    gen = torch.Generator().manual_seed(A)
+    iou = torch.rand(2, 3, A, generator=gen)  # [B, g, A]
+    if values == "ties":
+        iou = (iou * 4).floor() / 4
+    elif values == "mostly zero":
+        iou = torch.where(torch.rand(2, 3, A, generator=gen) < 0.99, 0.0, iou)
+    elif values == "clustered":  # every anchor of one chunk beats all others
+        iou = iou * 0.5
+        iou[..., A // 3:A // 3 + freeanchor.BAG_CHUNK] += 0.5
+    elif values == "spread":  # one good anchor in each chunk, the rest low and tied
+        iou = torch.full((2, 3, A), 0.1)
+        iou[..., ::freeanchor.BAG_CHUNK] = torch.rand(2, 3, len(range(0, A, freeanchor.BAG_CHUNK)), generator=gen)
+    n = min(50, A)
+    want = torch.from_numpy(np.argsort(-iou.numpy(), axis=-1, kind="stable")[..., :n])
+    assert torch.equal(freeanchor.bag_indices(iou, n), want)
+
+
 def test_padded_objects_equal_lists():
     """The padded form train.py's loader yields ([B, G, 4] boxes, [B, G] labels, -1 = padding)
     gives the loss of the lists it pads."""
