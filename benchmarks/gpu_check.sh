@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one go (about 6 minutes on one H200; PARTS runs a subset):
+# The checks that need a GPU (PARTS runs a subset, in this order):
 #   1. the loss on CUDA against the float64 numpy oracle: values (float64 and float32) and gradients
 #      (against finite differences of the oracle); and no host-device synchronisation in a loss call;
-#   2. the loss's speed at COCO scale (A = 201,600, K = 80): first the bag's top-n alone (one top-n
+#   2. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
+#      with the FreeAnchor loss, compiled and eager (channels_last, the CUDA default);
+#   3. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
+#   4. synchronisations of train.py's steady-state step, eager and --compile (with the number of
+#      graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py);
+#   5. the loss's speed at COCO scale (A = 201,600, K = 80): first the bag's top-n alone (one top-n
 #      over all anchors against bag_indices' two stages), then the whole loss eager and compiled vs
 #      the per-image loop (the benchmark also checks that compiled equals eager to float32
-#      rounding), then a profile of the eager and compiled loss at B = 16, G = 100;
-#   3. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
-#      with the FreeAnchor loss, compiled and eager (channels_last, the CUDA default);
-#   4. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
-#   5. synchronisations of train.py's steady-state step, eager and --compile (with the number of
-#      graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py).
+#      rounding), then a profile of the eager and compiled loss at B = 16, G = 100.
 # Everything printed is also written to DIR/gpu_check.txt (default: runs/gpu_check).
+# On an H200 (2026-11-26) parts 1 and 5 took about 2.5 minutes together, and torch.compile of R-50
+# for any image size alone over 150 s, so the whole script takes longer than one 5-minute call:
+# run it as two, PARTS="1 2" and PARTS="3 4 5".
 #
 #     bash benchmarks/gpu_check.sh [DIR]
 #     PARTS="1 2" bash benchmarks/gpu_check.sh      # only some of the parts
@@ -103,7 +106,29 @@ PY
 fi
 
 if want 2; then
-step "2. the bag's top-n at COCO scale (IoU [16, G, 201600] float32, median of 10)"
+step "2. a training step, R-50 at 800x1333, B = 16, bf16"
+# the rows that answer the targets (network-only vs FreeAnchor step, compiled and channels_last);
+# the full table at B = 2, 8, 16 with every method takes longer: benchmarks/train_step.py --device cuda.
+# The first compiled row compiles the network for any image size (as train.py --compile), which took
+# over 150 s on an H200; the second finds it in inductor's on-disk cache.
+$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
+    --modes compiled --row-timeout 320 2>&1 | tee -a "$log"
+$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
+    --modes channels_last --row-timeout 60 2>&1 | tee -a "$log"
+fi
+
+if want 3; then
+step "3. evaluate.py's detect, R-50 at 800x1333, batches of 8, bf16, channels_last"
+timeout 120 $py benchmarks/inference.py --device cuda --amp --channels-last --batch 8 --images 96 2>&1 | tee -a "$log"
+fi
+
+if want 4; then
+step "4. host-device synchronisations: train.py's step (eager and --compile), detect"
+timeout 300 $py benchmarks/syncs.py --device "${DEVICE:-cuda}" --compile --steps 8 2>&1 | grep -v "^iter \|training images, \|^done:\|checking images" | tee -a "$log"
+fi
+
+if want 5; then
+step "5. the bag's top-n at COCO scale (IoU [16, G, 201600] float32, median of 10)"
 $py - <<'PY' 2>&1 | tee -a "$log"
 import sys
 import torch
@@ -137,27 +162,8 @@ for G in (8, 83):  # 83: a block of G = 100 at B = 16 (MAX_IOU_ELEMENTS)
     print(f"| {G} | " + " | ".join(f"{x:.2f} ms" for x in t) + " |")
     del iou
 PY
-step "2. the loss at COCO scale (forward + backward, median of 7)"
+step "5. the loss at COCO scale (forward + backward, median of 7)"
 timeout 240 $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
     --methods free_anchor_loss "per-image loop" --profile 16 100 2>&1 | tee -a "$log"
-fi
-
-if want 3; then
-step "3. a training step, R-50 at 800x1333, B = 16, bf16"
-# the rows that answer the targets (network-only vs FreeAnchor step, eager / channels_last / compiled);
-# the full table at B = 2, 8, 16 with every method takes longer: benchmarks/train_step.py --device cuda
-$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes compiled --row-timeout 150 2>&1 | tee -a "$log"
-$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes channels_last --row-timeout 60 2>&1 | tee -a "$log"
-fi
-
-if want 4; then
-step "4. evaluate.py's detect, R-50 at 800x1333, batches of 8, bf16, channels_last"
-timeout 120 $py benchmarks/inference.py --device cuda --amp --channels-last --batch 8 --images 96 2>&1 | tee -a "$log"
-fi
-if want 5; then
-step "5. host-device synchronisations: train.py's step (eager and --compile), detect"
-timeout 200 $py benchmarks/syncs.py --device "${DEVICE:-cuda}" --compile --steps 8 2>&1 | grep -v "^iter \|training images, \|^done:\|checking images" | tee -a "$log"
 fi
 echo "written to $log"
