@@ -7,10 +7,12 @@
 #   3. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
 #   4. synchronisations of train.py's steady-state step, eager and --compile (with the number of
 #      graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py);
-#   5. the loss's speed at COCO scale (A = 201,600, K = 80): first the bag's top-n alone (one top-n
-#      over all anchors against bag_indices' two stages), then the whole loss eager and compiled vs
-#      the per-image loop (the benchmark also checks that compiled equals eager to float32
-#      rounding), then a profile of the eager and compiled loss at B = 16, G = 100.
+#   5. the loss's speed at COCO scale (A = 201,600, K = 80): first two pieces alone against their
+#      alternatives (the bag's top-n: one top-n over all anchors or bag_indices' two stages;
+#      P{a_j in A+}: the loss's scatter-max, a class-major one, a one-hot max), then the whole
+#      loss eager and compiled vs the per-image loop (the benchmark also checks that compiled
+#      equals eager to float32 rounding), then a profile of the eager and compiled loss at
+#      B = 16, G = 100.
 # Everything printed is also written to DIR/gpu_check.txt (default: runs/gpu_check).
 # On an H200 (2026-11-26) parts 1 and 5 took about 2.5 minutes together, and torch.compile of R-50
 # for any image size alone over 150 s, so the whole script takes longer than one 5-minute call:
@@ -128,40 +130,8 @@ timeout 300 $py benchmarks/syncs.py --device "${DEVICE:-cuda}" --compile --steps
 fi
 
 if want 5; then
-step "5. the bag's top-n at COCO scale (IoU [16, G, 201600] float32, median of 10)"
-$py - <<'PY' 2>&1 | tee -a "$log"
-import sys
-import torch
-sys.path[:0] = [".", "benchmarks"]
-from freeanchor import bag_indices
-from loss import coco_anchors
-from model import box_iou
-
-def one_stage(iou, n):  # the exact key, ranked by a single top-n over all A anchors
-    key = (iou.view(torch.int32).long() << 32) | torch.arange(iou.shape[-1] - 1, -1, -1, device=iou.device)
-    return key.topk(n, dim=-1).indices
-
-def median_ms(fn, *args):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn(*args)
-    times = []
-    for _ in range(10):
-        start.record(); fn(*args); end.record(); torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[5]
-
-anchors = coco_anchors().cuda()
-print("| G | one top-n, eager | two stages, eager | one top-n, compiled | two stages, compiled |")
-print("|---|---|---|---|---|")
-for G in (8, 83):  # 83: a block of G = 100 at B = 16 (MAX_IOU_ELEMENTS)
-    wh = torch.rand(16, G, 2, device="cuda") * 300 + 16
-    xy = torch.rand(16, G, 2, device="cuda") * 500
-    iou = box_iou(torch.cat([xy, xy + wh], -1), anchors)  # [16, G, A]
-    assert torch.equal(one_stage(iou, 50), bag_indices(iou, 50))
-    t = [median_ms(f, iou, 50) for f in (one_stage, bag_indices, torch.compile(one_stage), torch.compile(bag_indices))]
-    print(f"| {G} | " + " | ".join(f"{x:.2f} ms" for x in t) + " |")
-    del iou
-PY
+step "5. the loss at COCO scale: the bag's top-n and P{a_j in A+} alone, with their alternatives"
+timeout 150 $py benchmarks/loss.py --device cuda --parts 16 8 83 2>&1 | tee -a "$log"  # 83: a block of G = 100 at B = 16
 step "5. the loss at COCO scale (forward + backward, median of 7)"
 timeout 240 $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
     --methods free_anchor_loss "per-image loop" --profile 16 100 2>&1 | tee -a "$log"

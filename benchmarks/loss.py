@@ -18,6 +18,7 @@ its own (peak resident memory over what the inputs already took); on CUDA all ru
     python benchmarks/loss.py --batch 2 --objects 8 --compile
     python benchmarks/loss.py --device cuda --compile --repeats 7
     python benchmarks/loss.py --device cuda --compile --batch 16 --objects 100 --profile 16 100
+    python benchmarks/loss.py --device cuda --parts 16 8 83    # two pieces alone, with alternatives
 """
 
 import argparse
@@ -33,29 +34,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import pad_targets  # noqa: E402
-from freeanchor import FreeAnchorConfig, free_anchor_loss, retinanet_loss  # noqa: E402
-from model import box_iou, decode, encode  # noqa: E402
+from freeanchor import FreeAnchorConfig, bag_indices, free_anchor_loss, retinanet_loss  # noqa: E402
+from model import box_iou, decode, encode, grid_anchors  # noqa: E402
 
 H, W, K = 800, 1344, 80
 
 
 def coco_anchors():
-    """torchvision's RetinaNet anchors for an 800x1344 input: 201,600 of them (P3-P7, 9 per cell)."""
-    out = []
-    for level, stride in enumerate((8, 16, 32, 64, 128)):
-        x = 32 * 2 ** level
-        sizes = torch.tensor([x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))], dtype=torch.float32)
-        ratios = torch.tensor([0.5, 1.0, 2.0])
-        hr = ratios.sqrt()
-        ws = (sizes[None, :] / hr[:, None]).reshape(-1)
-        hs = (sizes[None, :] * hr[:, None]).reshape(-1)
-        cell = (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()  # [9, 4]
-        ys = torch.arange(0, H // stride) * stride
-        xs = torch.arange(0, W // stride) * stride
-        sy, sx = torch.meshgrid(ys, xs, indexing="ij")
-        shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 1, 4).float()
-        out.append((shifts + cell[None]).reshape(-1, 4))
-    return torch.cat(out)
+    """The anchors of a padded 800x1344 batch as the network makes them: 201,600 (P3-P7, 9 per cell)."""
+    feature_sizes = [(-(-H // stride), -(-W // stride)) for stride in (8, 16, 32, 64, 128)]  # P3..P7
+    return grid_anchors(feature_sizes, (H, W), "cpu")  # [A, 4]
 
 
 def make_inputs(B, G, device, seed=0):
@@ -198,6 +186,86 @@ def profile(B, G, device, methods):
             row_limit=15, max_name_column_width=70))
 
 
+def one_stage_bag(iou, n):
+    """The bag by one top-n over all A anchors, on the same exact key as bag_indices."""
+    key = (iou.view(torch.int32).long() << 32) | torch.arange(iou.shape[-1] - 1, -1, -1, device=iou.device)
+    return key.topk(n, dim=-1).indices  # [B, g, n]
+
+
+def scatter_by_anchor(p_match, labels, K):
+    """P{a_j in A+} as free_anchor_loss builds it: a scatter-max into [B, A, K]."""
+    B, g, A = p_match.shape
+    return p_match.new_zeros(B, A, K).scatter_reduce_(2, labels[:, None].expand(B, A, g), p_match.transpose(1, 2),
+                                                      reduce="amax")  # [B, A, K]
+
+
+def scatter_by_class(p_match, labels, K):
+    """The same scatter-max into a class-major [B, K, A] (contiguous rows of p_match), read as [B, A, K]."""
+    B, g, A = p_match.shape
+    return p_match.new_zeros(B, K, A).scatter_reduce_(1, labels[..., None].expand(B, g, A), p_match,
+                                                      reduce="amax").transpose(1, 2)  # [B, A, K]
+
+
+def one_hot_max(p_match, labels, K):
+    """The same as a max over the objects of a one-hot product, [B, A, K, g] (compiled only: eager would
+    hold it in memory)."""
+    one_hot = labels[:, None, None, :] == torch.arange(K, device=labels.device)[None, None, :, None]  # [B, 1, K, g]
+    return (p_match.transpose(1, 2)[:, :, None, :] * one_hot).amax(-1)  # [B, A, K]
+
+
+def median_ms(fn, *args, repeats=10):
+    """Median time of fn(*args) in ms after one call (compilation, warm-up), with CUDA events on a GPU."""
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        if args[0].is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def parts(B, objects, device):
+    """Two pieces of the loss alone, each against its alternatives, at [B, G, 201,600] (median of 10):
+    the bag's top-n (one top-n over all anchors vs bag_indices' two stages), and P{a_j in A+} followed
+    by one read of it in [B, A, K] order (as the negative term reads it)."""
+    anchors = coco_anchors().to(device)
+    g = torch.Generator().manual_seed(0)
+    print(f"# the bag's top-50 and P{{a_j in A+}} alone, B = {B}, A = {len(anchors)}, K = {K}, median of 10 (ms)\n")
+    print("| G | piece | variant | eager | compiled |")
+    print("|---|---|---|---|---|")
+    for G in objects:
+        wh = torch.rand(B, G, 2, generator=g) * 300 + 16
+        xy = torch.rand(B, G, 2, generator=g) * (torch.tensor([W, H]) - wh)
+        iou = box_iou(torch.cat([xy, xy + wh], -1).to(device), anchors)  # [B, G, A]
+        assert torch.equal(one_stage_bag(iou, 50), bag_indices(iou, 50))
+        for name, fn in (("one top-50", one_stage_bag), ("two stages (bag_indices)", bag_indices)):
+            eager, compiled = median_ms(fn, iou, 50), median_ms(torch.compile(fn), iou, 50)
+            print(f"| {G} | bag | {name} | {eager:.2f} | {compiled:.2f} |", flush=True)
+        p_match = torch.where(iou > 0.6, iou, 0.0)  # [B, G, A]  a stand-in for P{a_j -> b_i}
+        labels = torch.randint(0, K, (B, G), generator=g).to(device)  # [B, G]
+        p_cls = torch.rand(B, len(anchors), K, generator=g).to(device)  # [B, A, K]
+        want = scatter_by_anchor(p_match, labels, K)
+        for name, build in (("scatter into [B, A, K] (the loss's)", scatter_by_anchor),
+                            ("scatter into [B, K, A]", scatter_by_class), ("one-hot max over G", one_hot_max)):
+            def piece(p_match, labels, build=build, p_cls=p_cls):
+                return (p_cls * build(p_match, labels, K)).sum()  # []  one read in [B, A, K] order
+
+            compiled_piece = torch.compile(piece)
+            assert torch.allclose(compiled_piece(p_match, labels), (p_cls * want).sum(), rtol=1e-4)
+            eager = "-" if build is one_hot_max else f"{median_ms(piece, p_match, labels):.2f}"
+            print(f"| {G} | P{{a_j in A+}} | {name} | {eager} | {median_ms(compiled_piece, p_match, labels):.2f} |",
+                  flush=True)
+        del iou, p_match, p_cls, want
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -208,8 +276,16 @@ def main():
     ap.add_argument("--compile", action="store_true", help=f"add the '{COMPILED}' row")
     ap.add_argument("--profile", type=int, nargs=2, metavar=("B", "G"),
                     help="after the table, profile the free_anchor_loss rows at this (B, G)")
+    ap.add_argument("--parts", type=int, nargs="+", metavar=("B", "G"),
+                    help="instead of the table: time the bag's top-n and P{a_j in A+} alone, with their "
+                         "alternatives, at batch B and each G that follows")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.parts:
+        if len(args.parts) < 2:
+            ap.error("--parts takes B and at least one G")
+        parts(args.parts[0], args.parts[1:], args.device)
+        return
     if args._one:
         method, B, G = args._one
         print(json.dumps(run_one(method, int(B), int(G), args.device, args.repeats)))
@@ -220,7 +296,7 @@ def main():
     else:
         model_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
         machine = f"{model_name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"# FreeAnchor loss, forward + backward, A = 201,600 anchors (800x1344), K = {K}")
+    print(f"# FreeAnchor loss, forward + backward, A = {len(coco_anchors()):,} anchors (800x1344), K = {K}")
     print(f"# {args.device}: {machine}; torch {torch.__version__}; median of {args.repeats} runs\n")
     methods = args.methods + ([COMPILED] if args.compile and COMPILED not in args.methods else [])
     compile_times = []
