@@ -365,17 +365,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path
 
 
 @pytest.mark.slow
+def test_a_bad_argument_gives_one_line_from_the_command_line(tiny_data, tmp_path):
+    res = run_cli([*TINY, "--data", tiny_data, "--output", str(tmp_path / "x"), "--data", "/nonexistent/data"])
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "data root not found: /nonexistent/data" in res.stderr and "Traceback" not in res.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent/data"], "data root not found: /nonexistent/data"),
     (["--backbone", "resnet7"], "--backbone resnet7"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--loss", "focal"], "--loss focal"),
 ])
-def test_bad_arguments_give_one_line(args, message, tiny_data, tmp_path):
-    res = run_cli([*TINY, "--data", tiny_data, "--output", str(tmp_path / "x"), *args])
-    assert res.returncode == 2
-    assert res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert message in res.stderr and "Traceback" not in res.stderr
+def test_bad_arguments_give_one_line(args, message, tiny_data, tmp_path, capsys):
+    """train.main, as the command line runs it (the test above runs one case as a real command)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--data", tiny_data, "--output", str(tmp_path / "x"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert message in err and not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
