@@ -62,8 +62,10 @@ def make_batch(B, H, W, seed=0):
 
 
 def model_only_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels):
-    """A trivial loss that touches every output: the step then costs the network alone."""
-    return {"outputs": cls_logits.float().mean() + box_deltas.float().mean()}
+    """A trivial loss that touches every output: the step then costs the network alone. A sum, not a
+    mean: the mean's gradient (1 / (B A K) per logit) turns into denormal floats further back, which
+    a CPU computes many times slower (it made this row 5-15x slower than the FreeAnchor one)."""
+    return {"outputs": 1e-3 * (cls_logits.float().sum() + box_deltas.float().sum())}
 
 
 def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
