@@ -908,7 +908,7 @@ def device_defaults(cfg):
     """The speed settings of a config with `device`, `amp` and `channels_last` (None: default):
     the device defaults to CUDA where there is one; bf16 autocast and channels_last default to on
     with CUDA only. On a CPU neither pays for certain: channels_last measured within noise of
-    NCHW on the quickstart, and bfloat16 is fast only on CPUs with native bf16 (1.85x on the
+    NCHW on the quickstart, and bfloat16 is fast only on CPUs with native bf16 (1.68x on the
     quickstart), slow elsewhere. Raises ValueError for CUDA asked where there is none."""
     if cfg.device is None:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
