@@ -16,7 +16,7 @@
 # Everything printed is also written to DIR/gpu_check.txt (default: runs/gpu_check).
 # On an H200 (2026-11-26) parts 1 and 5 took about 2.5 minutes together, and torch.compile of R-50
 # for any image size alone over 150 s, so the whole script takes longer than one 5-minute call:
-# run it as two, PARTS="1 2" and PARTS="3 4 5".
+# run it in pieces, PARTS="1 2" then PARTS="3 4", and part 5 again when the loss changes.
 #
 #     bash benchmarks/gpu_check.sh [DIR]
 #     PARTS="1 2" bash benchmarks/gpu_check.sh      # only some of the parts
