@@ -102,7 +102,12 @@ def _duplicates(values):
 
 
 def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float's range (JSON allows any number of digits)
+        return False
 
 
 def _is_id(x):
@@ -146,10 +151,10 @@ def _load_annotations(ann_file):
     broken = [i for i, im in enumerate(images) if not isinstance(im, dict) or not _is_id(im.get("id"))
               or not isinstance(im.get("file_name"), str) or not im.get("file_name")
               or not _is_number(im.get("width")) or not _is_number(im.get("height"))
-              or im["width"] < 1 or im["height"] < 1]
-    if broken:
+              or im["width"] < 1 or im["height"] < 1 or im["width"] % 1 or im["height"] % 1]
+    if broken:  # a whole-number float (96.0) is accepted: some tools write sizes that way
         bad("images at list positions", broken,
-            "need an integer 'id', a non-empty 'file_name' and a positive 'width' and 'height'")
+            "need an integer 'id', a non-empty 'file_name' and a positive whole 'width' and 'height'")
     image_ids = [im["id"] for im in images]
     broken = [i for i in image_ids if not -2**63 <= i < 2**63]
     if broken:  # CocoDataset keeps them in an int64 array
@@ -270,7 +275,7 @@ def _check_one(path, size, exif):
         return None
     if other == (W, H):  # the annotations fit the other reading
         hint = ("annotated as stored, ignoring its EXIF orientation? use --raw-orientation" if exif else
-                "annotated upright (EXIF orientation applied)? leave out --raw-orientation")
+                "annotated upright (EXIF orientation applied)? use --no-raw-orientation")
         return f"is {read[0]}x{read[1]} with EXIF orientation {orientation} {'applied' if exif else 'ignored'}, " \
                f"the annotations say {W}x{H}: {hint}"
     return f"is {read[0]}x{read[1]} but the annotations say {W}x{H}"
@@ -423,8 +428,10 @@ class CocoDataset(torch.utils.data.Dataset):
         self._first, self._count = starts[keep], count[keep]  # [N'], [N']
         self._image_ids = image_id[keep]  # [N']
         self._sizes = np.ascontiguousarray(wh[keep][:, ::-1])  # [N', 2] (h, w)
-        # file names: one utf-8 buffer and offsets (a numpy array of Python strings would hold objects)
-        encoded = [names[k].encode() for k in keep]
+        # file names: one utf-8 buffer and offsets (a numpy array of Python strings would hold
+        # objects); surrogateescape keeps names that are not utf-8 on disk, as json.dump(os.listdir())
+        # writes them, byte for byte
+        encoded = [names[k].encode("utf-8", "surrogateescape") for k in keep]
         self._name_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)  # [total bytes]
         self._name_ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)  # [N']
         del names, encoded
@@ -452,7 +459,7 @@ class CocoDataset(torch.utils.data.Dataset):
 
     def file_name(self, i):
         lo = self._name_ends[i - 1] if i > 0 else 0
-        return self._name_bytes[lo:self._name_ends[i]].tobytes().decode()
+        return self._name_bytes[lo:self._name_ends[i]].tobytes().decode("utf-8", "surrogateescape")
 
     def path(self, i):
         return os.path.join(self.img_dir, self.file_name(i))
@@ -496,9 +503,15 @@ class CocoDataset(torch.utils.data.Dataset):
 
 
 def coco_ground_truth(ann_file):
-    """pycocotools' COCO of a (validated) annotation file, for COCOeval; its index printout silenced."""
+    """pycocotools' COCO of a (validated) annotation file, for COCOeval; its index printout silenced.
+
+    Annotation ids are renumbered 1..M: COCOeval records a match by the matched ground truth's id
+    and reads id 0 as "unmatched" and ids <= 0 as "free to match again", so a dataset whose ids start
+    at 0 (or go negative) would lose or gain true positives. Nothing reports annotation ids."""
     from pycocotools.coco import COCO
     dataset = _load_annotations(ann_file)
+    for k, a in enumerate(dataset["annotations"]):
+        a["id"] = k + 1
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = dataset

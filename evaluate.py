@@ -99,9 +99,9 @@ class EvalConfig:
     show_matching: bool = field(default=False, metadata={
         "help": "draw Fig. 4: bag anchors of a few objects coloured by Mean-max weight vs by IoU"})
     seed: int = field(default=0, metadata={"help": "seed of the choice of pictured images"})
-    raw_orientation: bool = field(default=False, metadata={
-        "help": "read images as stored, ignoring their EXIF orientation tag (default: as the checkpoint was "
-                "trained, upright unless it was trained with --raw-orientation)"})
+    raw_orientation: bool = field(default=None, metadata={
+        "help": "read images as stored, ignoring their EXIF orientation tag; --no-raw-orientation: upright "
+                "(default: as the checkpoint was trained, upright unless it was trained with --raw-orientation)"})
     skip_check: bool = field(default=False, metadata={"help": "skip opening every image's header first"})
 
 
@@ -403,6 +403,7 @@ def draw_detections(image, gt_boxes, gt_labels, det, names, min_score):
     d, font = ImageDraw.Draw(pil), _font()
 
     def box(b, color, text, below):
+        text = " ".join(text.split())  # one line: a category name may hold a newline
         x1, y1, x2, y2 = (v * scale for v in b.tolist())
         d.rectangle((x1, y1, x2, y2), outline=color, width=2)
         y = y2 + 1 if below else max(y1 - 12, 0)
@@ -445,7 +446,7 @@ def draw_matching(image, box, anchors, weights, ious, caption):
     font = _font()
     panel_w, panel_h = crop.width, crop.height + 56
     out = Image.new("RGB", (2 * panel_w + 30, panel_h + 30), "white")
-    ImageDraw.Draw(out).text((10, 6), caption, fill="black", font=font)
+    ImageDraw.Draw(out).text((10, 6), " ".join(caption.split()), fill="black", font=font)  # one line
     for p, (values, title) in enumerate(((weights, "Mean-max weight (FreeAnchor, Eq. 5)"),
                                          (ious, "IoU with the object (hand-crafted)"))):
         panel = crop.copy()
@@ -607,7 +608,9 @@ def _evaluate(cfg, ddp, rank, world, master):
 
     # ------------------------------------------------------------------ data
     root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
-    raw = cfg.raw_orientation or train_cfg.get("raw_orientation", False)  # read images as training did
+    raw = cfg.raw_orientation
+    if raw is None:  # read images as training did
+        raw = train_cfg.get("raw_orientation", False)
     dataset = CocoDataset(root, cfg.split, train=False, max_size=max_sizes[0], exif=not raw)
     if [dict(c) for c in ckpt["categories"]] != dataset.categories:
         ours = ", ".join(f"{c['id']}:{c['name']}" for c in dataset.categories[:8])

@@ -401,6 +401,7 @@ def test_malformed_annotation_file(tiny, content, culprit):
 @pytest.mark.parametrize("break_it, culprit", [
     (lambda d: d["images"][1].pop("file_name"), "images at list positions 1 need"),
     (lambda d: d["images"][0].update(width=0), "images at list positions 0 need"),
+    (lambda d: d["images"][2].update(height=96.6), "images at list positions 2 need"),
     (lambda d: d["images"].append(dict(d["images"][2])), "image ids 3 appear more than once"),
     (lambda d: [d["images"][4].update(id=2**64), d["images"][3].update(id=-2**63)],
      f"image ids {2**64} do not fit in 64 bits"),
@@ -415,6 +416,7 @@ def test_malformed_annotation_file(tiny, content, culprit):
     (lambda d: d["annotations"][4].update(bbox=[0, 30, 10, -0.5]), "annotation ids 21 have a 'bbox'"),
     (lambda d: [d["annotations"][k].update(area=v) for k, v in ((1, "big"), (3, None), (5, -1))],
      "annotation ids 12, 14, 41 have an 'area' that is not a number >= 0"),
+    (lambda d: d["annotations"][2].update(bbox=[1, 2, 10**400, 3]), "annotation ids 13 need a 'bbox'"),  # past float
 ])
 def test_incomplete_entries_are_named(tiny, break_it, culprit):
     path = os.path.join(tiny, "annotations", "instances_val.json")
@@ -426,6 +428,20 @@ def test_incomplete_entries_are_named(tiny, break_it, culprit):
     with pytest.raises(DataError) as e:
         CocoDataset(tiny, "val", train=False)
     assert path in one_line(e) and culprit in one_line(e)
+
+
+def test_file_names_that_are_not_utf8_on_disk(tmp_path):
+    """A Latin-1 file name, as json.dump(os.listdir()) writes it (a lone surrogate): found and read."""
+    root = str(tmp_path / "latin1")
+    name = os.fsdecode(b"caf\xe9.png")  # 'caf\udce9.png'
+    os.makedirs(os.path.join(root, "s"))
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(os.path.join(root, "s", name))
+    write_coco(root, "s", [image_entry(7, name, 20, 10)], [ann(1, 7, 5, [2, 2, 6, 4])], [{"id": 5, "name": "box"}])
+    ds = CocoDataset(root, "s", train=True)
+    ds.check_images(show_progress=False)
+    assert ds.file_name(0) == name
+    image, target = ds[0]
+    assert image.shape == (3, 10, 20) and image[0].min() == 255 and target["image_id"] == 7
 
 
 def test_unknown_category_names_the_annotation(tiny):
@@ -636,7 +652,7 @@ def test_raw_orientation_reads_as_stored(tmp_path):
     # and upright annotations read raw: the other way round
     with pytest.raises(DataError) as e:
         CocoDataset(phone_photos(tmp_path), "s", train=True, exif=False).check_images(show_progress=False)
-    assert "4 of 8 images" in one_line(e) and "leave out --raw-orientation" in one_line(e)
+    assert "4 of 8 images" in one_line(e) and "use --no-raw-orientation" in one_line(e)
 
 
 def png_with_exif_after_pixels(path, picture, orientation):

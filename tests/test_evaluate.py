@@ -122,6 +122,34 @@ def test_ground_truth_as_detections_scores_100(dataset):
     assert stats["AP"] < 99.0
 
 
+def test_annotation_ids_from_zero_or_negative_score_like_any_other(dataset, tmp_path):
+    """COCOeval reads a matched ground truth's id 0 as "unmatched" and ids <= 0 as free to match
+    again: a dataset whose annotation ids are 0, -1, -2, ... must score what ids 1, 2, 3 ... do,
+    with each object matched once (a duplicate of every detection is a false positive)."""
+    root = str(tmp_path / "ids")
+    os.makedirs(os.path.join(root, "annotations"))
+    os.symlink(dataset.img_dir, os.path.join(root, "val2017"))
+    with open(dataset.ann_file) as f:
+        d = json.load(f)
+    for k, a in enumerate(d["annotations"]):
+        a["id"] = -k  # 0, -1, -2, ...
+    with open(os.path.join(root, "annotations", "instances_val2017.json"), "w") as f:
+        json.dump(d, f)
+    odd = CocoDataset(root, "val2017", train=False)
+    dets = ground_truth_detections(dataset)
+    doubled = [{"boxes": torch.cat([d["boxes"], d["boxes"]]), "scores": torch.cat([d["scores"], d["scores"] / 2]),
+                "labels": torch.cat([d["labels"], d["labels"]])} for d in dets]
+    for detections in (dets, doubled):
+        results = evaluate.to_coco_results(detections, dataset.image_ids, dataset.categories)
+        E = [evaluate.coco_evaluate(ds.coco, results, ds.image_ids) for ds in (dataset, odd)]
+        stats = [evaluate.coco_summary(e)[0] for e in E]
+        assert stats[1] == stats[0] and stats[1]["AP"] == pytest.approx(100.0)
+        # detections matched at IoU 0.5, all areas: one per object, the duplicates unmatched
+        matched = [sum(int((m["dtMatches"][0] != 0).sum()) for m in e.evalImgs
+                       if m is not None and m["aRng"] == e.params.areaRng[0]) for e in E]
+        assert matched[1] == matched[0] == sum(len(d["boxes"]) for d in dets)
+
+
 def test_results_map_back_to_dataset_ids(dataset):
     det = {"boxes": torch.tensor([[1.0, 2.0, 11.0, 7.0], [0.0, 0.0, 4.0, 4.0], [5.0, 5.0, 6.0, 9.5]]),
            "scores": torch.tensor([0.9, 0.5, 0.25]), "labels": torch.tensor([2, 0, 1])}
@@ -365,6 +393,37 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
         assert extents[0] == extents[1], name
         _, _, w_px, h_px = extents[0]
         assert w_px / h_px == pytest.approx((x2 - x1) / (y2 - y1), rel=0.1), name
+
+
+def test_pictures_of_a_category_name_with_a_newline():
+    """Names come from the user's JSON; PIL measures one line of text only."""
+    image = torch.full((3, 40, 60), 0.5)
+    det = {"boxes": torch.tensor([[5.0, 5.0, 30.0, 20.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}
+    pil = evaluate.draw_detections(image, det["boxes"], det["labels"], det, ["traffic\nsign"], 0.3)
+    assert pil.size == (480, 320)
+    pil = evaluate.draw_matching(image, det["boxes"][0], det["boxes"].repeat(3, 1), torch.ones(3) / 3, torch.ones(3),
+                                 "image 1, traffic\nsign 25x15 px")
+    assert pil.width > 0
+
+
+def test_orientation_follows_the_checkpoint_unless_given(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    ckpt = torch.load(tiny_ckpt, weights_only=False)
+    ckpt["config"]["raw_orientation"] = True
+    raw_ckpt = str(tmp_path / "raw" / "model_final.pt")
+    os.makedirs(os.path.dirname(raw_ckpt))
+    torch.save(ckpt, raw_ckpt)
+    seen = []
+
+    class Recording(CocoDataset):
+        def __init__(self, *args, exif=True, **kwargs):
+            seen.append(exif)
+            super().__init__(*args, exif=exif, **kwargs)
+
+    monkeypatch.setattr(evaluate, "CocoDataset", Recording)
+    for path, flags, exif in ((tiny_ckpt, [], True), (tiny_ckpt, ["--raw-orientation"], False),
+                              (raw_ckpt, [], False), (raw_ckpt, ["--no-raw-orientation"], True)):
+        run_main(["--ckpt", path, "--output", str(tmp_path / "eval"), "--workers", "0", "--max-images", "1", *flags], capsys)
+        assert seen.pop() is exif, (path, flags)
 
 
 def test_cli_subset_scales_and_flip(tiny_ckpt, tmp_path, capsys):
