@@ -44,8 +44,10 @@ import math
 import operator
 import os
 import shutil
+import signal
 import struct
 import tempfile
+import threading
 import time
 from collections import Counter
 
@@ -947,6 +949,53 @@ def setup_processes(device):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return True, rank, world, device
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C inside the block waits for the block's end, then interrupts as anywhere else (an
+    ignored SIGINT stays ignored; signals are handled in the main thread only)."""
+    interrupted = []
+    handle = (threading.current_thread() is threading.main_thread()
+              and signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None))
+    if handle:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        yield
+    finally:
+        if handle:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:  # the Ctrl-C held back
+        raise KeyboardInterrupt
+
+
+def write_atomic(path, data):
+    """Write the bytes `data` to `path` through a temporary file, flushed to disk, then renamed over
+    `path`: a kill at any moment leaves either the old file or the new one, never half of one (the
+    directory is flushed too, where the file system allows, so that a power cut does not undo the
+    rename). Ctrl-C waits for the end of the write. A failed write (a full disk) removes the
+    temporary file and raises OSError naming `path`, the old file untouched."""
+    tmp = f"{path}.tmp"
+    with sigint_deferred():
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OSError(e.errno, f"cannot be written ({e.strerror}); the previous file, if any, is unchanged",
+                          path) from None
+        try:
+            directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError:  # some network file systems refuse to flush a directory: durability only
+            pass
 
 
 def resolve_root_once(data, ddp, master):

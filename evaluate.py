@@ -39,9 +39,20 @@ import io
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+
+
+def _interrupted_before_main(signum, frame):
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    signal.signal(signal.SIGINT, _interrupted_before_main)  # Ctrl-C while torch imports: one line, no traceback
 
 import torch
 import torch.distributed as dist
@@ -50,7 +61,7 @@ from torchvision.ops import batched_nms
 
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, add_config_arguments, available_cpus,
-                  config_from_args, device_defaults, format_eta, resolve_root_once, setup_processes)
+                  config_from_args, device_defaults, format_eta, resolve_root_once, setup_processes, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -624,7 +635,10 @@ def _evaluate(cfg, ddp, rank, world, master):
         dist.barrier()
     shard = [i for i in range(num_images) if i % world == rank]
     if master:
-        os.makedirs(cfg.output, exist_ok=True)
+        try:
+            os.makedirs(cfg.output, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--output {cfg.output}: cannot write there ({e.strerror})") from None
         tta = ", ".join(f"{s}/{m}" for s, m in zip(scales, max_sizes))
         print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {len(dataset.categories)} classes, "
               f"shorter/longer side {tta}{', flip' if cfg.flip else ''}, {world} process(es) on {cfg.device}, "
@@ -648,8 +662,10 @@ def _evaluate(cfg, ddp, rank, world, master):
 
     # ------------------------------------------------------------------ COCO AP (Table 2)
     results = to_coco_results(records, img_ids, dataset.categories)
-    with open(os.path.join(cfg.output, "detections.json"), "w") as f:
-        json.dump(results, f)
+    # each file whole or not at all; a metrics.json of the detections just replaced goes with them
+    write_atomic(os.path.join(cfg.output, "detections.json"), json.dumps(results).encode())
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(cfg.output, "metrics.json"))
     E = coco_evaluate(dataset.coco, results, img_ids)
     metrics["coco"], table = coco_summary(E)
     print(f"COCO box AP (Table 2), {num_images} images:\n{table}", end="")
@@ -715,8 +731,7 @@ def _evaluate(cfg, ddp, rank, world, master):
         paths = show_matching(model, dataset, order, loss_config, scales[0], os.path.join(cfg.output, "matching"))
         print(f"{len(paths)} matching pictures (Fig. 4) in {os.path.join(cfg.output, 'matching')}")
 
-    with open(os.path.join(cfg.output, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_atomic(os.path.join(cfg.output, "metrics.json"), json.dumps(metrics, indent=1).encode())
     print(f"results in {cfg.output} ({num_images} images in {seconds:.1f} s, "
           f"{metrics['images_per_s']:.1f} img/s)", flush=True)
     return metrics
@@ -725,11 +740,17 @@ def _evaluate(cfg, ddp, rank, world, master):
 def main(argv=None):
     """CLI entry: user mistakes (arguments, data, checkpoints) end with one line on stderr and
     exit status 2, never a traceback."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is the KeyboardInterrupt below
     try:
         return evaluate(parse_config(argv))
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OSError as e:  # the machine's, not the user's: a full disk
+        print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

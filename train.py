@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import io
 import json
 import math
 import os
@@ -48,7 +49,9 @@ def _interrupted_before_main(signum, frame):
     sys.exit(130)
 
 
-if __name__ == "__main__":  # Ctrl-C while torch imports (seconds): one line, as later on, not a traceback
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    # Ctrl-C while torch imports (seconds): one line, as later on, not a traceback (an ignored
+    # SIGINT, as `cmd &` in a script leaves it, stays ignored)
     signal.signal(signal.SIGINT, _interrupted_before_main)
 
 import numpy as np
@@ -58,7 +61,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
 from data import (CocoDataset, DataError, TrainSampler, add_config_arguments, available_cpus, collate,
-                  config_from_args, device_defaults, format_eta, resolve_root_once, setup_processes, to_device)
+                  config_from_args, device_defaults, format_eta, resolve_root_once, setup_processes, sigint_deferred,
+                  to_device, write_atomic)
 from model import BACKBONES, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -216,40 +220,26 @@ def step_unless(optimizer, skip):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a kill at any
-    moment leaves either the old file or the new one, never half of one (and the directory is
-    flushed too, where the file system allows, so that a power cut does not undo the rename).
-    Ctrl-C waits for the end of the write, then interrupts as anywhere else."""
-    tmp = f"{path}.tmp"
-    interrupted = []
-    main_thread = threading.current_thread() is threading.main_thread()  # where signals are handled
-    if main_thread:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
-    try:
-        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:  # some network file systems refuse to flush a directory: durability only
-        pass
-    if interrupted:  # the Ctrl-C held back during the write
-        raise KeyboardInterrupt
+    """torch.save(obj) to `path` atomically (data.write_atomic). Serialised in memory first, so that
+    a full disk is the OSError of a plain write, not torch's stream error."""
+    with sigint_deferred():  # Ctrl-C waits for the whole checkpoint
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        write_atomic(path, buffer.getbuffer())
 
 
 # settings that define a run: --resume refuses a last.pt saved with others (it would not continue that run),
 # the FreeAnchor settings (loss_config) included
 RESUME_MUST_MATCH = ("backbone", "weights", "loss", "batch_size", "lr", "max_iter", "steps", "warmup_iters",
                      "momentum", "weight_decay", "min_size", "max_size", "seed", "clip_grad", "raw_orientation")
+
+
+def same_setting(name, saved, given):
+    """Whether a setting of last.pt and of this run agree; a weights file is the same file by
+    whatever path it is named (./r50.pt, an absolute path)."""
+    if name == "weights" and os.path.isfile(str(saved)) and os.path.isfile(str(given)):
+        return os.path.samefile(saved, given)
+    return saved == given
 
 
 def rng_state():
@@ -303,10 +293,18 @@ def train(cfg, loss_cfg):
 
     # ------------------------------------------------------------------ model, optimizer, resume
     os.makedirs(cfg.output, exist_ok=True)
-    last_path = os.path.join(cfg.output, "last.pt")
-    if os.path.exists(last_path) and not cfg.resume:
-        raise ValueError(f"{cfg.output} already holds a run (last.pt): pass --resume to continue it, "
+    last_path, final_path = os.path.join(cfg.output, "last.pt"), os.path.join(cfg.output, "model_final.pt")
+    if not cfg.resume and (os.path.exists(last_path) or os.path.exists(final_path)):
+        held = "last.pt" if os.path.exists(last_path) else "model_final.pt"
+        raise ValueError(f"{cfg.output} already holds a run ({held}): pass --resume to continue it, "
                          f"or --output to start another")
+    if cfg.resume and not os.path.exists(last_path) and os.path.exists(final_path):
+        raise ValueError(f"{cfg.output} holds a finished run (model_final.pt) without its last.pt: nothing to "
+                         f"resume; use another --output")
+    if master:  # what a kill in the middle of a write left behind (this process holds the directory's lock)
+        for name in ("last.pt.tmp", "model_final.pt.tmp", "log.jsonl.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(cfg.output, name))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -327,13 +325,15 @@ def train(cfg, loss_cfg):
         try:
             # on the CPU: the RNG states must stay CPU tensors; the optimizer moves its own state
             ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
-            saved, ckpt_categories = ckpt["config"], ckpt["categories"]
+            saved, ckpt_categories, start_iter = ckpt["config"], ckpt["categories"], ckpt["iteration"]
+            if not isinstance(start_iter, int) or start_iter < 0:
+                raise TypeError(f"iteration {start_iter!r} is not a count")
         except Exception as e:
             raise ValueError(f"cannot read checkpoint {last_path}: {type(e).__name__}: {e}") from None
         if ckpt_categories != dataset.categories:
             raise ValueError(f"{last_path} was trained on other categories than {dataset.ann_file}")
         changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in RESUME_MUST_MATCH
-                   if k in saved and saved[k] != getattr(cfg, k)]
+                   if k in saved and not same_setting(k, saved[k], getattr(cfg, k))]
         saved_loss = ckpt.get("loss_config") or {}
         changed += [f"--{k.replace('_', '-')} {saved_loss[k]} -> {v}" for k, v in dataclasses.asdict(loss_cfg).items()
                     if k in saved_loss and saved_loss[k] != v]
@@ -345,10 +345,17 @@ def train(cfg, loss_cfg):
             optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise ValueError(f"{last_path} does not fit this model: {str(e).splitlines()[0]}") from None
-        set_rng_state(ckpt["rng"])
-        start_iter = ckpt["iteration"]
+        try:
+            set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"cannot read checkpoint {last_path}: its random number generator states: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
         if master:
             print(f"resuming {last_path} at iteration {start_iter}/{cfg.max_iter}", flush=True)
+            if ckpt.get("world_size", world) != world:
+                print(f"note: {last_path} was written by {ckpt['world_size']} process(es), this run has {world}: the "
+                      f"batches are the same{'' if model.config['frozen_bn'] else ', but BatchNorm statistics (per process without CUDA) differ'}",
+                      flush=True)
     elif cfg.resume and master:
         print(f"no checkpoint in {cfg.output} yet: starting from iteration 0", flush=True)
     raw_model = model
@@ -378,15 +385,13 @@ def train(cfg, loss_cfg):
 
     log_path = os.path.join(cfg.output, "log.jsonl")
     if master:
-        with open(os.path.join(cfg.output, "config.json"), "w") as f:
-            json.dump({"train": dataclasses.asdict(cfg), "freeanchor": dataclasses.asdict(loss_cfg),
-                       "model": raw_model.config, "categories": dataset.categories, "world_size": world}, f, indent=1)
+        write_atomic(os.path.join(cfg.output, "config.json"), json.dumps(
+            {"train": dataclasses.asdict(cfg), "freeanchor": dataclasses.asdict(loss_cfg), "model": raw_model.config,
+             "categories": dataset.categories, "world_size": world}, indent=1).encode())
         if os.path.exists(log_path):  # a resumed run: forget what happened after the checkpoint
             with open(log_path) as f:
                 kept = [l for l in f if l.strip() and _iter_of(l) is not None and _iter_of(l) <= start_iter]
-            with open(log_path + ".tmp", "w") as f:  # atomic, like the checkpoints
-                f.writelines(kept)
-            os.replace(log_path + ".tmp", log_path)
+            write_atomic(log_path, "".join(kept).encode())
         speed = ", ".join(name for name, on in (("bf16 autocast", cfg.amp), ("channels_last", cfg.channels_last),
                                                 ("torch.compile", cfg.compile)) if on) or "float32"
         print(f"{len(dataset)} training images, {len(dataset.categories)} classes, {world} process(es) x "
@@ -395,7 +400,7 @@ def train(cfg, loss_cfg):
 
     def checkpoint(iteration):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "iteration": iteration, "rng": rng_state(), "categories": dataset.categories,
+                     "iteration": iteration, "rng": rng_state(), "categories": dataset.categories, "world_size": world,
                      "model_config": raw_model.config, "config": dataclasses.asdict(cfg),
                      "loss_config": dataclasses.asdict(loss_cfg)}, last_path)
 
@@ -512,15 +517,18 @@ def train(cfg, loss_cfg):
 
     stop_if_not_finite()
     if master:
-        final = os.path.join(cfg.output, "model_final.pt")
-        save_atomic({"model": raw_model.state_dict(), "model_config": raw_model.config,
-                     "categories": dataset.categories, "config": dataclasses.asdict(cfg),
-                     "loss_config": dataclasses.asdict(loss_cfg), "iteration": cfg.max_iter}, final)
-        print(f"done: {final}", flush=True)
+        try:
+            save_atomic({"model": raw_model.state_dict(), "model_config": raw_model.config,
+                         "categories": dataset.categories, "config": dataclasses.asdict(cfg),
+                         "loss_config": dataclasses.asdict(loss_cfg), "iteration": cfg.max_iter}, final_path)
+        except KeyboardInterrupt:  # Ctrl-C during the write, which completed first: the run is done
+            print(f"done: {final_path}", flush=True)
+            raise KeyboardInterrupt("after the run completed") from None
+        print(f"done: {final_path}", flush=True)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
-    return os.path.join(cfg.output, "model_final.pt")
+    return final_path
 
 
 @contextlib.contextmanager
@@ -569,7 +577,7 @@ def _iter_of(line):
 def main(argv=None):
     """CLI entry: user mistakes (bad arguments, data, checkpoints, a diverging run) end with one
     line on stderr and exit status 2 (1 for a non-finite loss), never a traceback."""
-    if threading.current_thread() is threading.main_thread():  # signals can only be set there
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is the KeyboardInterrupt below
     try:
         cfg, loss_cfg = parse_config(argv)
@@ -578,8 +586,12 @@ def main(argv=None):
     except (DataError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1 if isinstance(e, FloatingPointError) else 2)
-    except KeyboardInterrupt:
-        print("interrupted: resume with --resume", file=sys.stderr, flush=True)
+    except OSError as e:  # the machine's, not the user's: a full disk, a file system gone read-only
+        print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        print(f"interrupted {e.args[0]}" if e.args else "interrupted: resume with --resume", file=sys.stderr, flush=True)
         sys.exit(130)
 
 

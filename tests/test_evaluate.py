@@ -468,6 +468,37 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
         evaluate.main(["--ckpt", tiny_ckpt, "--batch-size", "0"])
     assert e.value.code == 2 and "--batch-size 0" in capsys.readouterr().err
 
+    (tmp_path / "afile").write_text("")
+    for output in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--ckpt", tiny_ckpt, "--output", str(output), "--workers", "0", "--max-images", "1"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: --output {output}: cannot write there") and err.count("\n") == 1
+
+
+def test_interrupted_evaluation_leaves_no_mismatched_results(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in COCO's evaluation: detections.json is this run's, whole, and the metrics.json of the
+    previous run's detections is gone with them; a complete run writes both again."""
+    out = str(tmp_path / "eval")
+    args = ["--ckpt", tiny_ckpt, "--output", out, "--workers", "0"]
+    run_main([*args, "--max-images", "2"], capsys)
+    real = evaluate.coco_evaluate
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "coco_evaluate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run_main([*args, "--max-images", "3"], capsys)
+    assert e.value.code == 130
+    with open(os.path.join(out, "detections.json")) as f:
+        assert {r["image_id"] for r in json.load(f)} == {100, 107, 114}
+    assert sorted(os.listdir(out)) == ["detections.json"]
+    monkeypatch.setattr(evaluate, "coco_evaluate", real)
+    metrics, _ = run_main([*args, "--max-images", "3"], capsys)
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["images"] == metrics["images"] == 3
+
 
 def test_batches_images_of_one_shape_and_writes_results_in_dataset_order(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """A batch is padded to its largest height and width: landscape and portrait images that

@@ -7,7 +7,9 @@ those tests pin --device cpu, so they check it on every machine, GPU machines in
     python -m pytest tests/test_train.py
 """
 
+import copy
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -307,6 +309,64 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tiny_data, tmp_path, monk
 
 
 @pytest.mark.slow
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    """The second checkpoint cannot be written (ENOSPC): one line naming it, status 1, the first
+    last.pt intact, no temporary file left; --resume then finishes the run."""
+    real_fsync, calls = os.fsync, {"n": 0}
+
+    def full_disk(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("last.pt.tmp"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    out = tmp_path / "r"
+    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--ckpt-every", "1",
+            "--output", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err == (f"error: {out / 'last.pt'}: cannot be written (No space left on "
+                                                 f"device); the previous file, if any, is unchanged\n")
+    assert torch.load(out / "last.pt", weights_only=False)["iteration"] == 1
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "last.pt", "log.jsonl"]
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    (out / "model_final.pt.tmp").write_bytes(b"half")  # as a kill -9 in the middle of a write leaves it
+    train.main([*args, "--resume"])
+    assert torch.load(out / "model_final.pt", weights_only=False)["iteration"] == 3
+    assert not any(name.endswith(".tmp") for name in os.listdir(out))
+
+
+def test_the_same_weights_file_by_another_path(tmp_path, monkeypatch):
+    (tmp_path / "r18.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert train.same_setting("weights", "r18.pt", str(tmp_path / "r18.pt"))
+    assert train.same_setting("weights", "./r18.pt", "r18.pt") and train.same_setting("weights", "none", "none")
+    assert not train.same_setting("weights", "r18.pt", "imagenet") and not train.same_setting("lr", 0.01, 0.02)
+
+
+def test_ctrl_c_while_writing_model_final_says_the_run_is_complete(tiny_data, tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+
+    def interrupted_final(obj, f):
+        if "optimizer" not in obj:  # model_final.pt
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", interrupted_final)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1",
+                    "--output", str(tmp_path / "r")])
+    out = capsys.readouterr()
+    assert exit_info.value.code == 130 and out.err == "interrupted after the run completed\n"
+    assert out.out.strip().splitlines()[-1] == f"done: {tmp_path / 'r' / 'model_final.pt'}"
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "r" / "model_final.pt", weights_only=False)["iteration"] == 1
+
+
 def test_ctrl_c_while_torch_imports_is_one_line():
     """Ctrl-C in the seconds before main() runs (imports): one line and status 130 as later on, no
     traceback. -X importtime reports each finished import on stderr: the signal lands inside torch's."""
@@ -331,12 +391,21 @@ def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
             train.main([*args, "--resume", *change])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and culprit in err, err
-    with open(tmp_path / "r" / "last.pt", "wb") as f:
-        f.write(b"not a checkpoint")
-    with pytest.raises(SystemExit) as exit_info:
-        train.main([*args, "--resume"])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "last.pt" in err, err
+    good = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
+    broken = [lambda c: c.pop("rng"), lambda c: c.pop("iteration"), lambda c: c.update(iteration="1"),
+              lambda c: c["rng"].pop("numpy"), lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8))]
+    for k, break_it in enumerate([None, *broken]):
+        if break_it is None:
+            with open(tmp_path / "r" / "last.pt", "wb") as f:
+                f.write(b"not a checkpoint")
+        else:
+            ckpt = copy.deepcopy(good)
+            break_it(ckpt)
+            torch.save(ckpt, tmp_path / "r" / "last.pt")
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*args, "--resume"])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "last.pt" in err, (k, err)
 
 
 # ----------------------------------------------------------------------------- failures
@@ -389,11 +458,23 @@ def test_bad_arguments_give_one_line(args, message, tiny_data, tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_refuses_to_overwrite_a_run(tiny_data, tmp_path):
+def test_refuses_to_overwrite_a_run(tiny_data, tmp_path, capsys):
+    """Also a finished run whose last.pt was deleted (to save space): model_final.pt, config.json and
+    log.jsonl stay as they are, with or without --resume."""
     args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
     train.main(args)
-    res = run_cli(args)
-    assert res.returncode == 2 and "already holds a run" in res.stderr
+    for removed, extra, message in ((None, [], "already holds a run (last.pt)"),
+                                    ("last.pt", [], "already holds a run (model_final.pt)"),
+                                    ("last.pt", ["--resume"], "holds a finished run (model_final.pt) without its last.pt")):
+        if removed and (tmp_path / "r" / removed).exists():
+            os.remove(tmp_path / "r" / removed)
+        before = {name: (tmp_path / "r" / name).read_bytes() for name in os.listdir(tmp_path / "r") if name != ".lock"}
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*args, "--seed", "7", *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+        assert before == {name: (tmp_path / "r" / name).read_bytes() for name in os.listdir(tmp_path / "r") if name != ".lock"}
 
 
 # ----------------------------------------------------------------------------- CLI
