@@ -12,11 +12,15 @@
 #      P{a_j in A+}: the loss's scatter-max, a class-major one, a one-hot max), then the whole
 #      loss eager and compiled vs the per-image loop (the benchmark also checks that compiled
 #      equals eager to float32 rounding), then a profile of the eager and compiled loss at
-#      B = 16, G = 100.
+#      B = 16, G = 100;
+#   6. the training step of part 2 compiled for its one padded shape, without the dynamic marks: what a
+#      run padding every batch to a few fixed shapes would compile and run at (train_step.py's
+#      compiled_static rows), to choose between that and dynamic shapes by measurement.
 # Everything printed is also written to DIR/gpu_check.txt (default: runs/gpu_check).
 # On an H200 (2026-11-26) parts 1 and 5 took about 2.5 minutes together, and torch.compile of R-50
 # for any image size alone over 150 s, so the whole script takes longer than one 5-minute call:
-# run it in pieces, PARTS="1 2" then PARTS="3 4", and part 5 again when the loss changes.
+# run it in pieces, PARTS="1 2" then PARTS="3 4", part 5 again when the loss changes, and part 6
+# (not in the default list) to compare static shapes: PARTS="6".
 #
 #     bash benchmarks/gpu_check.sh [DIR]
 #     PARTS="1 2" bash benchmarks/gpu_check.sh      # only some of the parts
@@ -28,7 +32,7 @@ log="$out/gpu_check.txt"
 : > "$log"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-parts=${PARTS:-1 2 3 4 5}
+parts=${PARTS:-1 2 3 4 5}  # 6 only when asked
 step() { echo "== $1" | tee -a "$log"; }
 want() { [[ " $parts " == *" $1 "* ]]; }
 
@@ -135,5 +139,10 @@ timeout 150 $py benchmarks/loss.py --device cuda --parts 16 8 83 2>&1 | tee -a "
 step "5. the loss at COCO scale (forward + backward, median of 7)"
 timeout 240 $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
     --methods free_anchor_loss "per-image loop" --profile 16 100 2>&1 | tee -a "$log"
+fi
+if want 6; then
+step "6. the training step of part 2 compiled for one fixed shape (no dynamic marks)"
+$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
+    --modes compiled_static --row-timeout 240 2>&1 | tee -a "$log"
 fi
 echo "written to $log"

@@ -12,7 +12,11 @@ boxes for
 each in the modes
   - eager               NCHW
   - channels_last       the network's weights and input in channels_last (train.py's CUDA default)
-  - compiled            channels_last, network and loss each under torch.compile (train.py --compile)
+  - compiled            channels_last, network and loss each under torch.compile (train.py --compile),
+                        image size, object and anchor counts marked dynamic as train.py marks them
+  - compiled_static     the same without the dynamic marks: compiled for this one padded shape, as a
+                        run that pads every batch to a few fixed shapes would be (the alternative
+                        to dynamic shapes; train.py does not offer it yet)
 with the same backbone, weights initialised identically, frozen BatchNorm as with pretrained
 weights. On CUDA the network runs under bfloat16 autocast by default (--no-amp: float32), the
 loss in float32. Each row runs in its own subprocess, so that its peak memory is its own (CPU:
@@ -42,7 +46,7 @@ import freeanchor  # noqa: E402
 from data import pad_targets  # noqa: E402
 from model import RetinaNet, batch_images, host_to_device, normalize, to_torchvision  # noqa: E402
 
-MODES = ("eager", "channels_last", "compiled")
+MODES = ("eager", "channels_last", "compiled", "compiled_static")
 METHODS = ("model_only", "free_anchor_loss", "retinanet_loss", "torchvision")
 K = 80
 
@@ -96,9 +100,9 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
         batch = batch_images([normalize(im) for im in images]).to(device, memory_format=memory_format)
         loss_fn = {"model_only": model_only_loss, "free_anchor_loss": freeanchor.free_anchor_loss,
                    "retinanet_loss": freeanchor.retinanet_loss}[method]
-        if mode == "compiled":
+        if mode.startswith("compiled"):
             net, loss_fn = torch.compile(net), torch.compile(loss_fn)
-            # the dimensions train.py --compile marks dynamic: image size, object count, anchors
+        if mode == "compiled":  # the dimensions train.py --compile marks dynamic: image size, object count, anchors
             torch._dynamo.maybe_mark_dynamic(batch, [2, 3])
             torch._dynamo.maybe_mark_dynamic(gt_boxes, 1), torch._dynamo.maybe_mark_dynamic(gt_labels, 1)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -148,7 +152,7 @@ def main():
                     help="bfloat16 autocast for the network, the loss stays float32 (default: on with CUDA)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
     ap.add_argument("--warmup", type=int, default=None,
-                    help="untimed steps first (default: 1, compiled rows 3: compilation and recompilation)")
+                    help="untimed steps first (default: 1, compiled rows 3: compilation and a recompilation)")
     ap.add_argument("--row-timeout", type=float, default=None, help="give up a row after this many seconds")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -158,7 +162,7 @@ def main():
     H, W = args.size
     if args._one:
         mode, method, B = args._one
-        warmup = args.warmup if args.warmup is not None else (3 if mode == "compiled" else 1)
+        warmup = args.warmup if args.warmup is not None else (3 if mode.startswith("compiled") else 1)
         run_one(mode, method, args.backbone, int(B), H, W, args.device, amp, args.steps, warmup)
         return
 
@@ -175,7 +179,7 @@ def main():
         for mode in args.modes:
             base = None
             for method in args.methods:
-                if method == "torchvision" and mode == "compiled":
+                if method == "torchvision" and mode.startswith("compiled"):
                     continue  # its step has data-dependent Python control flow; eager and channels_last only
                 cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--backbone",
                        args.backbone, "--size", str(H), str(W), "--steps", str(args.steps),
