@@ -153,10 +153,10 @@ def _load_annotations(ann_file):
     broken = [i for i, im in enumerate(images) if not isinstance(im, dict) or not _is_id(im.get("id"))
               or not isinstance(im.get("file_name"), str) or not im.get("file_name")
               or not _is_number(im.get("width")) or not _is_number(im.get("height"))
-              or im["width"] < 1 or im["height"] < 1 or im["width"] % 1 or im["height"] % 1]
+              or not 1 <= im["width"] < 2**31 or not 1 <= im["height"] < 2**31 or im["width"] % 1 or im["height"] % 1]
     if broken:  # a whole-number float (96.0) is accepted: some tools write sizes that way
         bad("images at list positions", broken,
-            "need an integer 'id', a non-empty 'file_name' and a positive whole 'width' and 'height'")
+            "need an integer 'id', a non-empty 'file_name' and a positive whole 'width' and 'height' below 2^31")
     image_ids = [im["id"] for im in images]
     broken = [i for i in image_ids if not -2**63 <= i < 2**63]
     if broken:  # CocoDataset keeps them in an int64 array
@@ -507,9 +507,9 @@ class CocoDataset(torch.utils.data.Dataset):
 def coco_ground_truth(ann_file):
     """pycocotools' COCO of a (validated) annotation file, for COCOeval; its index printout silenced.
 
-    Annotation ids are renumbered 1..M: COCOeval records a match by the matched ground truth's id
-    and reads id 0 as "unmatched" and ids <= 0 as "free to match again", so a dataset whose ids start
-    at 0 (or go negative) would lose or gain true positives. Nothing reports annotation ids."""
+    Annotation ids are renumbered 1..M: COCOeval records a detection's match by the matched ground
+    truth's id and reads id 0 as "unmatched", so a dataset whose ids start at 0 would lose a true
+    positive. Nothing reports annotation ids."""
     from pycocotools.coco import COCO
     dataset = _load_annotations(ann_file)
     for k, a in enumerate(dataset["annotations"]):
@@ -951,10 +951,14 @@ def setup_processes(device):
     return True, rank, world, device
 
 
+class DeferredInterrupt(KeyboardInterrupt):
+    """A Ctrl-C that sigint_deferred held back until its block had completed."""
+
+
 @contextlib.contextmanager
 def sigint_deferred():
-    """Ctrl-C inside the block waits for the block's end, then interrupts as anywhere else (an
-    ignored SIGINT stays ignored; signals are handled in the main thread only)."""
+    """Ctrl-C inside the block waits for the block's end, then interrupts as anywhere else, as a
+    DeferredInterrupt (an ignored SIGINT stays ignored; signals are handled in the main thread only)."""
     interrupted = []
     handle = (threading.current_thread() is threading.main_thread()
               and signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None))
@@ -966,7 +970,7 @@ def sigint_deferred():
         if handle:
             signal.signal(signal.SIGINT, previous)
     if interrupted:  # the Ctrl-C held back
-        raise KeyboardInterrupt
+        raise DeferredInterrupt
 
 
 def write_atomic(path, data):

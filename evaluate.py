@@ -639,6 +639,9 @@ def _evaluate(cfg, ddp, rank, world, master):
             os.makedirs(cfg.output, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--output {cfg.output}: cannot write there ({e.strerror})") from None
+        for name in ("detections.json.tmp", "metrics.json.tmp"):  # what a kill in the middle of a write left
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(cfg.output, name))
         tta = ", ".join(f"{s}/{m}" for s, m in zip(scales, max_sizes))
         print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {len(dataset.categories)} classes, "
               f"shorter/longer side {tta}{', flip' if cfg.flip else ''}, {world} process(es) on {cfg.device}, "
@@ -662,10 +665,10 @@ def _evaluate(cfg, ddp, rank, world, master):
 
     # ------------------------------------------------------------------ COCO AP (Table 2)
     results = to_coco_results(records, img_ids, dataset.categories)
-    # each file whole or not at all; a metrics.json of the detections just replaced goes with them
-    write_atomic(os.path.join(cfg.output, "detections.json"), json.dumps(results).encode())
+    # each file whole or not at all; the metrics.json of the detections about to be replaced goes first
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(cfg.output, "metrics.json"))
+    write_atomic(os.path.join(cfg.output, "detections.json"), json.dumps(results).encode())
     E = coco_evaluate(dataset.coco, results, img_ids)
     metrics["coco"], table = coco_summary(E)
     print(f"COCO box AP (Table 2), {num_images} images:\n{table}", end="")

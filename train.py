@@ -60,9 +60,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
-from data import (CocoDataset, DataError, TrainSampler, add_config_arguments, available_cpus, collate,
-                  config_from_args, device_defaults, format_eta, resolve_root_once, setup_processes, sigint_deferred,
-                  to_device, write_atomic)
+from data import (CocoDataset, DataError, DeferredInterrupt, TrainSampler, add_config_arguments, available_cpus,
+                  collate, config_from_args, device_defaults, format_eta, resolve_root_once, setup_processes,
+                  sigint_deferred, to_device, write_atomic)
 from model import BACKBONES, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -302,7 +302,7 @@ def train(cfg, loss_cfg):
         raise ValueError(f"{cfg.output} holds a finished run (model_final.pt) without its last.pt: nothing to "
                          f"resume; use another --output")
     if master:  # what a kill in the middle of a write left behind (this process holds the directory's lock)
-        for name in ("last.pt.tmp", "model_final.pt.tmp", "log.jsonl.tmp"):
+        for name in ("last.pt.tmp", "model_final.pt.tmp", "log.jsonl.tmp", "config.json.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(cfg.output, name))
     torch.manual_seed(cfg.seed)
@@ -328,6 +328,8 @@ def train(cfg, loss_cfg):
             saved, ckpt_categories, start_iter = ckpt["config"], ckpt["categories"], ckpt["iteration"]
             if not isinstance(start_iter, int) or start_iter < 0:
                 raise TypeError(f"iteration {start_iter!r} is not a count")
+            if not isinstance(saved, dict) or not isinstance(ckpt.get("loss_config") or {}, dict):
+                raise TypeError("its settings are not a dict")
         except Exception as e:
             raise ValueError(f"cannot read checkpoint {last_path}: {type(e).__name__}: {e}") from None
         if ckpt_categories != dataset.categories:
@@ -343,7 +345,7 @@ def train(cfg, loss_cfg):
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"{last_path} does not fit this model: {str(e).splitlines()[0]}") from None
         try:
             set_rng_state(ckpt["rng"])
@@ -353,8 +355,9 @@ def train(cfg, loss_cfg):
         if master:
             print(f"resuming {last_path} at iteration {start_iter}/{cfg.max_iter}", flush=True)
             if ckpt.get("world_size", world) != world:
+                per_process_bn = not model.config["frozen_bn"] and device.type != "cuda"  # no SyncBatchNorm on CPU
                 print(f"note: {last_path} was written by {ckpt['world_size']} process(es), this run has {world}: the "
-                      f"batches are the same{'' if model.config['frozen_bn'] else ', but BatchNorm statistics (per process without CUDA) differ'}",
+                      f"batches are the same{', but BatchNorm statistics (per process) differ' if per_process_bn else ''}",
                       flush=True)
     elif cfg.resume and master:
         print(f"no checkpoint in {cfg.output} yet: starting from iteration 0", flush=True)
@@ -517,11 +520,11 @@ def train(cfg, loss_cfg):
 
     stop_if_not_finite()
     if master:
+        final = {"model": raw_model.state_dict(), "model_config": raw_model.config, "categories": dataset.categories,
+                 "config": dataclasses.asdict(cfg), "loss_config": dataclasses.asdict(loss_cfg), "iteration": cfg.max_iter}
         try:
-            save_atomic({"model": raw_model.state_dict(), "model_config": raw_model.config,
-                         "categories": dataset.categories, "config": dataclasses.asdict(cfg),
-                         "loss_config": dataclasses.asdict(loss_cfg), "iteration": cfg.max_iter}, final_path)
-        except KeyboardInterrupt:  # Ctrl-C during the write, which completed first: the run is done
+            save_atomic(final, final_path)
+        except DeferredInterrupt:  # Ctrl-C during the write, which completed first: the run is done
             print(f"done: {final_path}", flush=True)
             raise KeyboardInterrupt("after the run completed") from None
         print(f"done: {final_path}", flush=True)

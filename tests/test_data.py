@@ -402,6 +402,7 @@ def test_malformed_annotation_file(tiny, content, culprit):
     (lambda d: d["images"][1].pop("file_name"), "images at list positions 1 need"),
     (lambda d: d["images"][0].update(width=0), "images at list positions 0 need"),
     (lambda d: d["images"][2].update(height=96.6), "images at list positions 2 need"),
+    (lambda d: d["images"][1].update(width=1e20), "images at list positions 1 need"),
     (lambda d: d["images"].append(dict(d["images"][2])), "image ids 3 appear more than once"),
     (lambda d: [d["images"][4].update(id=2**64), d["images"][3].update(id=-2**63)],
      f"image ids {2**64} do not fit in 64 bits"),

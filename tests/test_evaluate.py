@@ -123,9 +123,9 @@ def test_ground_truth_as_detections_scores_100(dataset):
 
 
 def test_annotation_ids_from_zero_or_negative_score_like_any_other(dataset, tmp_path):
-    """COCOeval reads a matched ground truth's id 0 as "unmatched" and ids <= 0 as free to match
-    again: a dataset whose annotation ids are 0, -1, -2, ... must score what ids 1, 2, 3 ... do,
-    with each object matched once (a duplicate of every detection is a false positive)."""
+    """COCOeval reads a matched ground truth's id 0 as "unmatched": a dataset whose annotation ids
+    are 0, -1, -2, ... must score what ids 1, 2, 3 ... do, with each object matched once (a
+    duplicate of every detection is a false positive)."""
     root = str(tmp_path / "ids")
     os.makedirs(os.path.join(root, "annotations"))
     os.symlink(dataset.img_dir, os.path.join(root, "val2017"))

@@ -339,10 +339,13 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_pa
     assert torch.load(out / "last.pt", weights_only=False)["iteration"] == 1
     assert sorted(os.listdir(out)) == [".lock", "config.json", "last.pt", "log.jsonl"]
     monkeypatch.setattr(os, "fsync", real_fsync)
-    (out / "model_final.pt.tmp").write_bytes(b"half")  # as a kill -9 in the middle of a write leaves it
+    for name in ("model_final.pt.tmp", "config.json.tmp"):  # as a kill -9 in the middle of a write leaves them
+        (out / name).write_bytes(b"half")
+    with pytest.raises(SystemExit):  # refused (a changed setting), after the leftovers were cleaned
+        train.main([*args, "--resume", "--seed", "9"])
+    assert not any(name.endswith(".tmp") for name in os.listdir(out))
     train.main([*args, "--resume"])
     assert torch.load(out / "model_final.pt", weights_only=False)["iteration"] == 3
-    assert not any(name.endswith(".tmp") for name in os.listdir(out))
 
 
 def test_the_same_weights_file_by_another_path(tmp_path, monkeypatch):
@@ -373,6 +376,25 @@ def test_ctrl_c_while_writing_model_final_says_the_run_is_complete(tiny_data, tm
     assert torch.load(tmp_path / "r" / "model_final.pt", weights_only=False)["iteration"] == 1
 
 
+def test_ctrl_c_before_model_final_is_written_is_a_plain_interruption(tiny_data, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = RetinaNet.state_dict
+
+    def interrupted_state_dict(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: model_final.pt (the first is last.pt)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RetinaNet, "state_dict", interrupted_state_dict)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1",
+                    "--output", str(tmp_path / "r")])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted: resume with --resume\n"
+    assert not (tmp_path / "r" / "model_final.pt").exists()
+
+
 def test_ctrl_c_while_torch_imports_is_one_line():
     """Ctrl-C in the seconds before main() runs (imports): one line and status 130 as later on, no
     traceback. -X importtime reports each finished import on stderr: the signal lands inside torch's."""
@@ -399,7 +421,8 @@ def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and culprit in err, err
     good = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
     broken = [lambda c: c.pop("rng"), lambda c: c.pop("iteration"), lambda c: c.update(iteration="1"),
-              lambda c: c["rng"].pop("numpy"), lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8))]
+              lambda c: c["rng"].pop("numpy"), lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+              lambda c: c.update(config=None), lambda c: c.update(model=None)]
     for k, break_it in enumerate([None, *broken]):
         if break_it is None:
             with open(tmp_path / "r" / "last.pt", "wb") as f:
