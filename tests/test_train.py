@@ -292,29 +292,38 @@ def test_output_that_cannot_be_written_or_locked(tiny_data, tmp_path, monkeypatc
     assert (tmp_path / "run" / "model_final.pt").exists()
 
 
-def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tiny_data, tmp_path, monkeypatch, capsys):
-    """Ctrl-C in the middle of writing last.pt: the write completes, then the run stops with one
-    line and status 130, as anywhere else; last.pt is whole and no temporary file is left."""
-    real_save = torch.save
-
-    def interrupted_save(obj, f):
-        os.kill(os.getpid(), signal.SIGINT)  # lands while the file is being written
+@pytest.mark.parametrize("where", ["serialising", "writing the file"])
+def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tiny_data, tmp_path, monkeypatch, capsys, where):
+    """Ctrl-C in the middle of saving last.pt (while it is serialised, or while its bytes go to the
+    file): the write completes, then the run stops with one line and status 130, as anywhere else;
+    last.pt is whole and no temporary file is left."""
+    def sigint():
+        os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
-        real_save(obj, f)
 
-    monkeypatch.setattr(torch, "save", interrupted_save)
+    if where == "serialising":
+        real_save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f: (sigint(), real_save(obj, f)))
+    else:
+        real_fsync = os.fsync
+
+        def interrupted_fsync(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("last.pt.tmp"):
+                sigint()
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", interrupted_fsync)
     args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--ckpt-every", "1",
             "--output", str(tmp_path / "r")]
     with pytest.raises(SystemExit) as e:
         train.main(args)
     assert e.value.code == 130
     assert capsys.readouterr().err == "interrupted: resume with --resume\n"
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     assert torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=False)["iteration"] == 1
     assert sorted(os.listdir(tmp_path / "r")) == [".lock", "config.json", "last.pt", "log.jsonl"]
 
 
-@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
     """The second checkpoint cannot be written (ENOSPC): one line naming it, status 1, the first
     last.pt intact, no temporary file left; --resume then finishes the run."""
@@ -395,6 +404,7 @@ def test_ctrl_c_before_model_final_is_written_is_a_plain_interruption(tiny_data,
     assert not (tmp_path / "r" / "model_final.pt").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_torch_imports_is_one_line():
     """Ctrl-C in the seconds before main() runs (imports): one line and status 130 as later on, no
     traceback. -X importtime reports each finished import on stderr: the signal lands inside torch's."""
@@ -486,7 +496,6 @@ def test_bad_arguments_give_one_line(args, message, tiny_data, tmp_path, capsys)
     assert message in err and not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
 def test_refuses_to_overwrite_a_run(tiny_data, tmp_path, capsys):
     """Also a finished run whose last.pt was deleted (to save space): model_final.pt, config.json and
     log.jsonl stay as they are, with or without --resume."""
