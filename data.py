@@ -973,13 +973,24 @@ def sigint_deferred():
         raise DeferredInterrupt
 
 
+def _partial(path):
+    return f"{path}.tmp"  # where write_atomic writes before the rename
+
+
+def remove_partial_writes(folder, names):
+    """Delete what a kill in the middle of write_atomic left of the files `names` in `folder`."""
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_partial(os.path.join(folder, name)))
+
+
 def write_atomic(path, data):
     """Write the bytes `data` to `path` through a temporary file, flushed to disk, then renamed over
     `path`: a kill at any moment leaves either the old file or the new one, never half of one (the
     directory is flushed too, where the file system allows, so that a power cut does not undo the
     rename). Ctrl-C waits for the end of the write. A failed write (a full disk) removes the
     temporary file and raises OSError naming `path`, the old file untouched."""
-    tmp = f"{path}.tmp"
+    tmp = _partial(path)
     with sigint_deferred():
         try:
             with open(tmp, "wb") as f:

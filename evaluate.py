@@ -61,7 +61,8 @@ from torchvision.ops import batched_nms
 
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, add_config_arguments, available_cpus,
-                  config_from_args, device_defaults, format_eta, resolve_root_once, setup_processes, write_atomic)
+                  config_from_args, device_defaults, format_eta, remove_partial_writes, resolve_root_once,
+                  setup_processes, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -639,9 +640,7 @@ def _evaluate(cfg, ddp, rank, world, master):
             os.makedirs(cfg.output, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--output {cfg.output}: cannot write there ({e.strerror})") from None
-        for name in ("detections.json.tmp", "metrics.json.tmp"):  # what a kill in the middle of a write left
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(cfg.output, name))
+        remove_partial_writes(cfg.output, ("detections.json", "metrics.json"))
         tta = ", ".join(f"{s}/{m}" for s, m in zip(scales, max_sizes))
         print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {len(dataset.categories)} classes, "
               f"shorter/longer side {tta}{', flip' if cfg.flip else ''}, {world} process(es) on {cfg.device}, "

@@ -61,8 +61,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
 from data import (CocoDataset, DataError, DeferredInterrupt, TrainSampler, add_config_arguments, available_cpus,
-                  collate, config_from_args, device_defaults, format_eta, resolve_root_once, setup_processes,
-                  sigint_deferred, to_device, write_atomic)
+                  collate, config_from_args, device_defaults, format_eta, remove_partial_writes, resolve_root_once,
+                  setup_processes, sigint_deferred, to_device, write_atomic)
 from model import BACKBONES, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -301,10 +301,8 @@ def train(cfg, loss_cfg):
     if cfg.resume and not os.path.exists(last_path) and os.path.exists(final_path):
         raise ValueError(f"{cfg.output} holds a finished run (model_final.pt) without its last.pt: nothing to "
                          f"resume; use another --output")
-    if master:  # what a kill in the middle of a write left behind (this process holds the directory's lock)
-        for name in ("last.pt.tmp", "model_final.pt.tmp", "log.jsonl.tmp", "config.json.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(cfg.output, name))
+    if master:  # this process holds the directory's lock: no other writes there
+        remove_partial_writes(cfg.output, ("last.pt", "model_final.pt", "log.jsonl", "config.json"))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
