@@ -3,7 +3,8 @@
 #   1. the loss on CUDA against the float64 numpy oracle: values (float64 and float32) and gradients
 #      (against finite differences of the oracle); and no host-device synchronisation in a loss call;
 #   2. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
-#      with the FreeAnchor loss, compiled and eager (channels_last, the CUDA default);
+#      with the FreeAnchor loss, eager (channels_last, the CUDA default), then compiled for the
+#      one padded shape (no dynamic marks): what padding every batch to a few fixed shapes gives;
 #   3. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
 #   4. synchronisations of train.py's steady-state step, eager and --compile (with the number of
 #      graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py);
@@ -13,14 +14,14 @@
 #      loss eager and compiled vs the per-image loop (the benchmark also checks that compiled
 #      equals eager to float32 rounding), then a profile of the eager and compiled loss at
 #      B = 16, G = 100;
-#   6. the training step of part 2 compiled for its one padded shape, without the dynamic marks: what a
-#      run padding every batch to a few fixed shapes would compile and run at (train_step.py's
-#      compiled_static rows), to choose between that and dynamic shapes by measurement.
+#   6. the training step of part 2 compiled for any image size and object count, as train.py --compile
+#      marks them dynamic (its compilation took over 150 s on an H200): against part 2's compiled
+#      rows, it decides between dynamic shapes and padding to a few fixed shapes.
 # Everything printed is also written to DIR/gpu_check.txt (default: runs/gpu_check).
 # On an H200 (2026-11-26) parts 1 and 5 took about 2.5 minutes together, and torch.compile of R-50
 # for any image size alone over 150 s, so the whole script takes longer than one 5-minute call:
-# run it in pieces, PARTS="1 2" then PARTS="3 4", part 5 again when the loss changes, and part 6
-# (not in the default list) to compare static shapes: PARTS="6".
+# run it in pieces: PARTS="1 2", PARTS="3 4", PARTS="6", and part 5 again when the loss changes. Every
+# line goes to the file as it is printed, so a call stopped by its time limit keeps what it had.
 #
 #     bash benchmarks/gpu_check.sh [DIR]
 #     PARTS="1 2" bash benchmarks/gpu_check.sh      # only some of the parts
@@ -32,7 +33,7 @@ log="$out/gpu_check.txt"
 : > "$log"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-parts=${PARTS:-1 2 3 4 5}  # 6 only when asked
+parts=${PARTS:-1 2 3 4 5 6}
 step() { echo "== $1" | tee -a "$log"; }
 want() { [[ " $parts " == *" $1 "* ]]; }
 
@@ -113,14 +114,14 @@ fi
 
 if want 2; then
 step "2. a training step, R-50 at 800x1333, B = 16, bf16"
-# the rows that answer the targets (network-only vs FreeAnchor step, compiled and channels_last);
-# the full table at B = 2, 8, 16 with every method takes longer: benchmarks/train_step.py --device cuda.
-# The first compiled row compiles the network for any image size (as train.py --compile), which took
-# over 150 s on an H200; the second finds it in inductor's on-disk cache.
-$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes compiled --row-timeout 320 2>&1 | tee -a "$log"
+# the rows that answer the targets (network-only vs FreeAnchor step; eager >= 110 and compiled
+# >= 240 images/s); the full table at B = 2, 8, 16 with every method takes longer:
+# benchmarks/train_step.py --device cuda. Eager first, so that a call cut short still has it; the
+# second compiled row finds the network's kernels in inductor's on-disk cache.
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
     --modes channels_last --row-timeout 60 2>&1 | tee -a "$log"
+$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
+    --modes compiled_static --row-timeout 200 2>&1 | tee -a "$log"
 fi
 
 if want 3; then
@@ -141,8 +142,8 @@ timeout 240 $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2
     --methods free_anchor_loss "per-image loop" --profile 16 100 2>&1 | tee -a "$log"
 fi
 if want 6; then
-step "6. the training step of part 2 compiled for one fixed shape (no dynamic marks)"
+step "6. the training step of part 2 compiled for any image size, as train.py --compile"
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes compiled_static --row-timeout 240 2>&1 | tee -a "$log"
+    --modes compiled --row-timeout 320 2>&1 | tee -a "$log"
 fi
 echo "written to $log"
