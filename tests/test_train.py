@@ -80,7 +80,7 @@ def assert_same_weights(a, b):
 
 # ----------------------------------------------------------------------------- learning
 
-@pytest.mark.slow  # 60 training steps: the longest in-process test
+@pytest.mark.slow  # 40 training steps
 def test_overfits_a_fixed_batch(tiny_data):
     torch.manual_seed(0)
     dataset = CocoDataset(tiny_data, "train2017", train=True, max_size=64)
@@ -89,7 +89,7 @@ def test_overfits_a_fixed_batch(tiny_data):
     model = RetinaNet(2, backbone="resnet18", weights="none", min_size=64, max_size=64)
     optimizer = torch.optim.SGD(train.param_groups(model, 1e-4), lr=0.003, momentum=0.9)
     losses = []
-    for _ in range(60):
+    for _ in range(40):
         cls_logits, box_deltas, anchors = model(images)
         out = freeanchor.free_anchor_loss(cls_logits, box_deltas, anchors, [t["boxes"] for t in targets],
                                           [t["labels"] for t in targets])
