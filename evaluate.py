@@ -186,52 +186,29 @@ def merge_detections(dets, nms_thresh, detections_per_img):
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
-def detect(model, images, scales, max_sizes, flip=False, nms=True):
+def detect(model, images, scales, max_sizes, flip=False, candidates=False):
     """model.detect with test-time augmentation: every scale (shorter side scales[i], longer side
     at most max_sizes[i]), each also on the flipped image if `flip`; detections mapped back to the
     original image and merged with class-wise NMS (merge_detections). One scale and no flip is
-    exactly model.detect. nms=False returns the union of every pass's NMS candidates."""
+    exactly model.detect. candidates=True returns (detections, candidates) from the same forward
+    passes, the candidates being the union of what each pass's NMS saw (--nms-recall's "before")."""
     passes = [(s, m, f) for s, m in zip(scales, max_sizes) for f in ((False, True) if flip else (False,))]
-    if len(passes) == 1 and not flip:
-        return model.detect(images, nms=nms, min_size=scales[0], max_size=max_sizes[0])
-    per_pass = []
+    per_pass = []  # (detections, candidates) of each pass, in the original image's pixels
     for s, m, f in passes:
-        dets = model.detect([image.flip(-1) for image in images] if f else images, nms=nms, min_size=s, max_size=m)
+        dets, cands = model.detect([image.flip(-1) for image in images] if f else images, min_size=s, max_size=m,
+                                   candidates=True)
         if f:
-            dets = [{**d, "boxes": flip_boxes(d["boxes"], image.shape[-1])} for d, image in zip(dets, images)]
-        per_pass.append(dets)
-    results = []
-    for b in range(len(images)):
-        dets = [p[b] for p in per_pass]
-        if nms:
-            results.append(merge_detections(dets, model.nms_thresh, model.detections_per_img))
-        else:
-            results.append({k: torch.cat([d[k] for d in dets]) for k in ("boxes", "scores", "labels")})
-    return results
-
-
-def detect_with_candidates(model, images, scales, max_sizes, flip=False):
-    """(detect(...), detect(..., nms=False)) from one forward pass per scale and flip: each pass's
-    candidates go through the class-wise NMS that model.detect applies (torchvision's
-    batched_nms, model.nms_thresh, model.detections_per_img best), here in original pixels rather
-    than resized ones; IoU does not change when x and y are scaled, so the same boxes survive up
-    to float rounding at the threshold."""
-    passes = [(s, m, f) for s, m in zip(scales, max_sizes) for f in ((False, True) if flip else (False,))]
-    per_pass_candidates, per_pass_dets = [], []
-    for s, m, f in passes:
-        candidates = model.detect([image.flip(-1) for image in images] if f else images, nms=False,
-                                  min_size=s, max_size=m)
-        if f:
-            candidates = [{**c, "boxes": flip_boxes(c["boxes"], image.shape[-1])} for c, image in zip(candidates, images)]
-        per_pass_candidates.append(candidates)
-        per_pass_dets.append([merge_detections([c], model.nms_thresh, model.detections_per_img) for c in candidates])
+            dets, cands = ([{**d, "boxes": flip_boxes(d["boxes"], image.shape[-1])} for d, image in zip(found, images)]
+                           for found in (dets, cands))
+        per_pass.append((dets, cands))
     if len(passes) == 1:
-        return per_pass_dets[0], per_pass_candidates[0]
-    dets = [merge_detections([p[b] for p in per_pass_dets], model.nms_thresh, model.detections_per_img)
-            for b in range(len(images))]
-    candidates = [{k: torch.cat([p[b][k] for p in per_pass_candidates]) for k in ("boxes", "scores", "labels")}
-                  for b in range(len(images))]
-    return dets, candidates
+        dets, cands = per_pass[0]
+    else:
+        dets = [merge_detections([p[0][b] for p in per_pass], model.nms_thresh, model.detections_per_img)
+                for b in range(len(images))]
+        cands = [{k: torch.cat([p[1][b][k] for p in per_pass]) for k in ("boxes", "scores", "labels")}
+                 for b in range(len(images))]
+    return (dets, cands) if candidates else dets
 
 
 def best_iou(gt_boxes, gt_labels, boxes, labels):
@@ -566,10 +543,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     for batch in loader:
         images = [image.to(device, non_blocking=True) for image, _ in batch]
         with autocast:
-            if cfg.nms_recall:
-                dets, candidates = detect_with_candidates(model, images, scales, max_sizes, cfg.flip)
-            else:
-                dets = detect(model, images, scales, max_sizes, cfg.flip)
+            dets, candidates = detect(model, images, scales, max_sizes, cfg.flip, candidates=True)
         on_host = {k: batch_to_host([d[k] for d in dets]) for k in ("boxes", "scores", "labels")}
         if cfg.nms_recall:
             targets = [(t["boxes"].to(device, non_blocking=True), t["labels"].to(device, non_blocking=True))

@@ -5,7 +5,7 @@ model trained here converts both ways to `torchvision.models.detection.RetinaNet
 
 - backbone: a torchvision ResNet / ResNeXt (`BACKBONES`); with pretrained weights, FrozenBatchNorm
   and the stem + res2 frozen; from scratch, BatchNorm trains (train.py turns it into SyncBatchNorm
-  under DDP);
+  under DDP on CUDA);
 - FPN P3-P7: P3-P5 from C3-C5, P6 = stride-2 conv on P5 and P7 = stride-2 conv on ReLU(P6)
   (torchvision's `retinanet_resnet50_fpn`, LastLevelP6P7(256, 256));
 - heads: 4 x (3x3 conv 256 + ReLU) per branch, weights N(0, 0.01), class prior 0.02 (§4.1);
@@ -351,7 +351,7 @@ class RetinaNet(nn.Module):
         self.max_size = max_size
         self.config = dict(num_classes=num_classes, backbone=backbone, min_size=self.min_size,
                            max_size=max_size, frozen_bn=frozen_bn)
-        # Inference thresholds (RetinaNet §5.1, torchvision's defaults but 100 detections per image).
+        # Inference thresholds (RetinaNet §4.1, torchvision's defaults but 100 detections per image).
         self.score_thresh = 0.05
         self.topk_candidates = 1000  # per level
         self.nms_thresh = 0.5
@@ -449,7 +449,7 @@ class RetinaNet(nn.Module):
         return torch.cat(cls_logits, dim=1), torch.cat(box_deltas, dim=1), anchors, per_level
 
     @torch.no_grad()
-    def detect(self, images, nms=True, min_size=None, max_size=None):
+    def detect(self, images, nms=True, min_size=None, max_size=None, candidates=False):
         """Detections of a list of RGB images [3, h, w] (floats in [0, 1], or uint8 as data.py
         reads them), at their original size, on any device.
 
@@ -457,7 +457,8 @@ class RetinaNet(nn.Module):
         int64 in [0, K). Resizing, normalising and padding as torchvision's GeneralizedRCNNTransform;
         postprocessing as its RetinaNet.postprocess_detections, batched: the same detections as the
         RetinaNet of to_torchvision to float32 rounding. nms=False returns the candidates
-        that NMS would see (score threshold, per-level top-k, decoded, clipped, in original pixels).
+        that NMS would see (score threshold, per-level top-k, decoded, clipped, in original pixels);
+        candidates=True returns both, (detections, candidates), from the one forward pass.
         min_size, max_size override the model's (test-time scales). Eval-mode semantics; the
         training flags of the modules are left as they were.
         """
@@ -519,13 +520,15 @@ class RetinaNet(nn.Module):
         counts = passed.sum(1).tolist()  # candidates per image: a host read
         where = passed.nonzero(as_tuple=True)  # the batch's candidates, image by image: a host read
         per_image = zip(*(t[where].split(counts) for t in (boxes, scores, labels)))  # B x ([n_b, 4], [n_b], [n_b])
-        results = []
+        results, before_nms = [], []
         for b, (boxes_b, scores_b, labels_b) in enumerate(per_image):
-            if nms:
+            found = {"boxes": boxes_b * ratios[b], "scores": scores_b, "labels": labels_b}  # in original pixels
+            before_nms.append(found)
+            if nms or candidates:  # NMS in the resized image's pixels, as torchvision's
                 keep = batched_nms(boxes_b, scores_b, labels_b, self.nms_thresh)[: self.detections_per_img]
-                boxes_b, scores_b, labels_b = boxes_b[keep], scores_b[keep], labels_b[keep]
-            results.append({"boxes": boxes_b * ratios[b], "scores": scores_b, "labels": labels_b})
-        return results
+                found = {k: v[keep] for k, v in found.items()}
+            results.append(found)
+        return (results, before_nms) if candidates else results
 
 
 # ----------------------------------------------------------------------------- torchvision

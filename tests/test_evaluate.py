@@ -225,12 +225,14 @@ def test_nms_recall_hand_built():
 def test_single_scale_is_plain_detect(dataset):
     model = make_model()
     images = [dataset[i][0] for i in range(2)] + [torch.rand(3, 48, 80)]
-    for nms in (True, False):
-        ours = evaluate.detect(model, images, [64], [64], flip=False, nms=nms)
-        plain = model.detect(images, nms=nms)
-        for a, b in zip(ours, plain):
+    ours = evaluate.detect(model, images, [64], [64], flip=False, candidates=True)
+    plain = model.detect(images), model.detect(images, nms=False)
+    for found, expected in zip(ours, plain):  # detections, then candidates
+        for a, b in zip(found, expected):
             assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
-    assert len(plain[0]["boxes"]) > model.detections_per_img  # candidates, and plenty of them
+    assert len(plain[1][0]["boxes"]) > model.detections_per_img  # candidates, and plenty of them
+    for a, b in zip(evaluate.detect(model, images, [64], [64]), plain[0]):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
 
 
 def _rows(det):
@@ -259,13 +261,13 @@ class BrightBoxDetector:
     answer we know on flipped images too."""
     nms_thresh, detections_per_img = 0.5, 100
 
-    def detect(self, images, nms=True, min_size=None, max_size=None):
+    def detect(self, images, nms=True, min_size=None, max_size=None, candidates=False):
         dets = []
         for image in images:
             ys, xs = torch.where(image[0] > 0.5)
             box = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
             dets.append({"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([1])})
-        return dets
+        return (dets, dets) if candidates else dets
 
 
 def test_flip_maps_boxes_back():
@@ -273,7 +275,8 @@ def test_flip_maps_boxes_back():
     image[0, 10:30, 5:20] = 1.0  # x 5..20, y 10..30, off-centre
     det, = evaluate.detect(BrightBoxDetector(), [image], [40], [60], flip=True)
     assert det["boxes"].tolist() == [[5.0, 10.0, 20.0, 30.0]]  # both passes agree: one box after NMS
-    candidates, = evaluate.detect(BrightBoxDetector(), [image], [40], [60], flip=True, nms=False)
+    (det,), (candidates,) = evaluate.detect(BrightBoxDetector(), [image], [40], [60], flip=True, candidates=True)
+    assert det["boxes"].tolist() == [[5.0, 10.0, 20.0, 30.0]]
     assert candidates["boxes"].tolist() == [[5.0, 10.0, 20.0, 30.0]] * 2
     assert evaluate.flip_boxes(torch.tensor([[5.0, 10.0, 20.0, 30.0]]), 60).tolist() == [[40.0, 10.0, 55.0, 30.0]]
 
@@ -289,7 +292,9 @@ def known_detect(dataset):
     truth = {dataset[i][0].numpy().tobytes(): dataset[i][1] for i in range(len(dataset))}
     blob = next(k for k, c in enumerate(dataset.categories) if c["name"] == "blob")
 
-    def detect(self, images, nms=True, min_size=None, max_size=None):
+    def detect(self, images, nms=True, min_size=None, max_size=None, candidates=False):
+        if candidates:
+            return detect(self, images), detect(self, images, nms=False)
         dets = []
         for image in images:
             target = truth[image.cpu().numpy().tobytes()]
@@ -315,10 +320,6 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
     box is checked against it. The Fig. 4 pictures come from the checkpoint's real network."""
     known = known_detect(dataset)
     monkeypatch.setattr(RetinaNet, "detect", known)
-    # --nms-recall takes detections and candidates from one pass (tested on its own below); here
-    # both come from the stand-in, whose "after NMS" is not what NMS would make of its candidates
-    monkeypatch.setattr(evaluate, "detect_with_candidates",
-                        lambda model, images, *args, **kwargs: (known(model, images), known(model, images, nms=False)))
     out = str(tmp_path / "eval")
     metrics, printed = run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--batch-size", "4",
                                  "--nms-recall", "--breakdown", "--visualize", "6", "--vis-score", "0.5",
@@ -576,21 +577,16 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- one forward pass for NMS recall
 
-def _matched(a, b):
-    """Detections a and b are the same set: same count and labels, scores and boxes equal up to
-    float32 rounding (NMS here runs in original pixels, model.detect's in resized ones)."""
-    assert len(a["boxes"]) == len(b["boxes"])
-    torch.testing.assert_close(_rows(a), _rows(b), rtol=1e-5, atol=1e-3)
-
-
 def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
-    """detect_with_candidates gives detect()'s detections and detect(nms=False)'s candidates while
-    running the network once per scale and flip, not twice."""
+    """--nms-recall's candidates come from the forward passes that give the detections: the
+    network runs once per scale and flip, the detections are those of detect() without
+    candidates, and the candidates are every pass's NMS input (detect(nms=False) of the pass)."""
     model = make_model()
     images = [dataset[i][0] for i in range(2)] + [torch.rand(3, 48, 80)]
     for scales, flip in (([64], False), ([48, 64], True)):
         expected = evaluate.detect(model, images, scales, scales, flip=flip)
-        expected_candidates = evaluate.detect(model, images, scales, scales, flip=flip, nms=False)
+        per_pass = [model.detect([im.flip(-1) for im in images] if f else images, nms=False, min_size=s, max_size=s)
+                    for s in scales for f in ((False, True) if flip else (False,))]
         calls = {"n": 0}
         real_predict = model._predict
 
@@ -599,13 +595,15 @@ def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
             return real_predict(*a, **k)
 
         monkeypatch.setattr(model, "_predict", counting)
-        dets, candidates = evaluate.detect_with_candidates(model, images, scales, scales, flip=flip)
+        dets, candidates = evaluate.detect(model, images, scales, scales, flip=flip, candidates=True)
         monkeypatch.undo()
-        assert calls["n"] == len(scales) * (2 if flip else 1)
-        for d, e, c, ec in zip(dets, expected, candidates, expected_candidates):
+        assert calls["n"] == len(per_pass)
+        for b, (d, e, c) in enumerate(zip(dets, expected, candidates)):
             assert len(d["boxes"]) > 0
-            _matched(d, e)
-            _matched(c, ec)
+            assert all(torch.equal(d[k], e[k]) for k in ("boxes", "scores", "labels"))
+            assert len(c["boxes"]) == sum(len(p[b]["boxes"]) for p in per_pass)
+            d_rows, c_rows = (torch.cat((x["boxes"], x["scores"][:, None], x["labels"][:, None].float()), 1) for x in (d, c))
+            assert (d_rows[:, None] == c_rows[None]).all(-1).any(1).all()  # every detection is a candidate
 
 
 @pytest.mark.slow

@@ -230,6 +230,10 @@ def test_detect_without_nms_returns_the_candidates():
         # every detection is one of the candidates
         match = (d["boxes"][:, None] == c["boxes"][None]).all(-1) & (d["scores"][:, None] == c["scores"][None])
         assert match.any(1).all()
+    # both from one call: the same detections and candidates as the two calls
+    for found, expected in zip(m.detect(images(), candidates=True), (with_nms, candidates)):
+        for a, b in zip(found, expected):
+            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
 
 
 def test_detect_decodes_what_forward_predicts():
