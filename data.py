@@ -12,7 +12,8 @@ sampling, and the built-in synthetic `shapes` dataset.
   (shorter side `min_size`, one value or several drawn per image, longer side at most `max_size`,
   the paper's recipe, §4.1) and padding to a multiple of 32 happen inside the step on the device
   (`to_device`), with `model.preprocess`, the function `RetinaNet.detect` uses. A worker then does
-  little more than decode the JPEG, and a batch moves a quarter of float32's bytes.
+  little more than decode the JPEG, and a batch moves a quarter of float32's bytes. Where the
+  "device" is the CPU itself, the workers resize instead (`resize_in_worker`), with the same code.
 - `TrainSampler` yields iteration-based batches grouped by aspect ratio (landscape and portrait
   apart, as the authors' maskrcnn-benchmark code does), sharded over DDP ranks, and a pure
   function of (seed, iteration), so a resumed run sees exactly the batches of an uninterrupted one.

@@ -54,8 +54,8 @@ class FreeAnchorConfig:
 class RetinaNetLossConfig:
     fg_iou: float = 0.5  # IoU >= 0.5: positive (Lin et al. 2017, §4)
     bg_iou: float = 0.4  # IoU < 0.4: negative; in between: ignored (Lin et al. 2017, §4)
-    alpha: float = 0.25  # focal loss alpha (Lin et al. 2017, §3.3)
-    gamma: float = 2.0  # focal loss gamma (Lin et al. 2017, §3.3)
+    alpha: float = 0.25  # focal loss alpha (Lin et al. 2017, §4.1)
+    gamma: float = 2.0  # focal loss gamma (Lin et al. 2017, §4.1)
     smooth_l1_beta: float = 0.11  # authors' code (maskrcnn-benchmark RetinaNet)
 
 
@@ -84,11 +84,13 @@ def pad_objects(gt_boxes, gt_labels, dtype, device):
     """The objects of a batch as dense tensors: boxes [B, G, 4], labels [B, G], valid [B, G].
 
     gt_boxes, gt_labels: lists of B tensors [G_b, 4] and [G_b]; or already padded, a tensor
-    [B, G, 4] and labels [B, G] that are -1 at the padding (what train.py's loader yields).
+    [B, G, 4] and labels [B, G] that are -1 at the padding (what data.to_device gives train.py).
     G is at least 1, so that an empty batch needs no special case. Padding is a harmless unit box
     (finite encode and IoU, so masked-out entries can't leak NaN into gradients) with label 0.
-    No host-device synchronisation: the counts are the lists' lengths, known on the host, and the
-    only host data copied (non-blocking); the padding box is made on the device.
+    No host-device synchronisation: the counts are the lists' lengths, known on the host, copied
+    non-blocking; the padding box is made on the device. (On a GPU a non-blocking copy from ordinary
+    host memory can still wait for the GPU's queue: train.py passes padded tensors, copied from
+    pinned memory.)
     """
     if torch.is_tensor(gt_boxes):
         B, G = gt_labels.shape
@@ -217,7 +219,7 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
     cls_logits [B, A, K] pre-sigmoid; box_deltas [B, A, 4] encoded (model.encode); anchors [A, 4]
     xyxy, shared by the batch; gt_boxes: B tensors [G_b, 4] xyxy; gt_labels: B int64 tensors [G_b]
     in [0, K) (or both padded, see pad_objects). num_objects: ||B|| of Eq. 7 (None: this batch's
-    object count; train.py passes the count averaged over DDP processes). Returns {"positive",
+    object count; train.py passes the host's count, averaged over DDP processes). Returns {"positive",
     "negative"}, weighted and normalised; the training loss is their sum. Always computed in
     float32 (or float64), even under autocast.
     """
@@ -230,8 +232,8 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
         n = min(cfg.bag_size, A)  # a bag can't hold more anchors than there are (tiny images)
         if num_objects is None:
             num_objects = valid.sum()  # []  ||B||
-        elif not torch.is_tensor(num_objects):  # a host number (train.py without DDP): filled on the
-            # device, as torch.as_tensor(x, device="cuda") would be a blocking copy, a sync
+        elif not torch.is_tensor(num_objects):  # a host number: filled on the device, as
+            # torch.as_tensor(x, device="cuda") would be a blocking copy, a sync
             num_objects = torch.full((), float(num_objects), dtype=box_deltas.dtype, device=box_deltas.device)  # []
         num_objects = num_objects.to(box_deltas.device, box_deltas.dtype, non_blocking=True)  # []
 
@@ -317,8 +319,8 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Ret
     Regression: SmoothL1 on the (10, 10, 5, 5) deltas of the positives, averaged over the 4
     coordinates (the authors' RetinaNet baseline divides by 4 x positives: maskrcnn-benchmark's
     BBOX_REG_WEIGHT = 4). Both are normalised by the number of positive anchors: this batch's, or
-    average_count(count) when given (train.py passes the count averaged over DDP processes, so N
-    processes train like one). Same inputs as free_anchor_loss; returns {"classification", "regression"}.
+    average_count(count) when given (train.py passes a function that averages the count over DDP
+    processes, so N processes train like one). Same inputs as free_anchor_loss; returns {"classification", "regression"}.
     """
     B, A, K = _check_inputs(cls_logits, box_deltas, anchors)
     with torch.autocast(cls_logits.device.type, enabled=False):

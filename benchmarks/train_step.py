@@ -3,7 +3,7 @@ loss, and torchvision's RetinaNet, eager (NCHW), in channels_last, and under tor
 
 One SGD step (forward, loss, backward, fused SGD update, as train.py does) on the same images and
 boxes for
-  - model_only          the network with a trivial loss (mean of its outputs): the ceiling, the
+  - model_only          the network with a trivial loss (a scaled sum of its outputs): the ceiling, the
                         reference every ratio refers to
   - free_anchor_loss    train.py --loss freeanchor
   - retinanet_loss      train.py --loss retinanet

@@ -96,7 +96,7 @@ def smooth_l1(d, beta):
 
 
 def bag_of(gt_box, anchors, n):
-    """Bag A_i (§3.2): indices [n] of the n anchors with the largest IoU(b_i, anchor), no threshold.
+    """Bag A_i (§3.3): indices [n] of the n anchors with the largest IoU(b_i, anchor), no threshold.
 
     Ties are broken towards the lower anchor index (stable sort).
     """
