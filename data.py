@@ -896,6 +896,18 @@ def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
 # ----------------------------------------------------------------------------- shared by train.py and evaluate.py
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default once: not where the help text already gives it or where
+    there is none (None: resolved at run time, as the text says), and tuples as the values to type."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        if isinstance(action.default, tuple):
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
 def add_config_arguments(parser, config, title):
     """One --flag per field of the dataclass `config`, in an argument group `title`; the field's
     metadata["help"] is the help text. bool fields get --flag / --no-flag (default None: "auto",
@@ -925,7 +937,8 @@ def device_defaults(cfg):
     the device defaults to CUDA where there is one; bf16 autocast and channels_last default to on
     with CUDA only. On a CPU neither pays for certain: channels_last measured within noise of
     NCHW on the quickstart, and bfloat16 is fast only on CPUs with native bf16 (1.68x on the
-    quickstart), slow elsewhere. Raises ValueError for CUDA asked where there is none."""
+    quickstart), slow elsewhere: there --amp falls back to float32, with a note. Raises ValueError
+    for CUDA asked where there is none."""
     if cfg.device is None:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -933,7 +946,23 @@ def device_defaults(cfg):
     on_cuda = cfg.device.startswith("cuda")
     cfg.amp = on_cuda if cfg.amp is None else cfg.amp
     cfg.channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
+    if cfg.amp and not on_cuda and not cpu_has_native_bf16():
+        cfg.amp = False
+        if os.environ.get("RANK", "0") == "0":  # said once under torchrun
+            print("note: --amp ignored: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where float32 "
+                  "is faster", flush=True)
     return cfg
+
+
+def cpu_has_native_bf16():
+    """True on x86 CPUs with bfloat16 instructions (AVX512-BF16 or AMX-BF16), where oneDNN runs
+    bf16 convolutions faster than float32; elsewhere it emulates them, slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def setup_processes(device):

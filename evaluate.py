@@ -60,9 +60,9 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
 import freeanchor
-from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, add_config_arguments, available_cpus,
-                  config_from_args, device_defaults, format_eta, remove_partial_writes, resolve_root_once,
-                  setup_processes, write_atomic)
+from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, HelpFormatter, add_config_arguments,
+                  available_cpus, config_from_args, device_defaults, format_eta, remove_partial_writes,
+                  resolve_root_once, setup_processes, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -77,7 +77,7 @@ GT_COLOR, PRED_COLOR = (0, 200, 0), (255, 40, 40)
 @dataclass
 class EvalConfig:
     """What an evaluation needs. `metadata["help"]` is the --help text."""
-    ckpt: str = field(default=None, metadata={"help": "checkpoint of train.py (model_final.pt or last.pt)"})
+    ckpt: str = field(default=None, metadata={"help": "checkpoint of train.py (model_final.pt or last.pt); required"})
     data: str = field(default=None, metadata={
         "help": "COCO-layout root or 'shapes' (default: the checkpoint's training data)"})
     split: str = field(default=None, metadata={"help": "split to evaluate (default: the checkpoint's val split)"})
@@ -91,7 +91,7 @@ class EvalConfig:
     batch_size: int = field(default=8, metadata={"help": "images per forward pass (per process)"})
     workers: int = field(default=4, metadata={"help": "image reading processes per evaluating process "
                                                       "(at most the CPUs available)"})
-    device: str = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    device: str = field(default=None, metadata={"help": "cuda, cuda:N or cpu (default: cuda when available)"})
     amp: bool = field(default=None, metadata={
         "help": "bfloat16 autocast for the network (default: on with CUDA, off on CPU)"})
     channels_last: bool = field(default=None, metadata={
@@ -120,7 +120,7 @@ class EvalConfig:
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Evaluate a FreeAnchor / RetinaNet checkpoint: COCO AP and the paper's NR, Fig. 5, Fig. 6.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     return add_config_arguments(parser, EvalConfig, "evaluation")
 
 

@@ -8,15 +8,16 @@ while every anchor that does not clearly predict an object is pushed towards bac
 (precision, Eq. 6). The Mean-max function (Eq. 5) turns "the best anchor of the bag" into
 something smooth enough to train.
 
-Letters of the shape comments: B images, A anchors, K classes, G objects per image (padded to the
-largest count in the batch), n bag size.
+Letters of the shape comments: B images, A anchors, K classes, G objects per image (padded to at
+least the largest count in the batch), n bag size.
 
     free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels) -> {"positive", "negative"}
     retinanet_loss(same arguments) -> {"classification", "regression"}
 
-Both are dense tensor code on padded [B, G, ...] shapes: no Python loop over images or objects, no
-op whose output size depends on the data, no host-device synchronisation, so the same handful of
-kernels runs for any batch and `torch.compile(free_anchor_loss)` traces it as one graph.
+Both are dense tensor code on padded [B, G, ...] shapes: no Python loop over images or objects
+(only over blocks of objects, where [B, G, A] would exceed 2^28 elements), no op whose output size
+depends on the data, no host-device synchronisation, so the same handful of kernels runs for any
+batch and `torch.compile(free_anchor_loss)` traces it as one graph.
 Checked against the numpy transcription of the equations in reference/freeanchor_np.py by
 `python -m pytest tests/test_freeanchor.py`; timed by `python benchmarks/loss.py`.
 """
@@ -164,8 +165,9 @@ def bag_indices(iou, n):
 @torch.no_grad()
 def match(anchors, pred_boxes, boxes, labels, valid, n, t, K):
     """Bags and P{a_j in A+}: the parts of the loss that the paper treats as given, without
-    gradient. The bag is a set of indices; P{a_j -> b_i} (Eq. 6) depends on the predicted boxes
-    only to decide which anchors are already taken, and is not learned through.
+    gradient. The bag is a set of indices; P{a_j -> b_i} (Eq. 6), the probability that anchor a_j
+    already predicts object b_i, comes from the IoU of b_i with a_j's predicted box and is not
+    learned through: it only decides which anchors the negative term leaves alone.
 
     anchors [A, 4], pred_boxes [B, A, 4] (decoded predictions), boxes [B, G, 4], labels [B, G],
     valid [B, G]. Returns bag [B, G, n] anchor indices and p_plus [B, A, K] = P{a_j in A+} per
@@ -178,6 +180,7 @@ def match(anchors, pred_boxes, boxes, labels, valid, n, t, K):
     for block in object_blocks(B, G, A):
         bag[:, block] = bag_indices(box_iou(boxes[:, block], anchors), n)  # [B, g, n]
         iou_loc = box_iou(boxes[:, block], pred_boxes)  # [B, g, A]  IoU(b_i, prediction of a_j)
+        # t2, the upper knee of the saturated linear: each object's best IoU_loc, kept above t
         t2 = iou_loc.amax(dim=2, keepdim=True).clamp(min=t + EPS)  # [B, g, 1]
         # saturated linear (Eq. 6), written so that IoU <= t never divides by t2 - t (0 in float32)
         p_match = torch.where(iou_loc > t, (iou_loc - t) / (t2 - t), 0.0).clamp(max=1)  # [B, g, A]
@@ -249,7 +252,8 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
         positive = cfg.alpha * torch.where(valid, loss_obj, 0.0).sum() / num_objects.clamp(min=1)  # []
 
         # negative term, precision (Eqs. 6-7): FL(q) = q^gamma (-log(1 - q)) over every anchor and
-        # class, with q = P_cls (1 - P{a_j in A+}). 1 - q is computed as (1 - P_cls) + P_cls P+,
+        # class, with q = P_cls (1 - P{a_j in A+}), the paper's P{a_j in A-} (1 - P_bg) per class
+        # (P{a_j in A-} = 1 - max_i P{a_j -> b_i}, P_bg = 1 - P_cls). 1 - q is computed as (1 - P_cls) + P_cls P+,
         # exact also where float32 rounds q to 1 (logits > 17). The authors clamp q to
         # [EPS, 1 - EPS]; only the upper end matters (the lower one moves FL by < 1e-24), and it
         # is the clamp of 1 - q at 1 - (1 - EPS), inside the log.
@@ -269,14 +273,15 @@ def bag_weights(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=FreeAn
     current predictions. Same inputs as free_anchor_loss; returns a list of B pairs
     (bag [G_b, n] anchor indices, weights [G_b, n] summing to 1 over each bag)."""
     B, A, K = _check_inputs(cls_logits, box_deltas, anchors)
-    cls_logits, box_deltas = cls_logits.float(), box_deltas.float()  # [B, A, K], [B, A, 4]
-    anchors = anchors.to(box_deltas.dtype)  # [A, 4]
-    boxes, labels, valid = pad_objects(gt_boxes, gt_labels, box_deltas.dtype, box_deltas.device)  # [B, G, 4], [B, G], [B, G]
-    n = min(cfg.bag_size, A)
-    pred_boxes = decode(anchors, box_deltas)  # [B, A, 4]
-    bag, _ = match(anchors, pred_boxes, boxes, labels, valid, n, cfg.iou_threshold, K)  # [B, G, n]
-    w = mean_max_weights(bag_likelihood(cls_logits, box_deltas, anchors, bag, boxes, labels, cfg))  # [B, G, n]
-    w = w / w.sum(-1, keepdim=True)  # [B, G, n]
+    with torch.autocast(cls_logits.device.type, enabled=False):  # in float32, as the loss
+        cls_logits, box_deltas = _as_float(cls_logits), _as_float(box_deltas)  # [B, A, K], [B, A, 4]
+        anchors = anchors.to(box_deltas.dtype)  # [A, 4]
+        boxes, labels, valid = pad_objects(gt_boxes, gt_labels, box_deltas.dtype, box_deltas.device)  # [B, G, 4], [B, G], [B, G]
+        n = min(cfg.bag_size, A)
+        pred_boxes = decode(anchors, box_deltas)  # [B, A, 4]
+        bag, _ = match(anchors, pred_boxes, boxes, labels, valid, n, cfg.iou_threshold, K)  # [B, G, n]
+        w = mean_max_weights(bag_likelihood(cls_logits, box_deltas, anchors, bag, boxes, labels, cfg))  # [B, G, n]
+        w = w / w.sum(-1, keepdim=True)  # [B, G, n]
     return [(bag[b, valid[b]], w[b, valid[b]]) for b in range(B)]
 
 

@@ -20,8 +20,9 @@ model trained here converts both ways to `torchvision.models.detection.RetinaNet
   detections per image, as torchvision's `RetinaNet.postprocess_detections`.
 
     m = RetinaNet(num_classes=80, backbone="resnet50", weights="imagenet")
-    cls_logits, box_deltas, anchors = m(images)    # [B, A, K], [B, A, 4], [A, 4]
-    detections = m.detect([image])                 # [{"boxes", "scores", "labels"}]
+    batch, _ = preprocess(images)                  # list of [3, h, w] -> [B, 3, H, W] normalised, padded
+    cls_logits, box_deltas, anchors = m(batch)     # [B, A, K], [B, A, 4], [A, 4]
+    detections = m.detect([image])                 # [{"boxes", "scores", "labels"}], original pixels
     tv = to_torchvision(m)                         # same detections from torchvision's RetinaNet
 
 Run the tests with `python -m pytest tests/test_model.py`.

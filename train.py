@@ -60,9 +60,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
-from data import (CocoDataset, DataError, DeferredInterrupt, TrainSampler, add_config_arguments, available_cpus,
-                  collate, config_from_args, device_defaults, format_eta, remove_partial_writes, resolve_root_once,
-                  setup_processes, sigint_deferred, to_device, write_atomic)
+from data import (CocoDataset, DataError, DeferredInterrupt, HelpFormatter, TrainSampler, add_config_arguments,
+                  available_cpus, collate, config_from_args, device_defaults, format_eta, remove_partial_writes,
+                  resolve_root_once, setup_processes, sigint_deferred, to_device, write_atomic)
 from model import BACKBONES, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -105,10 +105,10 @@ class TrainConfig:
     max_size: int = field(default=1333, metadata={"help": "cap on the longer image side (paper: 1333)"})
     output: str = field(default=None, metadata={"help": "run directory (default: runs/<loss>_<backbone>_<data>)"})
     resume: bool = field(default=False, metadata={
-        "help": "continue the run in --output from its last.pt (starts afresh if there is none yet)"})
+        "help": "continue the run in --output from its last.pt (starts afresh if the directory holds no run yet)"})
     ckpt_every: int = field(default=1000, metadata={"help": "write last.pt every this many iterations"})
     log_every: int = field(default=20, metadata={"help": "log a line (and log.jsonl) every this many iterations"})
-    device: str = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)"})
+    device: str = field(default=None, metadata={"help": "cuda, cuda:N or cpu (default: cuda when available)"})
     amp: bool = field(default=None, metadata={
         "help": "bfloat16 autocast for the network; the loss stays float32 (default: on with CUDA, off on CPU; "
                 "on a CPU without native bfloat16 (AVX512-BF16 or AMX) --amp falls back to float32, with a note)"})
@@ -118,7 +118,7 @@ class TrainConfig:
         "help": "torch.compile the network and the loss, compiled for any image size and object count "
                 "(the log counts the compilations: usually 2)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and of the data order"})
-    workers: int = field(default=4, metadata={"help": "data loading processes per training process"})
+    workers: int = field(default=4, metadata={"help": "data loading processes per training process (at most the CPUs available)"})
     raw_orientation: bool = field(default=False, metadata={
         "help": "read images as stored, ignoring their EXIF orientation tag (for datasets annotated that way); "
                 "by default images are turned upright as labelling tools show them"})
@@ -130,7 +130,7 @@ class TrainConfig:
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Train RetinaNet with the FreeAnchor loss (NeurIPS 2019) or the RetinaNet baseline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_config_arguments(parser, TrainConfig, "training")
     add_config_arguments(parser, freeanchor.FreeAnchorConfig, "FreeAnchor loss (--loss freeanchor)")
     return parser
@@ -167,17 +167,6 @@ def parse_config(argv):
         data_name = os.path.basename(os.path.normpath(cfg.data))
         cfg.output = os.path.join("runs", f"{cfg.loss}_{cfg.backbone}_{data_name}")
     return device_defaults(cfg), loss_cfg
-
-
-def cpu_has_native_bf16():
-    """True on x86 CPUs with bfloat16 instructions (AVX512-BF16 or AMX-BF16), where oneDNN runs
-    bf16 convolutions faster than float32; elsewhere it emulates them, slower than float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def lr_at(it, cfg):
@@ -270,11 +259,6 @@ def train(cfg, loss_cfg):
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a handful of padded shapes recur all run long
-    if cfg.amp and device.type == "cpu" and not cpu_has_native_bf16():
-        cfg.amp = False
-        if master:
-            print("note: --amp ignored: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where float32 "
-                  "is faster", flush=True)
 
     # ------------------------------------------------------------------ data (all checks before iteration 0)
     root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
@@ -422,7 +406,7 @@ def train(cfg, loss_cfg):
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
 
     def stop_if_not_finite():
-        if all_finite.item():  # the one host-device sync, where the host needs it anyway
+        if all_finite.item():  # a host-device sync, where the host waits anyway (log, checkpoint)
             return
         values = ", ".join(f"{k} {v:.4g}" for k, v in zip(terms, bad_terms.tolist()))
         what = "loss" if not math.isfinite(sum(bad_terms.tolist())) else "gradient"

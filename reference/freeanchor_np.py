@@ -29,7 +29,7 @@ class Config:
     """The paper's defaults (§4.3) and the authors' smooth-L1 beta; any object with these works."""
     bag_size: int = 50  # n
     iou_threshold: float = 0.6  # t
-    alpha: float = 0.5  # focal alpha
+    alpha: float = 0.5  # weight of the positive term; the negative one gets 1 - alpha
     gamma: float = 2.0  # focal gamma
     loc_weight: float = 0.75  # beta of Eq. 1
     smooth_l1_beta: float = 0.11

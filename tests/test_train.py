@@ -101,6 +101,21 @@ def test_overfits_a_fixed_batch(tiny_data):
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
 
 
+def test_amp_falls_back_to_float32_on_a_cpu_without_native_bfloat16(monkeypatch, capsys):
+    """bfloat16 autocast on a CPU that emulates it is slower than float32: --amp is dropped there,
+    with a note, for training and evaluation alike; kept where the CPU has bfloat16 instructions."""
+    import data
+    import evaluate
+    monkeypatch.delenv("RANK", raising=False)
+    for native in (False, True):
+        monkeypatch.setattr(data, "cpu_has_native_bf16", lambda: native)
+        train_cfg, _ = train.parse_config(["--device", "cpu", "--amp"])
+        eval_cfg = evaluate.parse_config(["--ckpt", "model_final.pt", "--device", "cpu", "--amp"])
+        out = capsys.readouterr().out
+        assert train_cfg.amp == eval_cfg.amp == native
+        assert out.count("--amp ignored") == (0 if native else 2), out
+
+
 def test_lr_schedule_and_weight_decay_groups():
     cfg, _ = train.parse_config(["--batch-size", "8", "--max-iter", "900"])
     assert cfg.lr == pytest.approx(0.005) and cfg.steps == (600, 800)
