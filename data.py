@@ -299,7 +299,7 @@ def progress_line(what, done, total, start):
     elapsed = max(time.time() - start, 1e-9)
     rate = done / elapsed
     eta = format_eta((total - done) / rate) if rate > 0 else "?"
-    print(f"\r{what}: {done}/{total}  {rate:.0f}/s  eta {eta}   ", end="", flush=True)
+    print(f"\r{what}: {done}/{total}  {rate:.1f}/s  eta {eta}   ", end="", flush=True)
 
 
 def check_images(paths, sizes, exif=True, workers=None, show_progress=True, what="checking images"):

@@ -61,7 +61,7 @@ from torchvision.ops import batched_nms
 
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, HelpFormatter, add_config_arguments,
-                  available_cpus, config_from_args, device_defaults, format_eta, remove_partial_writes,
+                  available_cpus, config_from_args, device_defaults, progress_line, remove_partial_writes,
                   resolve_root_once, setup_processes, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
@@ -325,10 +325,6 @@ def crowd_groups(coco_gt, img_ids):
 
 # ----------------------------------------------------------------------------- pictures (PIL only)
 
-def _font():
-    return ImageFont.load_default()
-
-
 def _fmt(v):
     return "n/a" if v is None else f"{v:.1f}"
 
@@ -336,7 +332,7 @@ def _fmt(v):
 def bar_chart(path, title, labels, values, colors, xlabel, ylabel="AP (%)", legend=()):
     """A PNG bar chart: one bar per label with its value written on top (None = no data: 'n/a').
     legend: [(text, colour)] drawn under the title."""
-    font = _font()
+    font = ImageFont.load_default()
     slot, plot_h, left, top, bottom = 100, 240, 70, 40 + 14 * len(legend), 64
     W, H = left + slot * len(labels) + 20, top + plot_h + bottom
     img = Image.new("RGB", (W, H), "white")
@@ -389,7 +385,7 @@ def draw_detections(image, gt_boxes, gt_labels, det, names, min_score):
     'name' or 'name score'. image [3, h, w] in [0, 1]; boxes xyxy in its pixels."""
     scale = max(1.0, 480 / max(image.shape[-2:]))
     pil = _to_pil(image, scale)
-    d, font = ImageDraw.Draw(pil), _font()
+    d, font = ImageDraw.Draw(pil), ImageFont.load_default()
 
     def box(b, color, text, below):
         text = " ".join(text.split())  # one line: a category name may hold a newline
@@ -432,7 +428,7 @@ def draw_matching(image, box, anchors, weights, ious, caption):
     x1, y1 = min(int(hi[0] + margin) + 1, w), min(int(hi[1] + margin) + 1, h)
     scale = 300 / max(x1 - x0, y1 - y0)
     crop = _to_pil(image[:, y0:y1, x0:x1], scale)
-    font = _font()
+    font = ImageFont.load_default()
     panel_w, panel_h = crop.width, crop.height + 56
     out = Image.new("RGB", (2 * panel_w + 30, panel_h + 30), "white")
     ImageDraw.Draw(out).text((10, 6), " ".join(caption.split()), fill="black", font=font)  # one line
@@ -477,7 +473,6 @@ def show_matching(model, dataset, indices, loss_config, min_size, folder):
         images, _ = preprocess([image], [target["size"]])  # [1, 3, H, W]
         image = resize_image(image.float() / 255, min_size, dataset.max_size)  # [3, h', w'] to draw
         with torch.no_grad():  # a picture, not a training step
-            model.eval()
             cls_logits, box_deltas, anchors = model(images.to(device))
             gt_boxes, gt_labels = target["boxes"].to(device), target["labels"].to(device)
             (bag, weights), = freeanchor.bag_weights(cls_logits, box_deltas, anchors, [gt_boxes], [gt_labels],
@@ -499,18 +494,6 @@ def show_matching(model, dataset, indices, loss_config, min_size, folder):
 
 # ----------------------------------------------------------------------------- the run
 
-def _as_list(batch):
-    return batch
-
-
-def progress(done, total, start, note=""):
-    """One \\r-updated line on stdout (stderr stays free for a one-line error): images done/total, img/s, ETA."""
-    elapsed = max(time.time() - start, 1e-9)
-    rate = done / elapsed
-    eta = format_eta((total - done) / rate) if rate > 0 else "?"
-    print(f"\r{done}/{total} images{note}  {rate:.1f} img/s  eta {eta}   ", end="", flush=True)
-
-
 def batch_to_host(tensors):
     """Per-image tensors on the device -> the same on the CPU, in one copy for the batch (each copy
     to the host waits for the device to finish)."""
@@ -529,7 +512,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     aspect_ratios = dataset.aspect_ratios
     indices = sorted(indices, key=lambda i: aspect_ratios[i])
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
-                                         num_workers=min(cfg.workers, available_cpus()), collate_fn=_as_list,
+                                         num_workers=min(cfg.workers, available_cpus()), collate_fn=list,
                                          pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
     if cfg.channels_last:  # convolutions in NHWC follow the weights' layout
@@ -555,8 +538,8 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
                             **{k: v[b] for k, v in on_host.items()}})
             position += 1
         if show_progress:
-            progress(min(round(position * shares), total), total, start,
-                     note=" (rank 0's share x processes)" if shares > 1 else "")
+            progress_line("evaluated images" + (" (rank 0's share x processes)" if shares > 1 else ""),
+                          min(round(position * shares), total), total, start)
     if show_progress:
         print(flush=True)
     return records
