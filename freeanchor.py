@@ -247,8 +247,12 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
         x = bag_likelihood(cls_logits, box_deltas, anchors, bag, boxes, labels, cfg)  # [B, G, n]  P_ij
         w = mean_max_weights(x)  # [B, G, n]
         bag_prob = (w * x).sum(-1) / w.sum(-1)  # [B, G]  Mean-max(X_i), Eq. 5
+        # -log Mean-max as the authors compute it, a BCE against 1: the log is clamped at -100, and
+        # the backward divides by max(p (1 - p), 1e-12), so for an object that no anchor of its bag
+        # fits at all (Mean-max p < 1e-12, a loss above 27.6) the gradient is that of -log p times
+        # p / 1e-12, damped rather than exact
         loss_obj = F.binary_cross_entropy(bag_prob.clamp(max=1), torch.ones_like(bag_prob),
-                                          reduction="none")  # [B, G]  -log Mean-max, log clamped at -100
+                                          reduction="none")  # [B, G]
         positive = cfg.alpha * torch.where(valid, loss_obj, 0.0).sum() / num_objects.clamp(min=1)  # []
 
         # negative term, precision (Eqs. 6-7): FL(q) = q^gamma (-log(1 - q)) over every anchor and

@@ -252,6 +252,24 @@ def test_no_gradient_through_p_plus():
     assert abs(moved.item() - negative.item()) > 1e-6  # yet its value does depend on them
 
 
+def test_positive_term_is_the_authors_bce_also_for_hopeless_objects():
+    """-log Mean-max is computed as the authors do, a BCE against 1, whose backward divides by
+    max(p (1 - p), 1e-12): exact while Mean-max p >= 1e-12, damped by p / 1e-12 below. One anchor
+    that is the object's own box (P_loc = 1): Mean-max = sigmoid(logit), d(-alpha log p)/dlogit =
+    -alpha (1 - p)."""
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=torch.float64)
+    for logit in (-20.0, -30.0):
+        x = torch.full((1, 1, 1), logit, dtype=torch.float64, requires_grad=True)
+        out = free_anchor_loss(x, torch.zeros(1, 1, 4, dtype=torch.float64), anchors, [anchors], [torch.tensor([0])])
+        grad, = torch.autograd.grad(out["positive"], x)
+        p = torch.sigmoid(torch.tensor(logit, dtype=torch.float64))
+        assert out["positive"].item() == pytest.approx(-0.5 * math.log(p))
+        exact = -0.5 * (1 - p)
+        expected = exact if p * (1 - p) >= 1e-12 else exact * p * (1 - p) / 1e-12
+        assert grad.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert grad.item() == pytest.approx(-0.0468, abs=1e-4)  # logit -30: damped, not -0.5
+
+
 def test_mean_max_weights_carry_gradient():
     """Detaching the Mean-max weights (a tempting shortcut that lowers AP) changes the gradient,
     and ours is the one of the undetached formula."""
