@@ -901,7 +901,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     there is none (None: resolved at run time, as the text says), and tuples as the values to type."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
+        if action.default is None or action.default is argparse.SUPPRESS or "(default" in (action.help or ""):
             return action.help
         if isinstance(action.default, tuple):
             return f"{action.help} (default: {' '.join(map(str, action.default))})"

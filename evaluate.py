@@ -93,18 +93,20 @@ class EvalConfig:
                                                       "(at most the CPUs available)"})
     device: str = field(default=None, metadata={"help": "cuda, cuda:N or cpu (default: cuda when available)"})
     amp: bool = field(default=None, metadata={
-        "help": "bfloat16 autocast for the network (default: on with CUDA, off on CPU)"})
+        "help": "bfloat16 autocast for the network (default: on with CUDA, off on CPU; on a CPU without "
+                "native bfloat16 (AVX512-BF16 or AMX) --amp falls back to float32, with a note)"})
     channels_last: bool = field(default=None, metadata={
         "help": "channels_last memory format for the network (default: on with CUDA, off on CPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
-    max_images: int = field(default=None, metadata={"help": "evaluate only the first N images of the split"})
+    max_images: int = field(default=None, metadata={"help": "evaluate only the first N images of the split (default: all)"})
     output: str = field(default=None, metadata={"help": "folder for the results (default: <ckpt dir>/eval_<split>)"})
     nms_recall: bool = field(default=False, metadata={
         "help": "NMS recall NR, NR50..NR90 (Table 1), from the candidates of the same forward pass"})
     breakdown: bool = field(default=False, metadata={
         "help": "AP of square vs slender categories (Fig. 5) and by objects per image (Fig. 6), with charts"})
     test_scales: tuple = field(default=None, metadata={
-        "help": "shorter sides of a multi-scale test, e.g. 480 640 800 960 1120 1280 (FreeAnchor**)"})
+        "help": "shorter sides of a multi-scale test, e.g. 480 640 800 960 1120 1280 (FreeAnchor**) "
+                "(default: one scale, --min-size)"})
     flip: bool = field(default=False, metadata={"help": "also detect on the horizontally flipped image and merge"})
     visualize: int = field(default=0, metadata={"help": "write pictures of this many images (detections and ground truth)"})
     vis_score: float = field(default=0.3, metadata={"help": "draw detections with at least this score"})
@@ -207,7 +209,7 @@ def detect(model, images, scales, max_sizes, flip=False, candidates=False):
         dets = [merge_detections([p[0][b] for p in per_pass], model.nms_thresh, model.detections_per_img)
                 for b in range(len(images))]
         cands = [{k: torch.cat([p[1][b][k] for p in per_pass]) for k in ("boxes", "scores", "labels")}
-                 for b in range(len(images))]
+                 for b in range(len(images))] if candidates else None
     return (dets, cands) if candidates else dets
 
 
@@ -526,7 +528,10 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     for batch in loader:
         images = [image.to(device, non_blocking=True) for image, _ in batch]
         with autocast:
-            dets, candidates = detect(model, images, scales, max_sizes, cfg.flip, candidates=True)
+            if cfg.nms_recall:
+                dets, candidates = detect(model, images, scales, max_sizes, cfg.flip, candidates=True)
+            else:
+                dets = detect(model, images, scales, max_sizes, cfg.flip)
         on_host = {k: batch_to_host([d[k] for d in dets]) for k in ("boxes", "scores", "labels")}
         if cfg.nms_recall:
             targets = [(t["boxes"].to(device, non_blocking=True), t["labels"].to(device, non_blocking=True))

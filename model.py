@@ -466,7 +466,7 @@ class RetinaNet(nn.Module):
         if not isinstance(images, (list, tuple)):
             raise TypeError(f"detect expects a list of [3, H, W] tensors, got {type(images).__name__}")
         if not images:
-            return []
+            return ([], []) if candidates else []
         min_size = self.min_size if min_size is None else min_size
         max_size = self.max_size if max_size is None else max_size
         scale = min_size[-1] if isinstance(min_size, (tuple, list)) else min_size

@@ -17,7 +17,7 @@
 #   6. the training step of part 2 compiled for any image size and object count, as train.py --compile
 #      marks them dynamic (its compilation took over 150 s on an H200): against part 2's compiled
 #      rows, it decides between dynamic shapes and padding to a few fixed shapes.
-# Everything printed is also written to DIR/gpu_check.txt (default: runs/gpu_check).
+# Everything printed is also appended to DIR/gpu_check.txt (default: runs/gpu_check).
 # On an H200 (2026-11-26) parts 1 and 5 took about 2.5 minutes together, and torch.compile of R-50
 # for any image size alone over 150 s, so the whole script takes longer than one 5-minute call:
 # run it in pieces: PARTS="1 2", PARTS="3 4", PARTS="6", and part 5 again when the loss changes. Every
@@ -30,7 +30,7 @@ cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
 mkdir -p "$out"
 log="$out/gpu_check.txt"
-: > "$log"
+echo "==== $(date -u '+%Y-%m-%d %H:%M UTC'), PARTS=\"${PARTS:-all}\"" >> "$log"  # appended: pieces run one by one add up
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 parts=${PARTS:-1 2 3 4 5 6}

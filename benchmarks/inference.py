@@ -65,7 +65,7 @@ def timed(fn, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast, as evaluate.py")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast, as evaluate.py on CUDA (on a CPU it uses it only with native bfloat16)")
     parser.add_argument("--images", type=int, default=5, help="timed images (one per call)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches per model first")
     parser.add_argument("--batch", type=int, default=1, help="images per detect call of ours")
@@ -94,7 +94,7 @@ def main():
     n_batches = -(-args.images // args.batch)
     images = [torch.rand(3, 600, 1000, generator=g).to(device) for _ in range((n_batches + args.warmup) * args.batch)]
     batches = [images[i:i + args.batch] for i in range(0, len(images), args.batch)]
-    amp_dtype = torch.bfloat16  # evaluate.py's autocast on any device
+    amp_dtype = torch.bfloat16  # evaluate.py's autocast dtype
 
     def run_ours(batch):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):

@@ -598,12 +598,17 @@ def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
         dets, candidates = evaluate.detect(model, images, scales, scales, flip=flip, candidates=True)
         monkeypatch.undo()
         assert calls["n"] == len(per_pass)
+        pass_flips = [f for _ in scales for f in ((False, True) if flip else (False,))]
         for b, (d, e, c) in enumerate(zip(dets, expected, candidates)):
             assert len(d["boxes"]) > 0
             assert all(torch.equal(d[k], e[k]) for k in ("boxes", "scores", "labels"))
-            assert len(c["boxes"]) == sum(len(p[b]["boxes"]) for p in per_pass)
+            # the candidates are each pass's NMS input, mapped back to the unflipped image
+            inputs = [{**p[b], "boxes": evaluate.flip_boxes(p[b]["boxes"], images[b].shape[-1]) if f else p[b]["boxes"]}
+                      for p, f in zip(per_pass, pass_flips)]
+            assert all(torch.equal(c[k], torch.cat([x[k] for x in inputs])) for k in ("boxes", "scores", "labels"))
             d_rows, c_rows = (torch.cat((x["boxes"], x["scores"][:, None], x["labels"][:, None].float()), 1) for x in (d, c))
             assert (d_rows[:, None] == c_rows[None]).all(-1).any(1).all()  # every detection is a candidate
+    assert evaluate.detect(model, [], [64], [64], candidates=True) == ([], []) and evaluate.detect(model, [], [64], [64]) == []
 
 
 @pytest.mark.slow

@@ -114,6 +114,10 @@ def test_amp_falls_back_to_float32_on_a_cpu_without_native_bfloat16(monkeypatch,
         out = capsys.readouterr().out
         assert train_cfg.amp == eval_cfg.amp == native
         assert out.count("--amp ignored") == (0 if native else 2), out
+    monkeypatch.setattr(data, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv("RANK", "1")  # a torchrun worker other than the first: the same fallback, no note
+    assert not train.parse_config(["--device", "cpu", "--amp"])[0].amp
+    assert "--amp ignored" not in capsys.readouterr().out
 
 
 def test_lr_schedule_and_weight_decay_groups():
