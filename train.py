@@ -350,8 +350,12 @@ def train(cfg, loss_cfg):
     if cfg.compile:
         # Compiled on the first batch for any image size and object count: the loop marks H, W, G
         # and A dynamic (below), so that aspect-ratio groups and multi-scale training do not
-        # recompile (a guard the backend adds of its own may still cost one more). The log counts
-        # the compilations.
+        # recompile; guards the backend adds of its own may still cost more (on a CPU, inductor's
+        # convolutions compile again for each new padded size). The log counts the compilations.
+        if master and device.type == "cpu":
+            print("note: --compile on a CPU: inductor compiles the network again for each new image size "
+                  "(up to torch.compile's limit of 8), and compiled steps measured no faster than eager; "
+                  "it is meant for CUDA", flush=True)
         compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # this process may have compiled before
         model = torch.compile(model)
         free_anchor_loss, retinanet_loss = torch.compile(free_anchor_loss), torch.compile(retinanet_loss)
