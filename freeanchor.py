@@ -120,13 +120,19 @@ def pad_objects(gt_boxes, gt_labels, dtype, device):
 
 
 def object_blocks(B, G, A):
-    """Slices of the object dimension such that each [B, g, A] IoU matrix holds at most
-    MAX_IOU_ELEMENTS: one slice (all objects) unless images are crowded and large, so memory
-    stays bounded (2^28 float32 = 1 GiB) for datasets with hundreds of objects per image."""
-    if B * G * A <= MAX_IOU_ELEMENTS:
+    """Slices of the object dimension such that each [B, g, A] IoU matrix holds about
+    MAX_IOU_ELEMENTS at most: one slice (all objects) unless images are crowded and large, so
+    memory stays bounded (2^28 float32 = 1 GiB) for datasets with hundreds of objects per image.
+    The objects are split into a power of two of even blocks: under torch.compile, where G and A
+    are symbolic, the number of blocks is what the graph depends on, so the loss compiles again only
+    when B G A crosses 2^28 times a power of two, not for each object count."""
+    blocks = 1
+    while B * G * A > blocks * MAX_IOU_ELEMENTS and blocks < G:
+        blocks *= 2
+    if blocks == 1:
         return [slice(None)]
-    step = max(1, MAX_IOU_ELEMENTS // (B * A))
-    return [slice(g0, g0 + step) for g0 in range(0, G, step)]
+    step = -(-G // blocks)  # ceil(G / blocks)
+    return [slice(i * step, (i + 1) * step) for i in range(blocks) if i * step < G]
 
 
 # ----------------------------------------------------------------------------- matching (no gradient)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import freeanchor
+from data import pad_targets
 from freeanchor import FreeAnchorConfig, RetinaNetLossConfig, free_anchor_loss, retinanet_loss
 from model import box_iou, decode, encode
 from reference import freeanchor_np as oracle
@@ -173,8 +174,9 @@ def test_iou_blocks_give_the_same_loss(monkeypatch):
     batch = make_batch(19, [40, 25], A=400)
     whole = free_anchor_loss(*batch)
     whole_retina = retinanet_loss(*batch)
-    monkeypatch.setattr(freeanchor, "MAX_IOU_ELEMENTS", 2 * 400 * 7)  # 7 objects per block
-    assert len(freeanchor.object_blocks(2, 40, 400)) == 6
+    monkeypatch.setattr(freeanchor, "MAX_IOU_ELEMENTS", 2 * 400 * 7)  # 7 objects per block at most
+    sizes = lambda G: [len(range(G)[block]) for block in freeanchor.object_blocks(2, G, 400)]  # noqa: E731
+    assert sizes(40) == [5] * 8 and sizes(37) == [5] * 7 + [2] and sizes(7) == [7]  # a power of two of even blocks
     blocks = free_anchor_loss(*batch)
     for term in TERMS:
         torch.testing.assert_close(whole[term], blocks[term])
@@ -617,4 +619,30 @@ def test_compiles_as_one_graph_without_recompiling_per_object_count():
         for term in TERMS:
             torch.testing.assert_close(out[term], want[term])
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations for 4 object counts"
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_loss_in_blocks_compiles_once_per_number_of_blocks(monkeypatch):
+    """Crowded batches, computed in blocks of objects: under torch.compile with G and A dynamic
+    (as train.py marks them), object counts that need the same number of blocks share one graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    monkeypatch.setattr(freeanchor, "MAX_IOU_ELEMENTS", 2 * 300 * 8)  # G = 9 ... 16: 2 blocks
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(free_anchor_loss, backend=counter)
+    for G in (10, 12, 14, 16):
+        cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(G, [G - 3, G], A=300, K=5)
+        cls_logits, box_deltas = cls_logits.float().requires_grad_(), box_deltas.float().requires_grad_()
+        anchors = anchors.float()
+        boxes, labels = pad_targets([b.float() for b in gt_boxes], gt_labels, 1)  # [2, G, 4], [2, G]
+        for t in (boxes, labels, cls_logits, box_deltas):
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        torch._dynamo.maybe_mark_dynamic(anchors, 0)
+        out = compiled(cls_logits, box_deltas, anchors, boxes, labels)
+        sum(out.values()).backward()
+        want = free_anchor_loss(cls_logits, box_deltas, anchors, boxes, labels)
+        for term in TERMS:
+            torch.testing.assert_close(out[term], want[term])
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for 4 object counts in 2 blocks"
     torch._dynamo.reset()
