@@ -31,6 +31,7 @@ Run the tests with `python -m pytest tests/test_model.py`.
 import functools
 import math
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -260,9 +261,22 @@ def _head(out_channels, bias):
     return nn.Sequential(*layers)
 
 
+class FrozenBatchNorm(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same buffers, same float32 result), computed in its
+    input's dtype: under bfloat16 autocast its float32 buffers would otherwise promote every
+    backbone activation after a norm layer (and the ReLUs, residual additions and what backward
+    keeps of them) to float32, which the next convolution casts back. The authors'
+    FrozenBatchNorm2d (maskrcnn-benchmark) likewise casts its buffers to half precision inputs."""
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()  # [C]
+        bias = self.bias - self.running_mean * scale  # [C]
+        return x * scale.to(x.dtype)[:, None, None] + bias.to(x.dtype)[:, None, None]  # [B, C, H, W]
+
+
 def _resnet(backbone, frozen_bn):
     """A torchvision ResNet/ResNeXt without its ImageNet classifier (avgpool, fc)."""
-    norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    norm_layer = FrozenBatchNorm if frozen_bn else nn.BatchNorm2d
     body = torchvision.models.get_model(backbone, weights=None, norm_layer=norm_layer)
     del body.avgpool, body.fc
     return body
@@ -288,7 +302,9 @@ def _read_backbone_weights(backbone, weights):
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever torch.load chokes on, the user needs the file name
-        raise ValueError(f"{weights}: not a torch state dict ({type(e).__name__}: {e})") from None
+        first_line = next((line for line in str(e).splitlines() if line.strip()), "")
+        first_line = re.sub(r"\x1b\[[0-9;]*m", "", first_line)  # torch's message has terminal colour codes
+        raise ValueError(f"{weights}: not a torch state dict ({type(e).__name__}: {first_line})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{weights}: expected a state dict (a dict of tensors), got {type(state).__name__}")
     return state, weights

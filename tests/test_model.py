@@ -349,6 +349,27 @@ def test_output_shapes_every_backbone(backbone):
     assert model._infer_backbone(m.body.state_dict()) == backbone  # from_torchvision can recognise it
 
 
+def test_frozen_batchnorm_is_torchvisions_and_keeps_bfloat16():
+    """FrozenBatchNorm: torchvision's FrozenBatchNorm2d to the bit in float32; under bfloat16
+    autocast it stays in bfloat16 (torchvision's promotes to float32), so the pretrained backbone's
+    activations do too."""
+    ours, theirs = model.FrozenBatchNorm(8), FrozenBatchNorm2d(8)
+    g = torch.Generator().manual_seed(0)
+    state = {"weight": torch.randn(8, generator=g), "bias": torch.randn(8, generator=g),
+             "running_mean": torch.randn(8, generator=g), "running_var": torch.rand(8, generator=g) + 0.1}
+    ours.load_state_dict(state), theirs.load_state_dict(state)
+    x = torch.randn(2, 8, 5, 7, generator=g)
+    assert torch.equal(ours(x), theirs(x))
+    assert ours(x.bfloat16()).dtype == torch.bfloat16
+    torch.testing.assert_close(ours(x.bfloat16()).float(), theirs(x), rtol=2e-2, atol=2e-2)
+    m = RetinaNet(3, backbone="resnet18", weights="none", frozen_bn=True, min_size=64, max_size=64)
+    body = m.body
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = body.maxpool(body.relu(body.bn1(body.conv1(torch.randn(1, 3, 64, 64)))))  # [1, 64, 16, 16]
+        c5 = body.layer4(body.layer3(body.layer2(body.layer1(x))))  # [1, 512, 2, 2]
+    assert x.dtype == c5.dtype == torch.bfloat16
+
+
 def test_config_rebuilds_the_model():
     m = tiny(frozen_bn=True, min_size=(32, 64))
     rebuilt = RetinaNet(**{**m.config, "weights": "none"})
