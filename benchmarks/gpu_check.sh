@@ -4,10 +4,10 @@
 #      (against finite differences of the oracle); and no host-device synchronisation in a loss call;
 #   2. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
 #      with the FreeAnchor loss, eager (channels_last, the CUDA default), then compiled for the
-#      one padded shape (no dynamic marks): what padding every batch to a few fixed shapes gives;
+#      one padded shape, static: train.py --compile --fixed-shapes;
 #   3. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
-#   4. synchronisations of train.py's steady-state step, eager and --compile (with the number of
-#      graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py);
+#   4. synchronisations of train.py's steady-state step, eager, --compile and --compile --fixed-shapes
+#      (with the number of graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py);
 #   5. the loss's speed at COCO scale (A = 201,600, K = 80): first two pieces alone against their
 #      alternatives (the bag's top-n: one top-n over all anchors or bag_indices' two stages;
 #      P{a_j in A+}: the loss's scatter-max, a class-major one, a one-hot max), then the whole
@@ -16,7 +16,7 @@
 #      B = 16, G = 100;
 #   6. the training step of part 2 compiled for any image size and object count, as train.py --compile
 #      marks them dynamic (its compilation took over 150 s on an H200): against part 2's compiled
-#      rows, it decides between dynamic shapes and padding to a few fixed shapes.
+#      rows (and part 4's count of graphs), it decides between dynamic shapes and --fixed-shapes.
 # Everything printed is also appended to DIR/gpu_check.txt (default: runs/gpu_check).
 # On an H200 (2026-11-26) parts 1 and 5 took about 2.5 minutes together, and torch.compile of R-50
 # for any image size alone over 150 s, so the whole script takes longer than one 5-minute call:
@@ -131,7 +131,7 @@ fi
 
 if want 4; then
 step "4. host-device synchronisations: train.py's step (eager and --compile), detect"
-timeout 300 $py benchmarks/syncs.py --device "${DEVICE:-cuda}" --compile --steps 8 2>&1 | grep -v "^iter \|training images, \|^done:\|checking images" | tee -a "$log"
+timeout 420 $py benchmarks/syncs.py --device "${DEVICE:-cuda}" --compile --steps 8 2>&1 | grep --line-buffered -v "^iter \|training images, \|^done:\|checking images" | tee -a "$log"
 fi
 
 if want 5; then

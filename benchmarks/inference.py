@@ -115,7 +115,7 @@ def main():
         seconds["theirs"] += t_theirs
         for d_ours, d_theirs in zip(dets_ours, dets_theirs):
             same += len(d_ours["boxes"]) == len(d_theirs["boxes"]) and torch.equal(d_ours["labels"], d_theirs["labels"]) \
-                and torch.allclose(d_ours["boxes"], d_theirs["boxes"], rtol=1e-3, atol=0.5)
+                and torch.allclose(d_ours["boxes"].float(), d_theirs["boxes"].float(), rtol=1e-3, atol=0.5)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp):
             candidates += sum(len(c["boxes"]) for c in ours.detect(batch, nms=False))
 

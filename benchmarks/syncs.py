@@ -14,7 +14,7 @@ of a value, data-dependent shapes, blocking copies), in
 On a CPU (no synchronisation exists there) it counts the ops that would be one on a GPU (reads of
 a value, data-dependent shapes) instead, as a dry run; blocking copies are invisible there.
 
-    python benchmarks/syncs.py --device cuda
+    python benchmarks/syncs.py --device cuda --compile
     python benchmarks/syncs.py                  # CPU dry run (~1 min)
 
 Prints a small table; never passes or fails.
@@ -77,7 +77,7 @@ class SyncCounter:
             self._mode.__exit__(*exc)
 
 
-def training_step_syncs(device, steps, compile):
+def training_step_syncs(device, steps, compile, fixed_shapes=False):
     """Synchronisations in each of train.main's steps after the first two (warm-up, and the first
     step's caches)."""
     root = make_dataset(os.path.join(tempfile.mkdtemp(), "data"), num_images=16, size=256)
@@ -92,7 +92,8 @@ def training_step_syncs(device, steps, compile):
     args = ["--data", root, "--backbone", "resnet18", "--weights", "none", "--min-size", "224", "256",
             "--max-size", "320", "--batch-size", "4", "--max-iter", str(steps), "--log-every", "1000",
             "--ckpt-every", "1000", "--workers", "2", "--device", device,
-            "--output", os.path.join(tempfile.mkdtemp(), "run")] + (["--compile"] if compile else [])
+            "--output", os.path.join(tempfile.mkdtemp(), "run")] + (["--compile"] if compile else []) \
+        + (["--fixed-shapes"] if fixed_shapes else [])
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     try:
         with counter:
@@ -129,21 +130,27 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
     what = "host-device synchronisations" if args.device == "cuda" else "data-dependent ops (CPU dry run)"
-    rows = [("train.py step (eager)", training_step_syncs(args.device, args.steps, compile=False))]
-    if args.compile:
-        rows.append(("train.py step (--compile)", training_step_syncs(args.device, args.steps, compile=True)))
     print(f"\n# {what}, {args.device}, torch {torch.__version__}\n")
     print("| what | count |")
-    print("|---|---|")
-    for name, (counts, graphs) in rows:
-        print(f"| {name}, steps 3..{args.steps} | {' '.join(map(str, counts))} (target on CUDA: 0 each) |")
-        if "compile" in name and args.device == "cuda":  # (on CPU the dry run's counting mode keeps torch.compile off)
-            # image sizes vary (--min-size 224 256): dynamic shapes, not a graph per size
-            print(f"| {name}: graphs compiled in {args.steps} steps | {graphs} (2: network and loss) |")
+    print("|---|---|", flush=True)
     before_nms, nms, copies = detect_syncs(args.device, 8)
     print(f"| RetinaNet.detect, 8 images, up to NMS | {before_nms} (target on CUDA: 2, the compaction of the batch) |")
     print(f"| its NMS, one batched_nms per image | {nms} |")
-    print(f"| evaluate.py's copy of the 8 images' detections to the host | {copies} (target on CUDA: 3, one per field) |")
+    print(f"| evaluate.py's copy of the 8 images' detections to the host | {copies} (target on CUDA: 3, one per field) |",
+          flush=True)
+    runs = [("train.py step (eager)", False, False)]
+    if args.compile:
+        runs += [("train.py step (--compile)", True, False), ("train.py step (--compile --fixed-shapes)", True, True)]
+    for name, compile, fixed_shapes in runs:  # each row printed as soon as it is measured
+        torch._dynamo.reset()  # each run compiles afresh, as a new process would
+        counts, graphs = training_step_syncs(args.device, args.steps, compile, fixed_shapes)
+        print(f"| {name}, steps 3..{args.steps} | {' '.join(map(str, counts))} (target on CUDA: 0 each) |", flush=True)
+        if compile and args.device == "cuda":  # (on CPU the dry run's counting mode keeps torch.compile off)
+            # image sizes vary (--min-size 224 256): dynamic shapes, not a graph per size; or with
+            # --fixed-shapes the canvases of 224 and 256 (square images: landscape), one graph each
+            expected = "3: network for 2 canvases, loss" if fixed_shapes else "2: network and loss"
+            print(f"| {name}: graphs compiled in {args.steps} steps | {graphs} ({expected}) |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -14,9 +14,9 @@ each in the modes
   - channels_last       the network's weights and input in channels_last (train.py's CUDA default)
   - compiled            channels_last, network and loss each under torch.compile (train.py --compile),
                         image size, object and anchor counts marked dynamic as train.py marks them
-  - compiled_static     the same without the dynamic marks: compiled for this one padded shape, as a
-                        run that pads every batch to a few fixed shapes would be (the alternative
-                        to dynamic shapes; train.py does not offer it yet)
+  - compiled_static     the network compiled for this one padded shape, static, the loss as above:
+                        train.py --compile --fixed-shapes, which pads every batch to one of a few
+                        fixed shapes (the alternative to dynamic image sizes)
 with the same backbone, weights initialised identically, frozen BatchNorm as with pretrained
 weights. On CUDA the network runs under bfloat16 autocast by default (--no-amp: float32), the
 loss in float32. Each row runs in its own subprocess, so that its peak memory is its own (CPU:
@@ -100,11 +100,14 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
         batch = batch_images([normalize(im) for im in images]).to(device, memory_format=memory_format)
         loss_fn = {"model_only": model_only_loss, "free_anchor_loss": freeanchor.free_anchor_loss,
                    "retinanet_loss": freeanchor.retinanet_loss}[method]
-        if mode.startswith("compiled"):
-            net, loss_fn = torch.compile(net), torch.compile(loss_fn)
-        if mode == "compiled":  # the dimensions train.py --compile marks dynamic: image size, object count, anchors
-            torch._dynamo.maybe_mark_dynamic(batch, [2, 3])
+        if mode.startswith("compiled"):  # compiled_static: the network static, as train.py --fixed-shapes
+            net = torch.compile(net, dynamic=False if mode == "compiled_static" else None)
+            loss_fn = torch.compile(loss_fn)
+            # the dimensions train.py --compile marks dynamic: object count, anchors, and the image size
+            # unless --fixed-shapes
             torch._dynamo.maybe_mark_dynamic(gt_boxes, 1), torch._dynamo.maybe_mark_dynamic(gt_labels, 1)
+        if mode == "compiled":
+            torch._dynamo.maybe_mark_dynamic(batch, [2, 3])
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, fused=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -119,7 +122,7 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
                 losses = net(inputs, targets)
             else:
                 cls_logits, box_deltas, anchors = net(batch)
-        if mode == "compiled" and method != "torchvision":
+        if mode.startswith("compiled") and method != "torchvision":
             torch._dynamo.maybe_mark_dynamic(cls_logits, 1), torch._dynamo.maybe_mark_dynamic(box_deltas, 1)
             torch._dynamo.maybe_mark_dynamic(anchors, 0)
         if method == "free_anchor_loss":
