@@ -56,7 +56,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
-from model import batch_images, host_to_device, prepare_image, preprocess, resize_boxes, resized_size
+from model import (SIZE_DIVISIBLE, batch_images, host_to_device, prepare_image, preprocess, resize_boxes,
+                   resized_size)
 
 
 class DataError(Exception):
@@ -258,13 +259,34 @@ def read_image(path, exif=True):
     return array  # [h, w, 3]
 
 
+# The last bytes of a complete file: a JPEG's end-of-image marker, a PNG's IEND chunk
+END_OF_FILE = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def _ends_as_it_should(img, path):
+    """Whether a JPEG or PNG file ends as a complete one does (other formats: True). A file cut
+    short by a copy or a download does not; nor does a JPEG with data after its end (phones append
+    some), which decodes fine: _check_one decodes such a file to tell them apart."""
+    tail = END_OF_FILE.get(img.format)
+    if tail is None:
+        return True
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - len(tail)))
+        return f.read() == tail
+
+
 def _check_one(path, size, exif):
     """Header check of one image: None when it can be used, else why not (a few words).
-    Opens the file and parses its header (size, mode, EXIF); decodes nothing."""
+    Opens the file and parses its header (size, mode, EXIF) and reads its last bytes; decodes
+    only a JPEG or PNG that does not end as a complete file does (cut short, or with data after
+    its end)."""
     try:
         with Image.open(path) as img:
             w, h = img.size
             orientation = _orientation(img)
+            if not _ends_as_it_should(img, path):
+                img.load()  # raises for a file cut short
     except FileNotFoundError:
         return "missing"
     except UnidentifiedImageError:
@@ -387,7 +409,7 @@ class CocoDataset(torch.utils.data.Dataset):
         del present
         if missing:
             raise DataError(f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
-                            f"{self.img_dir}: {', '.join(missing)}")
+                            f"{self.img_dir}: {_name_some(missing)}")
 
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(coco["categories"], key=lambda c: c["id"])]
@@ -418,6 +440,10 @@ class CocoDataset(torch.utils.data.Dataset):
         keep = np.flatnonzero(count > 0) if train else np.arange(len(image_id))  # [N'] in file order
         # what the loss never sees, for train.py to say: boxes under 1 px, images left without a box
         self.tiny_boxes = int((~crowd & ~usable).sum())
+        # boxes clipped by more than a pixel: a few are normal, most mean [x1, y1, x2, y2] stored as [x, y, w, h]
+        self.boxes_past_border = int((~crowd & ((xywh[:, 0] < -1) | (xywh[:, 1] < -1) | (xywh[:, 0] + xywh[:, 2] > w + 1)
+                                                | (xywh[:, 1] + xywh[:, 3] > h + 1))).sum())
+        self.num_boxes = int((~crowd).sum())
         self.images_without_boxes = int((count == 0).sum())
         if len(keep) == 0:
             raise DataError(f"{self.ann_file}: no image has a usable box (not crowd, at least "
@@ -528,6 +554,8 @@ def _to_rgb(img):
         # 16-bit / integer / float grey: PIL's convert("RGB") would clip at 255, so rescale.
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        if img.mode == "F" and a.max(initial=0) <= 1:  # float images in [0, 1]
+            top = 1.0
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(a[:, :, None], 3, axis=2)
     if img.mode == "P" and "transparency" in img.info:
@@ -580,6 +608,28 @@ def to_device(batch, device, pad_to=None):
         cut = [images[b, :, :h, :w] for b, (h, w) in enumerate(t["orig_size"] for t in targets)]
         images, _ = preprocess(cut, [t["size"] for t in targets])  # [B, 3, H', W']
     return images, gt_boxes, gt_labels
+
+
+def canvas_shapes(min_sizes, max_size):
+    """The padded shapes of train.py --fixed-shapes, smallest first: for each training scale s,
+    (s, max_size) for landscape batches and (max_size, s) for portrait ones, rounded up to a
+    multiple of 32. An image resized at scale s has its shorter side <= s and its longer <= max_size
+    (model.resized_size), and TrainSampler never mixes orientations in a batch, so every batch fits
+    its canvas: the network sees at most two shapes per scale."""
+    up = lambda x: -(-x // SIZE_DIVISIBLE) * SIZE_DIVISIBLE  # noqa: E731
+    shapes = {shape for s in min_sizes for shape in ((up(s), up(max_size)), (up(max_size), up(s)))}
+    return sorted(shapes, key=lambda hw: (hw[0] * hw[1], hw))
+
+
+def pad_to_canvas(images, canvases):
+    """images [B, 3, H, W] -> [B, 3, H', W'] zero-padded at the bottom and right (as batch_images
+    pads) to the smallest canvas of canvas_shapes that holds them; unchanged if none does."""
+    H, W = images.shape[-2:]
+    fits = [(h, w) for h, w in canvases if h >= H and w >= W]
+    if not fits:
+        return images
+    h, w = fits[0]
+    return torch.nn.functional.pad(images, (0, w - W, 0, h - H))  # [B, 3, h, w]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -943,6 +993,9 @@ def device_defaults(cfg):
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA device is available here (use --device cpu)")
+    index = torch.device(cfg.device).index  # (the parser has checked the name)
+    if cfg.device.startswith("cuda") and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {cfg.device}: there are {torch.cuda.device_count()} CUDA devices here")
     on_cuda = cfg.device.startswith("cuda")
     cfg.amp = on_cuda if cfg.amp is None else cfg.amp
     cfg.channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
@@ -969,6 +1022,8 @@ def setup_processes(device):
     """torchrun or plain python -> (ddp, rank, world, device): under torchrun one process per GPU
     (cuda:LOCAL_RANK, NCCL) or CPU processes sharing the cores (gloo); otherwise (False, 0, 1, device)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if device.startswith("cuda:"):  # pinned memory and the loader's pinning thread use the current GPU
+            torch.cuda.set_device(device)
         return False, 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))

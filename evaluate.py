@@ -138,8 +138,9 @@ def parse_config(argv):
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     if not 0 <= cfg.score_thresh < 1:
         raise ValueError(f"--score-thresh {cfg.score_thresh}: must be in [0, 1)")
-    if cfg.workers < 0 or cfg.visualize < 0:
-        raise ValueError("--workers and --visualize must be >= 0")
+    for name in ("workers", "visualize"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} {getattr(cfg, name)}: must be >= 0")
     if cfg.test_scales is not None and any(s < 1 for s in cfg.test_scales):
         raise ValueError(f"--test-scales {' '.join(map(str, cfg.test_scales))}: sizes must be positive")
     if cfg.test_scales is not None and cfg.min_size is not None:
@@ -152,6 +153,8 @@ def parse_config(argv):
 def load_checkpoint(path, device):
     """A checkpoint of train.py (model_final.pt or last.pt) -> (RetinaNet in eval mode on
     `device`, the checkpoint dict). A missing or foreign file is a ValueError naming it."""
+    if os.path.isdir(path):
+        raise ValueError(f"--ckpt {path} is a directory: give its model_final.pt or last.pt")
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint not found: {path}")
     try:
@@ -581,7 +584,12 @@ def _evaluate(cfg, ddp, rank, world, master):
         cfg.output = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), f"eval_{cfg.split}")
 
     # ------------------------------------------------------------------ data
-    root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
+    try:
+        root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
+    except DataError as e:
+        if cfg.data != train_cfg.get("data"):
+            raise
+        raise DataError(f"{e} (the dataset {cfg.ckpt} was trained on: pass --data)") from None
     raw = cfg.raw_orientation
     if raw is None:  # read images as training did
         raw = train_cfg.get("raw_orientation", False)

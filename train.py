@@ -61,8 +61,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
 from data import (CocoDataset, DataError, DeferredInterrupt, HelpFormatter, TrainSampler, add_config_arguments,
-                  available_cpus, collate, config_from_args, device_defaults, format_eta, remove_partial_writes,
-                  resolve_root_once, setup_processes, sigint_deferred, to_device, write_atomic)
+                  available_cpus, canvas_shapes, collate, config_from_args, device_defaults, format_eta, pad_to_canvas,
+                  remove_partial_writes, resolve_root_once, setup_processes, sigint_deferred, to_device, write_atomic)
 from model import BACKBONES, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -117,6 +117,11 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the network and the loss, compiled for any image size and object count "
                 "(the log counts the compilations: usually 2)"})
+    fixed_shapes: bool = field(default=False, metadata={
+        "help": "pad every batch to the largest shape of its orientation and scale, (min size, max size) "
+                "rounded up to 32 or its transpose: at most 2 image shapes per --min-size, and with --compile "
+                "the network is compiled for each of them, static, instead of once for any size (costs the "
+                "compute of the extra padding; the losses change a little, as padding adds anchors)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialisation and of the data order"})
     workers: int = field(default=4, metadata={"help": "data loading processes per training process (at most the CPUs available)"})
     raw_orientation: bool = field(default=False, metadata={
@@ -150,8 +155,17 @@ def parse_config(argv):
         value = args[name]
         if value < 1:
             problems.append(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    if cfg.warmup_iters < 0 or cfg.workers < 0 or cfg.clip_grad < 0:
-        problems.append("--warmup-iters, --workers and --clip-grad must be >= 0")
+    for name in ("warmup_iters", "workers", "clip_grad", "weight_decay", "gamma", "loc_weight", "smooth_l1_beta"):
+        if args[name] < 0:
+            problems.append(f"--{name.replace('_', '-')} {args[name]}: must be >= 0")
+    for name, low, high in (("momentum", 0, 1), ("alpha", 0, 1), ("iou_threshold", 0, 1)):
+        if not low <= args[name] < high + (name == "alpha"):  # alpha may be 1 (no negative term)
+            problems.append(f"--{name.replace('_', '-')} {args[name]}: must be in [{low}, {high}"
+                            f"{']' if name == 'alpha' else ')'}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        problems.append(f"--lr {cfg.lr}: must be positive")
+    if cfg.steps is not None and list(cfg.steps) != sorted(set(cfg.steps)):
+        problems.append(f"--steps {' '.join(map(str, cfg.steps))}: must increase")
     if any(s < 1 for s in cfg.min_size):
         problems.append(f"--min-size {' '.join(map(str, cfg.min_size))}: sizes must be positive")
     if cfg.device not in (None, "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
@@ -231,17 +245,19 @@ def same_setting(name, saved, given):
     return saved == given
 
 
-def rng_state():
+def rng_state(device):
+    """The random states a resumed run needs: the host's, and on CUDA this process's GPU's only
+    (a run resumed where fewer GPUs are visible can't restore the others')."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.is_tensor(state["cuda"]) and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def peak_memory_mb(device):
@@ -262,11 +278,16 @@ def train(cfg, loss_cfg):
 
     # ------------------------------------------------------------------ data (all checks before iteration 0)
     root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
+    if cfg.data != "shapes":  # recorded for evaluate.py, which may run from another directory
+        cfg.data = os.path.abspath(root)
     dataset = CocoDataset(root, cfg.train_split, train=True, max_size=cfg.max_size, exif=not cfg.raw_orientation)
     if master and (dataset.tiny_boxes or dataset.images_without_boxes):  # said once, never silent
         print(f"note: training leaves out {dataset.tiny_boxes} box(es) of {dataset.ann_file} under 1 px wide or "
               f"high once clipped to their image, and {dataset.images_without_boxes} image(s) without a usable box "
               f"(none annotated, or only crowd regions and such boxes)", flush=True)
+    if master and dataset.boxes_past_border:
+        print(f"note: {dataset.boxes_past_border} of the {dataset.num_boxes} boxes of {dataset.ann_file} extend more "
+              f"than 1 px past their image and are clipped to it (COCO boxes are [x, y, width, height])", flush=True)
     if master and not cfg.skip_check:  # every image's header, on all CPUs; the other ranks wait
         dataset.check_images()
     if ddp:
@@ -330,7 +351,7 @@ def train(cfg, loss_cfg):
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"{last_path} does not fit this model: {str(e).splitlines()[0]}") from None
         try:
-            set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"], device)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"cannot read checkpoint {last_path}: its random number generator states: "
                              f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -347,17 +368,24 @@ def train(cfg, loss_cfg):
     if ddp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     free_anchor_loss, retinanet_loss = freeanchor.free_anchor_loss, freeanchor.retinanet_loss
+    canvases = canvas_shapes(cfg.min_size, cfg.max_size) if cfg.fixed_shapes else None  # [(H, W)]
     if cfg.compile:
         # Compiled on the first batch for any image size and object count: the loop marks H, W, G
         # and A dynamic (below), so that aspect-ratio groups and multi-scale training do not
         # recompile; guards the backend adds of its own may still cost more (on a CPU, inductor's
-        # convolutions compile again for each new padded size). The log counts the compilations.
+        # convolutions compile again for each new padded size). With --fixed-shapes the network
+        # is compiled once per canvas instead, static; the loss stays dynamic in G and A.
+        # The log counts the compilations.
         if master and device.type == "cpu":
-            print("note: --compile on a CPU: inductor compiles the network again for each new image size "
-                  "(up to torch.compile's limit of 8), and compiled steps measured no faster than eager; "
-                  "it is meant for CUDA", flush=True)
+            print("note: --compile on a CPU: compiled steps measured no faster than eager, it is meant for CUDA"
+                  + ("" if cfg.fixed_shapes else "; inductor compiles the network again for each new image size "
+                     "(up to torch.compile's limit of 8, then eager), which --fixed-shapes bounds"), flush=True)
         compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # this process may have compiled before
-        model = torch.compile(model)
+        if cfg.fixed_shapes:  # one static graph per canvas; all of them fit under the recompile limit
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(canvases) + 1)
+            model = torch.compile(model, dynamic=False)
+        else:
+            model = torch.compile(model)
         free_anchor_loss, retinanet_loss = torch.compile(free_anchor_loss), torch.compile(retinanet_loss)
 
     sampler = TrainSampler(dataset, cfg.batch_size, min_sizes=cfg.min_size, flip=True, rank=rank,
@@ -382,14 +410,14 @@ def train(cfg, loss_cfg):
                 kept = [l for l in f if l.strip() and _iter_of(l) is not None and _iter_of(l) <= start_iter]
             write_atomic(log_path, "".join(kept).encode())
         speed = ", ".join(name for name, on in (("bf16 autocast", cfg.amp), ("channels_last", cfg.channels_last),
-                                                ("torch.compile", cfg.compile)) if on) or "float32"
+                                                ("torch.compile", cfg.compile), ("fixed shapes", cfg.fixed_shapes)) if on) or "float32"
         print(f"{len(dataset)} training images, {len(dataset.categories)} classes, {world} process(es) x "
               f"{cfg.batch_size // world} images, {cfg.loss} loss, {cfg.backbone} ({cfg.weights}), "
               f"iterations {start_iter}..{cfg.max_iter}, {cfg.device} ({speed}), output {cfg.output}", flush=True)
 
     def checkpoint(iteration):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "iteration": iteration, "rng": rng_state(), "categories": dataset.categories, "world_size": world,
+                     "iteration": iteration, "rng": rng_state(device), "categories": dataset.categories, "world_size": world,
                      "model_config": raw_model.config, "config": dataclasses.asdict(cfg),
                      "loss_config": dataclasses.asdict(loss_cfg)}, last_path)
 
@@ -428,11 +456,14 @@ def train(cfg, loss_cfg):
             group["lr"] = lr * group["lr_factor"]
         # images [B, 3, H, W] normalised and padded; objects padded: gt_boxes [B, G, 4], gt_labels [B, G]
         images, gt_boxes, gt_labels = to_device(batch, device, pad_to=8)
+        if canvases:
+            images = pad_to_canvas(images, canvases)  # [B, 3, H, W]  one of a few fixed shapes
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
         if cfg.compile:  # image size and object count vary: compile for any of them at once
-            torch._dynamo.maybe_mark_dynamic(images, [2, 3])  # H, W
+            if not canvases:
+                torch._dynamo.maybe_mark_dynamic(images, [2, 3])  # H, W
             torch._dynamo.maybe_mark_dynamic(gt_boxes, 1), torch._dynamo.maybe_mark_dynamic(gt_labels, 1)  # G
 
         with autocast:
@@ -516,7 +547,6 @@ def train(cfg, loss_cfg):
         print(f"done: {final_path}", flush=True)
     if ddp:
         dist.barrier()
-        dist.destroy_process_group()
     return final_path
 
 
@@ -582,6 +612,9 @@ def main(argv=None):
     except KeyboardInterrupt as e:
         print(f"interrupted {e.args[0]}" if e.args else "interrupted: resume with --resume", file=sys.stderr, flush=True)
         sys.exit(130)
+    finally:  # also when a run stops on an error (NCCL warns, and may hang at exit, otherwise)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 import data
-from data import CocoDataset, DataError, TrainSampler, collate, prepare_shapes, resolve_root, to_device
+from data import (CocoDataset, DataError, TrainSampler, canvas_shapes, collate, pad_to_canvas, prepare_shapes, resolve_root,
+                  to_device)
 from model import normalize, prepare_image, preprocess, resize_image, resized_size
 
 
@@ -125,6 +126,13 @@ def test_every_pil_mode_becomes_rgb(tiny):
         assert tuple(image.shape[-2:]) == target["size"] == target["orig_size"]
         mean = image.float().mean(dim=(1, 2))
         assert torch.allclose(mean, torch.tensor(rgb, dtype=torch.float32), atol=3), (i, mean)
+
+
+def test_float_images_in_0_1_and_in_0_255_keep_their_brightness():
+    from data import _to_rgb
+    for values, grey in ((0.5, 128), (128.0, 128), (40000.0, 156)):  # [0, 1], [0, 255], 16-bit range
+        rgb = _to_rgb(Image.fromarray(np.full((4, 6), values, dtype=np.float32), mode="F"))
+        assert rgb.shape == (4, 6, 3) and (rgb == grey).all(), (values, rgb[0, 0])
 
 
 def box_image(tmp_path, w=80, h=60, box=(10, 20, 40, 30)):
@@ -252,6 +260,28 @@ def test_resize_in_worker_or_on_device_gives_the_same_batches(tiny):
         assert on_device[0].shape == in_worker[0].shape
         assert torch.allclose(on_device[0], in_worker[0], atol=1e-5)  # the very same code, up to rounding
         assert all(torch.equal(a, b) for a, b in zip(on_device[1], in_worker[1]))
+
+
+@pytest.mark.parametrize("max_size", [80, 200])
+def test_every_training_batch_fits_a_fixed_canvas(tiny, max_size):
+    """train.py --fixed-shapes: landscape, portrait and square images at three scales (one above
+    max_size) all land in one of at most 2 canvases per scale, padded with zeros, pixels kept."""
+    ds = CocoDataset(tiny, "val", train=True, max_size=max_size)
+    min_sizes = (64, 96, 33)
+    canvases = canvas_shapes(min_sizes, max_size)
+    assert len(canvases) <= 2 * len(min_sizes) and all(h % 32 == 0 and w % 32 == 0 for h, w in canvases)
+    assert [h * w for h, w in canvases] == sorted(h * w for h, w in canvases)
+    seen = set()
+    for keys in TrainSampler(ds, batch_size=2, min_sizes=min_sizes, max_iter=40, seed=3):
+        images = to_device(collate([ds[k] for k in keys]), "cpu")[0]  # [B, 3, H, W]
+        padded = pad_to_canvas(images, canvases)  # [B, 3, H', W']
+        assert tuple(padded.shape[-2:]) in canvases, (images.shape, canvases)
+        H, W = images.shape[-2:]
+        assert torch.equal(padded[..., :H, :W], images)
+        assert not padded[..., H:, :].any() and not padded[..., :, W:].any()
+        seen.add(tuple(padded.shape[-2:]))
+    assert len(seen) >= 2  # both orientations were drawn (and with max_size 200, several scales)
+    assert pad_to_canvas(torch.zeros(1, 3, 1000, 1000), canvases).shape == (1, 3, 1000, 1000)  # none fits: unchanged
 
 
 def test_dataloader_end_to_end(tiny):
@@ -459,7 +489,7 @@ def test_unknown_category_names_the_annotation(tiny):
     assert path in message
 
 
-def test_missing_images_are_all_named(tiny):
+def test_missing_images_are_counted_and_the_first_named(tiny):
     path = os.path.join(tiny, "annotations", "instances_val.json")
     with open(path) as f:
         d = json.load(f)
@@ -469,8 +499,8 @@ def test_missing_images_are_all_named(tiny):
     with pytest.raises(DataError) as e:
         CocoDataset(tiny, "val", train=True)
     message = one_line(e)
-    assert "12 image(s)" in message and path in message
-    assert all(f"gone{k:02d}.jpg" in message for k in range(12))
+    assert "12 image(s)" in message and path in message and message.endswith(", ... and 2 more")
+    assert all(f"gone{k:02d}.jpg" in message for k in range(10))  # a line, not one name per image of the dataset
     os.rename(os.path.join(tiny, "val"), os.path.join(tiny, "elsewhere"))
     with pytest.raises(DataError) as e:
         CocoDataset(tiny, "val", train=True)
@@ -737,18 +767,28 @@ def test_header_check_in_parallel_names_the_first_few_and_counts_all(tiny):
     data.check_images([good] * 1500, [(48, 64)] * 1500, workers=2, show_progress=False)  # all fine
 
 
-def test_truncated_image_passes_the_header_check_and_fails_at_decode_with_its_name(tiny):
-    path = os.path.join(tiny, "val", "a.jpg")
-    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(path, quality=95)  # ~10 kB of pixels behind a ~600-byte header
+@pytest.mark.parametrize("name, cut", [("a.jpg", 0.5), ("a.jpg", 2), ("b.png", 0.5)])
+def test_truncated_image_is_found_by_the_check_and_named_at_decode(tiny, name, cut):
+    """A JPEG or PNG cut short (half of it, or only its last 2 bytes: a JPEG without its end
+    marker, which PIL refuses): the header check, which reads each file's last bytes, names it before iteration 0;
+    unchecked (--skip-check), its first decode does. A JPEG with data after its end passes."""
+    path = os.path.join(tiny, "val", name)
+    h, w = Image.open(path).size[::-1]
+    noise = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(noise).convert(Image.open(path).mode).save(path)  # pixels behind a short header
     good = open(path, "rb").read()
     with open(path, "wb") as f:
-        f.write(good[: len(good) // 2])  # header intact, pixels cut
+        f.write(good[: int(len(good) * cut)] if cut < 1 else good[:-cut])
     ds = CocoDataset(tiny, "val", train=True)
-    ds.check_images(show_progress=False)
     with pytest.raises(DataError) as e:
-        ds[0]
+        ds.check_images(show_progress=False)
+    assert one_line(e).startswith("1 of 2 images cannot be used") and path in str(e.value)  # 2 with boxes
+    with pytest.raises(DataError) as e:
+        ds[ds.image_ids.index(1 if name == "a.jpg" else 2)]
     assert one_line(e).startswith(f"cannot read image {path}")
+    with open(path, "wb") as f:
+        f.write(good + b"\x00" * 100)  # complete, then data after its end
+    ds.check_images(show_progress=False)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -797,8 +837,11 @@ def test_training_says_what_it_leaves_out(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(args)
     path = os.path.join(tiny, "annotations", "instances_val.json")
+    out = capsys.readouterr().out
     assert f"note: training leaves out 3 box(es) of {path} under 1 px wide or high once clipped to their " \
-           f"image, and 3 image(s) without a usable box (none annotated, or only crowd regions and such boxes)\n" in capsys.readouterr().out
+           f"image, and 3 image(s) without a usable box (none annotated, or only crowd regions and such boxes)\n" in out
+    assert f"note: 2 of the 6 boxes of {path} extend more than 1 px past their image and are clipped to it " \
+           f"(COCO boxes are [x, y, width, height])\n" in out  # annotations 14 and 42
 
 
 def test_to_device_pads_the_objects_for_the_loss(tiny):

@@ -758,6 +758,41 @@ def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
+def test_fixed_shapes_compile_once_per_canvas_and_equal_eager(tiny_data, tmp_path, monkeypatch):
+    """--fixed-shapes: every batch is padded to its scale's canvas, the network is compiled once
+    per canvas (static) and the loss once, and training equals the eager run with the same padding
+    (aot_eager backend, as above)."""
+    import functools
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--min-size", "160", "192",
+            "--max-size", "192", "--warmup-iters", "0", "--lr", "0.01", "--fixed-shapes"]
+    canvases = train.canvas_shapes((160, 192), 192)
+    shapes = []
+    real_pad = train.pad_to_canvas
+
+    def recording_pad(images, canvases):
+        padded = real_pad(images, canvases)
+        shapes.append(tuple(padded.shape[-2:]))
+        return padded
+
+    monkeypatch.setattr(train, "pad_to_canvas", recording_pad)
+    train.main([*args, "--output", str(tmp_path / "eager")])
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    train.main([*args, "--compile", "--output", str(tmp_path / "compiled")])
+    assert set(shapes) <= set(canvases) and len(set(shapes)) == 2, shapes  # square images: landscape canvases
+    compiled = [json.loads(l) for l in open(tmp_path / "compiled" / "log.jsonl")]
+    seen = [len(set(shapes[3:3 + c["iter"]])) for c in compiled]  # canvases met by the compiled run so far
+    assert [c["compilations"] for c in compiled] == [n + 1 for n in seen]  # one per canvas, and the loss
+    eager = [json.loads(l) for l in open(tmp_path / "eager" / "log.jsonl")]
+    for e, c in zip(eager, compiled):
+        assert c["positive"] == pytest.approx(e["positive"], rel=1e-4, abs=1e-6)
+        assert c["negative"] == pytest.approx(e["negative"], rel=1e-4, abs=1e-6)
+    a, b = weights(tmp_path / "eager" / "model_final.pt"), weights(tmp_path / "compiled" / "model_final.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_retinanet_loss_normalises_by_the_averaged_count():
     """average_count replaces the batch's positive count in both terms (train.py: its mean over
     DDP processes)."""
