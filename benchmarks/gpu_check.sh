@@ -3,28 +3,30 @@
 #   1. the loss on CUDA against the float64 numpy oracle: values (float64 and float32) and gradients
 #      (against finite differences of the oracle); and no host-device synchronisation in a loss call;
 #   2. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
-#      with the FreeAnchor loss, eager (channels_last, the CUDA default), then compiled for the
-#      one padded shape, static: train.py --compile --fixed-shapes;
+#      with the FreeAnchor loss, eager (channels_last, the CUDA default);
 #   3. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
 #   4. synchronisations of train.py's steady-state step, eager, --compile and --compile --fixed-shapes
 #      (with the number of graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py);
-#   5. the loss's speed at COCO scale (A = 201,600, K = 80): first two pieces alone against their
-#      alternatives (the bag's top-n: one top-n over all anchors or bag_indices' two stages;
-#      P{a_j in A+}: the loss's scatter-max, a class-major one, a one-hot max), then the whole
-#      loss eager and compiled vs the per-image loop (the benchmark also checks that compiled
-#      equals eager to float32 rounding), then a profile of the eager and compiled loss at
-#      B = 16, G = 100;
-#   6. the training step of part 2 compiled for any image size and object count, as train.py --compile
-#      marks them dynamic (its compilation took over 150 s on an H200): against part 2's compiled
-#      rows (and part 4's count of graphs), it decides between dynamic shapes and --fixed-shapes.
-# Everything printed is also appended to DIR/gpu_check.txt (default: runs/gpu_check).
-# On an H200 (2026-11-26) parts 1 and 5 took about 2.5 minutes together, and torch.compile of R-50
-# for any image size alone over 150 s, so the whole script takes longer than one 5-minute call:
-# run it in pieces: PARTS="1 2", PARTS="3 4", PARTS="6", and part 5 again when the loss changes. Every
-# line goes to the file as it is printed, so a call stopped by its time limit keeps what it had.
+#   5. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image
+#      loop (the benchmark also checks that compiled equals eager to float32 rounding) with a
+#      profile at B = 16, G = 100; then two pieces alone against their alternatives (the bag's
+#      top-n: one top-n over all anchors or bag_indices' two stages; P{a_j in A+}: the loss's
+#      scatter-max, a class-major one, a one-hot max);
+#   6. the training step of part 2 compiled: for its one padded shape, static, as train.py --compile
+#      --fixed-shapes compiles it (the goal: >= 240 images/s), then for any image size and object
+#      count, as train.py --compile marks them dynamic (its compilation took over 150 s on an
+#      H200); with part 4's count of graphs, it decides between dynamic shapes and --fixed-shapes.
+# Everything printed is also appended to DIR/gpu_check.txt (default: runs/gpu_check), line by line,
+# so a call stopped early keeps what it had. The whole call keeps to BUDGET seconds (default 290: one
+# 5-minute device call): every command's timeout is cut to the time left, and a part that has less
+# than its minimum left is skipped with a line saying so. Parts run in the order PARTS gives, most
+# wanted first (default "1 2 3 5 6 4": correctness, the eager step's speed, evaluation's, the loss's,
+# then the compiled steps and the counts, which rarely fit the same call); run the skipped ones in a
+# second call, e.g. PARTS="6 4". On an H200 (2026-11-26) parts 1 and 5 took about 2.5 minutes together,
+# and torch.compile of R-50 for any image size alone over 150 s.
 #
 #     bash benchmarks/gpu_check.sh [DIR]
-#     PARTS="1 2" bash benchmarks/gpu_check.sh      # only some of the parts
+#     PARTS="6 4" BUDGET=290 bash benchmarks/gpu_check.sh      # only some of the parts, in this order
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
@@ -33,18 +35,26 @@ log="$out/gpu_check.txt"
 echo "==== $(date -u '+%Y-%m-%d %H:%M UTC'), PARTS=\"${PARTS:-all}\"" >> "$log"  # appended: pieces run one by one add up
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-parts=${PARTS:-1 2 3 4 5 6}
+parts=${PARTS:-1 2 3 5 6 4}
+budget=${BUDGET:-290}
 step() { echo "== $1" | tee -a "$log"; }
-want() { [[ " $parts " == *" $1 "* ]]; }
+left() { echo $(( budget - SECONDS )); }
+cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # a timeout: at most $1 s, at most what is left
+enough() {  # enough time left for a part that needs at least $1 s
+    (( $(left) >= $1 )) && return 0
+    echo "== part $2 skipped: $(left) s left of BUDGET=$budget, it needs $1 s or more (run it in another call)" | tee -a "$log"
+    return 1
+}
 
 step "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee -a "$log"
 
-if want 1; then
+part1() {
+enough 30 1 || return 0
 step "1. the loss on CUDA against the float64 numpy oracle"
-$py - <<'PY' 2>&1 | tee -a "$log"
+timeout "$(cap 120)" $py - <<'PY' 2>&1 | tee -a "$log"
 import os
 import sys
 import numpy as np
@@ -110,40 +120,50 @@ if DEVICE == "cuda":  # no host-device synchronisation: torch raises on any sync
           "(torch.cuda.set_sync_debug_mode('error'))")
 PY
 [ "${PIPESTATUS[0]}" -eq 0 ] || echo "FAILED: the oracle check" | tee -a "$log"
-fi
+}
 
-if want 2; then
-step "2. a training step, R-50 at 800x1333, B = 16, bf16"
-# the rows that answer the project's speed goals (the FreeAnchor step within 1.05x of the network's
-# alone; >= 110 images/s eager, >= 240 compiled); the full table at B = 2, 8, 16 with every method takes longer:
-# benchmarks/train_step.py --device cuda. Eager first, so that a call cut short still has it; the
-# second compiled row finds the network's kernels in inductor's on-disk cache.
+part2() {
+enough 60 2 || return 0
+step "2. a training step, R-50 at 800x1333, B = 16, bf16, eager"
+# the rows that answer the project's eager speed goals (>= 110 images/s; part 6 the compiled ones); the
+# full table at B = 2, 8, 16 with every method takes longer: benchmarks/train_step.py --device cuda
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes channels_last --row-timeout 60 2>&1 | tee -a "$log"
-$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes compiled_static --row-timeout 200 2>&1 | tee -a "$log"
-fi
+    --modes channels_last --row-timeout "$(cap 60)" 2>&1 | tee -a "$log"
+}
 
-if want 3; then
+part3() {
+enough 40 3 || return 0
 step "3. evaluate.py's detect, R-50 at 800x1333, batches of 8, bf16, channels_last"
-timeout 120 $py benchmarks/inference.py --device cuda --amp --channels-last --batch 8 --images 96 2>&1 | tee -a "$log"
-fi
+timeout "$(cap 120)" $py benchmarks/inference.py --device cuda --amp --channels-last --batch 8 --images 96 2>&1 | tee -a "$log"
+}
 
-if want 4; then
+part4() {
+enough 90 4 || return 0
 step "4. host-device synchronisations: train.py's step (eager and --compile), detect"
-timeout 420 $py benchmarks/syncs.py --device "${DEVICE:-cuda}" --compile --steps 8 2>&1 | grep --line-buffered -v "^iter \|training images, \|^done:\|checking images" | tee -a "$log"
-fi
+timeout "$(cap 420)" $py benchmarks/syncs.py --device "${DEVICE:-cuda}" --compile --steps 8 2>&1 | grep --line-buffered -v "^iter \|training images, \|^done:\|checking images" | tee -a "$log"
+}
 
-if want 5; then
-step "5. the loss at COCO scale: the bag's top-n and P{a_j in A+} alone, with their alternatives"
-timeout 150 $py benchmarks/loss.py --device cuda --parts 16 8 83 2>&1 | tee -a "$log"  # 83: a block of G = 100 at B = 16
+part5() {
+enough 60 5 || return 0
 step "5. the loss at COCO scale (forward + backward, median of 7)"
-timeout 240 $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
+timeout "$(cap 240)" $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
     --methods free_anchor_loss "per-image loop" --profile 16 100 2>&1 | tee -a "$log"
-fi
-if want 6; then
-step "6. the training step of part 2 compiled for any image size, as train.py --compile"
+enough 40 "5 (pieces)" || return 0
+step "5. the loss at COCO scale: the bag's top-n and P{a_j in A+} alone, with their alternatives"
+timeout "$(cap 150)" $py benchmarks/loss.py --device cuda --parts 16 8 52 2>&1 | tee -a "$log"  # 52: a block of G = 100 at B = 16
+}
+
+part6() {
+enough 120 6 || return 0
+step "6. the training step of part 2 compiled: for its one padded shape (--fixed-shapes), then for any size"
+# the second row of each mode finds the network's kernels in inductor's on-disk cache
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes compiled --row-timeout 320 2>&1 | tee -a "$log"
-fi
-echo "written to $log"
+    --modes compiled_static --row-timeout "$(( $(cap 400) / 2 ))" 2>&1 | tee -a "$log"
+enough 120 "6 (any size)" || return 0
+$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
+    --modes compiled --row-timeout "$(( $(cap 640) / 2 ))" 2>&1 | tee -a "$log"
+}
+for p in $parts; do
+    case $p in [1-6]) "part$p" ;; *) echo "PARTS: no part $p (1-6)" | tee -a "$log" ;; esac
+done
+echo "written to $log ($SECONDS s)"
