@@ -320,6 +320,7 @@ def train(cfg, loss_cfg):
     if ddp and not model.config["frozen_bn"] and device.type == "cuda":
         # from scratch: BatchNorm statistics over all GPUs. SyncBatchNorm exists only on CUDA: CPU
         # processes normalise over their own images (rank 0's running statistics are broadcast).
+        # Its forward waits for the GPU once per layer, and torch.compile breaks its graph there.
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, cfg)
 
