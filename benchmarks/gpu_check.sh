@@ -39,7 +39,7 @@ parts=${PARTS:-1 2 3 5 6 4}
 budget=${BUDGET:-290}
 step() { echo "== $1" | tee -a "$log"; }
 left() { echo $(( budget - SECONDS )); }
-cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }  # a timeout: at most $1 s, at most what is left
+cap() { local l; l=$(left); l=$(( l < $1 ? l : $1 )); echo $(( l < 1 ? 1 : l )); }  # a timeout: at most $1 s and what is left, at least 1 (timeout 0 would mean none)
 enough() {  # enough time left for a part that needs at least $1 s
     (( $(left) >= $1 )) && return 0
     echo "== part $2 skipped: $(left) s left of BUDGET=$budget, it needs $1 s or more (run it in another call)" | tee -a "$log"
@@ -158,10 +158,10 @@ enough 120 6 || return 0
 step "6. the training step of part 2 compiled: for its one padded shape (--fixed-shapes), then for any size"
 # the second row of each mode finds the network's kernels in inductor's on-disk cache
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes compiled_static --row-timeout "$(( $(cap 400) / 2 ))" 2>&1 | tee -a "$log"
+    --modes compiled_static --row-timeout "$(( ($(cap 400) + 1) / 2 ))" 2>&1 | tee -a "$log"
 enough 120 "6 (any size)" || return 0
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes compiled --row-timeout "$(( $(cap 640) / 2 ))" 2>&1 | tee -a "$log"
+    --modes compiled --row-timeout "$(( ($(cap 640) + 1) / 2 ))" 2>&1 | tee -a "$log"
 }
 for p in $parts; do
     case $p in [1-6]) "part$p" ;; *) echo "PARTS: no part $p (1-6)" | tee -a "$log" ;; esac
