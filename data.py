@@ -363,7 +363,8 @@ class CocoDataset(torch.utils.data.Dataset):
     """A COCO-layout dataset: `root/annotations/instances_<split>.json`, images in `root/<split>/`.
 
     Labels are contiguous 0..K-1 in the order of the sorted category ids (`categories[k]` is the
-    dataset's own category of label k; it travels with the model so results map back). Boxes are
+    dataset's own category of label k; it travels with the model so results map back), or those of
+    `categories` when given (evaluation: the model's, of which the file may hold a part). Boxes are
     COCO [x, y, w, h] -> xyxy, clipped to the image; crowd regions and boxes under 1 px wide or
     high after clipping never reach the loss. train=True keeps only images with at least one
     usable box; train=False keeps every image (evaluation); `tiny_boxes` and `images_without_boxes`
@@ -386,7 +387,7 @@ class CocoDataset(torch.utils.data.Dataset):
     buffers stay shared. pycocotools' COCO (`.coco`) is built only when evaluation asks for it.
     """
 
-    def __init__(self, root, split, train, max_size=1333, exif=True):
+    def __init__(self, root, split, train, max_size=1333, exif=True, categories=None):
         if not os.path.exists(root):
             raise DataError(f"data root not found: {root}")
         if not os.path.isdir(root):
@@ -413,6 +414,14 @@ class CocoDataset(torch.utils.data.Dataset):
 
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(coco["categories"], key=lambda c: c["id"])]
+        if categories is not None:  # a trained model's labels, of which the file may hold a part
+            known = {(c["id"], c["name"]) for c in categories}
+            strangers = [f"{c['id']}:{c['name']}" for c in self.categories if (c["id"], c["name"]) not in known]
+            if strangers:
+                trained = [f"{c['id']}:{c['name']}" for c in categories]
+                raise DataError(f"{self.ann_file} holds categories the model was not trained on "
+                                f"({_name_some(strangers, 8)}); it was trained on {_name_some(trained, 8)}")
+            self.categories = [{"id": c["id"], "name": c["name"]} for c in categories]
         label_of = {c["id"]: k for k, c in enumerate(self.categories)}
 
         # Usable boxes of every image in flat arrays: image i owns rows offsets[i]:offsets[i+1].
