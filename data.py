@@ -260,7 +260,7 @@ def read_image(path, exif=True):
 
 
 # The last bytes of a complete file: a JPEG's end-of-image marker, a PNG's IEND chunk
-END_OF_FILE = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+END_OF_FILE = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # MPO: JPEGs of phones
 
 
 def _ends_as_it_should(img, path):
@@ -325,11 +325,12 @@ def progress_line(what, done, total, start):
 
 
 def check_images(paths, sizes, exif=True, workers=None, show_progress=True, what="checking images"):
-    """Open every image's header (size, EXIF orientation; nothing is decoded), in parallel
-    processes (header parsing is Python: threads would share one core), with a progress line.
+    """Open every image's header (size, EXIF orientation) and read its last bytes (_check_one:
+    only a JPEG or PNG that does not end as a complete file is decoded), in parallel processes
+    (header parsing is Python: threads would share one core), with a progress line.
     sizes: the annotations' (h, w) of each path. Raises one DataError naming the first few
-    images that are missing, unreadable, not images, or not of their annotated size, and the
-    total count. An image broken past its header still fails at decode, with its name."""
+    images that are missing, unreadable, cut short, not images, or not of their annotated size,
+    and the total count. An image broken in its middle still fails at decode, with its name."""
     n = len(paths)
     workers = min(workers or available_cpus(), max(1, n // 500))  # a pool only pays from ~1000 images
     chunk = max(1, min(1000, math.ceil(n / (workers * 8))))  # several chunks per process: a live progress line
@@ -626,7 +627,9 @@ def canvas_shapes(min_sizes, max_size):
     (model.resized_size), and TrainSampler never mixes orientations in a batch, so every batch fits
     its canvas: the network sees at most two shapes per scale."""
     up = lambda x: -(-x // SIZE_DIVISIBLE) * SIZE_DIVISIBLE  # noqa: E731
-    shapes = {shape for s in min_sizes for shape in ((up(s), up(max_size)), (up(max_size), up(s)))}
+    # (a scale above max_size gives images of at most max_size on both sides)
+    shapes = {shape for s in min_sizes for shape in ((up(min(s, max_size)), up(max_size)),
+                                                      (up(max_size), up(min(s, max_size))))}
     return sorted(shapes, key=lambda hw: (hw[0] * hw[1], hw))
 
 
@@ -1002,7 +1005,10 @@ def device_defaults(cfg):
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA device is available here (use --device cpu)")
-    index = torch.device(cfg.device).index  # (the parser has checked the name)
+    try:
+        index = torch.device(cfg.device).index
+    except RuntimeError:  # e.g. cuda:01
+        raise ValueError(f"--device {cfg.device}: use cpu, cuda or cuda:N") from None
     if cfg.device.startswith("cuda") and index is not None and index >= torch.cuda.device_count():
         raise ValueError(f"--device {cfg.device}: there are {torch.cuda.device_count()} CUDA devices here")
     on_cuda = cfg.device.startswith("cuda")

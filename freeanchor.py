@@ -123,9 +123,10 @@ def object_blocks(B, G, A):
     """Slices of the object dimension such that each [B, g, A] IoU matrix holds about
     MAX_IOU_ELEMENTS at most: one slice (all objects) unless images are crowded and large, so
     memory stays bounded (2^28 float32 = 1 GiB) for datasets with hundreds of objects per image.
-    The objects are split into a power of two of even blocks: under torch.compile, where G and A
-    are symbolic, the number of blocks is what the graph depends on, so the loss compiles again only
-    when B G A crosses 2^28 times a power of two, not for each object count."""
+    The objects are split into a power of two of blocks of ceil(G / blocks): under torch.compile,
+    where G and A are symbolic, the graph depends on the number of blocks, so object counts that
+    are multiples of it (train.py pads G to a multiple of 8) share one graph, and the loss compiles
+    again when B G A crosses 2^28 times a power of two, not for each object count."""
     blocks = 1
     while B * G * A > blocks * MAX_IOU_ELEMENTS and blocks < G:
         blocks *= 2

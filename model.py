@@ -602,7 +602,8 @@ def _copy_flags(src, dst, names):
 
 def to_torchvision(m):
     """A `torchvision.models.detection.RetinaNet` (eval mode, on m's device) with m's weights,
-    sizes, thresholds and anchors, whose detections equal `m.detect`'s."""
+    sizes, thresholds and anchors, whose detections equal `m.detect`'s in float32 (under bf16
+    autocast torchvision's FrozenBatchNorm2d runs in float32, ours in bfloat16)."""
     from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import signal
 import sys
@@ -156,20 +157,21 @@ def parse_config(argv):
         if value < 1:
             problems.append(f"--{name.replace('_', '-')} {value}: must be at least 1")
     for name in ("warmup_iters", "workers", "clip_grad", "weight_decay", "gamma", "loc_weight", "smooth_l1_beta"):
-        if args[name] < 0:
-            problems.append(f"--{name.replace('_', '-')} {args[name]}: must be >= 0")
-    for name, low, high in (("momentum", 0, 1), ("alpha", 0, 1), ("iou_threshold", 0, 1)):
-        if not low <= args[name] < high + (name == "alpha"):  # alpha may be 1 (no negative term)
-            problems.append(f"--{name.replace('_', '-')} {args[name]}: must be in [{low}, {high}"
-                            f"{']' if name == 'alpha' else ')'}")
-    if cfg.lr is not None and cfg.lr <= 0:
-        problems.append(f"--lr {cfg.lr}: must be positive")
+        if not 0 <= args[name] < math.inf:  # (also refuses nan)
+            problems.append(f"--{name.replace('_', '-')} {args[name]}: must be >= 0 and finite")
+    for name in ("momentum", "iou_threshold"):
+        if not 0 <= args[name] < 1:
+            problems.append(f"--{name.replace('_', '-')} {args[name]}: must be in [0, 1)")
+    if not 0 <= loss_cfg.alpha <= 1:  # 1: no negative term
+        problems.append(f"--alpha {loss_cfg.alpha}: must be in [0, 1]")
+    if cfg.lr is not None and not 0 < cfg.lr < math.inf:
+        problems.append(f"--lr {cfg.lr}: must be positive and finite")
     if cfg.steps is not None and list(cfg.steps) != sorted(set(cfg.steps)):
         problems.append(f"--steps {' '.join(map(str, cfg.steps))}: must increase")
     if any(s < 1 for s in cfg.min_size):
         problems.append(f"--min-size {' '.join(map(str, cfg.min_size))}: sizes must be positive")
-    if cfg.device not in (None, "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
-        problems.append(f"--device {cfg.device}: use cpu or cuda")
+    if cfg.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        problems.append(f"--device {cfg.device}: use cpu, cuda or cuda:N")
     if problems:
         raise ValueError(problems[0])
     if cfg.lr is None:

@@ -32,7 +32,7 @@ cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_check}
 mkdir -p "$out"
 log="$out/gpu_check.txt"
-echo "==== $(date -u '+%Y-%m-%d %H:%M UTC'), PARTS=\"${PARTS:-all}\"" >> "$log"  # appended: pieces run one by one add up
+echo "==== $(date -u '+%Y-%m-%d %H:%M UTC'), PARTS=\"${PARTS:-1 2 3 5 6 4}\", BUDGET=${BUDGET:-290}" >> "$log"  # appended: pieces run one by one add up
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 parts=${PARTS:-1 2 3 5 6 4}
@@ -128,7 +128,7 @@ step "2. a training step, R-50 at 800x1333, B = 16, bf16, eager"
 # the rows that answer the project's eager speed goals (>= 110 images/s; part 6 the compiled ones); the
 # full table at B = 2, 8, 16 with every method takes longer: benchmarks/train_step.py --device cuda
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes channels_last --row-timeout "$(cap 60)" 2>&1 | tee -a "$log"
+    --modes channels_last --row-timeout "$(( ($(cap 120) + 1) / 2 ))" 2>&1 | tee -a "$log"
 }
 
 part3() {
@@ -154,12 +154,12 @@ timeout "$(cap 150)" $py benchmarks/loss.py --device cuda --parts 16 8 52 2>&1 |
 }
 
 part6() {
-enough 120 6 || return 0
+enough 200 6 || return 0  # each compiled R-50 row needs minutes
 step "6. the training step of part 2 compiled: for its one padded shape (--fixed-shapes), then for any size"
 # the second row of each mode finds the network's kernels in inductor's on-disk cache
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
     --modes compiled_static --row-timeout "$(( ($(cap 400) + 1) / 2 ))" 2>&1 | tee -a "$log"
-enough 120 "6 (any size)" || return 0
+enough 200 "6 (any size)" || return 0
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
     --modes compiled --row-timeout "$(( ($(cap 640) + 1) / 2 ))" 2>&1 | tee -a "$log"
 }

@@ -11,7 +11,9 @@ each image sends thousands of candidates to NMS, as a trained detector does. The
 on one model then the other, after a warm-up. With --batch N, ours detects N images per call (one
 forward pass, as evaluate.py does) while torchvision's gets them one by one (its batched forward
 is the same network); --channels-last and --compile apply to ours (evaluate.py's CUDA defaults:
---amp --channels-last --batch 8).
+--amp --channels-last --batch 8). "Same detections" compares the two; under --amp they differ by
+more than rounding (our frozen BatchNorm runs in bfloat16, torchvision's in float32), so fewer
+images match there.
 
     python benchmarks/inference.py                          # CPU, 5 images
     python benchmarks/inference.py --device cuda --amp --images 50

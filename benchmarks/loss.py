@@ -18,7 +18,7 @@ its own (peak resident memory over what the inputs already took); on CUDA all ru
     python benchmarks/loss.py --batch 2 --objects 8 --compile
     python benchmarks/loss.py --device cuda --compile --repeats 7
     python benchmarks/loss.py --device cuda --compile --batch 16 --objects 100 --profile 16 100
-    python benchmarks/loss.py --device cuda --parts 16 8 83    # two pieces alone, with alternatives
+    python benchmarks/loss.py --device cuda --parts 16 8 52    # two pieces alone, with alternatives
 """
 
 import argparse

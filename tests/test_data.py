@@ -282,6 +282,8 @@ def test_every_training_batch_fits_a_fixed_canvas(tiny, max_size):
         seen.add(tuple(padded.shape[-2:]))
     assert len(seen) >= 2  # both orientations were drawn (and with max_size 200, several scales)
     assert pad_to_canvas(torch.zeros(1, 3, 1000, 1000), canvases).shape == (1, 3, 1000, 1000)  # none fits: unchanged
+    assert canvas_shapes((800,), 1333) == [(800, 1344), (1344, 800)]
+    assert canvas_shapes((800, 640), 600) == [(608, 608)]  # scales above max_size: images of at most 600 a side
 
 
 def test_dataloader_end_to_end(tiny):
@@ -789,6 +791,19 @@ def test_truncated_image_is_found_by_the_check_and_named_at_decode(tiny, name, c
     with open(path, "wb") as f:
         f.write(good + b"\x00" * 100)  # complete, then data after its end
     ds.check_images(show_progress=False)
+
+
+def test_phone_jpeg_of_several_frames_cut_short_is_found_by_the_check(tmp_path):
+    """Phones write MPO files (JPEGs of several frames), which PIL reports as format 'MPO'."""
+    from data import _check_one
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    path = str(tmp_path / "phone.jpg")
+    Image.fromarray(noise).save(path, "MPO", save_all=True, append_images=[Image.fromarray(noise[::-1])])
+    assert Image.open(path).format == "MPO" and _check_one(path, (48, 64), exif=True) is None
+    good = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(good[: len(good) // 4])
+    assert "truncated" in _check_one(path, (48, 64), exif=True)
 
 
 # ----------------------------------------------------------------------------- memory

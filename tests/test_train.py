@@ -504,6 +504,14 @@ def test_a_bad_argument_gives_one_line_from_the_command_line(tiny_data, tmp_path
     (["--backbone", "resnet7"], "--backbone resnet7"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--loss", "focal"], "--loss focal"),
+    (["--alpha", "1.5"], "--alpha 1.5: must be in [0, 1]"),
+    (["--iou-threshold", "1"], "--iou-threshold 1.0: must be in [0, 1)"),
+    (["--momentum", "-0.1"], "--momentum -0.1"),
+    (["--lr", "nan"], "--lr nan"),
+    (["--gamma", "inf"], "--gamma inf"),
+    (["--workers", "-1"], "--workers -1"),
+    (["--steps", "50", "20"], "--steps 50 20: must increase"),
+    (["--device", "cuda:x"], "--device cuda:x: use cpu, cuda or cuda:N"),
 ])
 def test_bad_arguments_give_one_line(args, message, tiny_data, tmp_path, capsys):
     """train.main, as the command line runs it (the test above runs one case as a real command)."""
@@ -513,6 +521,12 @@ def test_bad_arguments_give_one_line(args, message, tiny_data, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
     assert message in err and not (tmp_path / "x").exists()
+
+
+def test_edge_values_of_the_checked_flags_are_accepted():
+    cfg, loss_cfg = train.parse_config(["--alpha", "1", "--iou-threshold", "0", "--momentum", "0", "--clip-grad", "0",
+                                        "--smooth-l1-beta", "0", "--device", "cpu"])
+    assert loss_cfg.alpha == 1 and loss_cfg.iou_threshold == 0 and cfg.momentum == 0
 
 
 def test_refuses_to_overwrite_a_run(tiny_data, tmp_path, capsys):
