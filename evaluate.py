@@ -240,8 +240,8 @@ def nms_recall(best_before, best_after, thresholds=NR_THRESHOLDS):
         key = f"{tau:.2f}"  # "0.50": the same keys in memory and in metrics.json
         r_before = (before >= tau).sum().item() / num_objects
         r_after = (after >= tau).sum().item() / num_objects
-        out["recall_before"][key] = 100 * r_before
-        out["recall_after"][key] = 100 * r_after
+        out["recall_before"][key] = 100 * r_before if len(before) else None  # no object: n/a, not 0
+        out["recall_after"][key] = 100 * r_after if len(before) else None
         out["NR_tau"][key] = 100 * r_after / r_before if r_before > 0 else None
     ratios = list(out["NR_tau"].values())
     out["NR"] = None if None in ratios else sum(ratios) / len(ratios)

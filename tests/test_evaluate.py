@@ -219,6 +219,8 @@ def test_nms_recall_hand_built():
     # nothing recalled before NMS at some tau: NR_tau and NR are undefined, not 0 or 100
     nr = evaluate.nms_recall([torch.tensor([0.6])], [torch.tensor([0.6])])
     assert nr["NR_tau"]["0.50"] == pytest.approx(100.0) and nr["NR_tau"]["0.90"] is None and nr["NR"] is None
+    nr = evaluate.nms_recall([torch.zeros(0)], [torch.zeros(0)])  # a split without objects: n/a, not 0
+    assert nr["objects"] == 0 and nr["NR"] is None and set(nr["recall_before"].values()) == {None}
 
 
 # ----------------------------------------------------------------------------- test-time scales and flips
