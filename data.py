@@ -50,6 +50,7 @@ import struct
 import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -245,12 +246,24 @@ def _orientation(img, loaded=False):
     return orientation if orientation in EXIF_TRANSPOSE else 1
 
 
+@contextlib.contextmanager
+def _open_image(path):
+    """Image.open without PIL's UserWarnings on malformed EXIF ("Corrupt EXIF data", "Tag data
+    larger than file"): two lines on stderr that name no file, from every loader worker, about
+    images that read fine. PIL reads what it can of the EXIF; a lost orientation tag of a turned
+    image is still caught by the header check, as a size that does not fit the annotations."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with Image.open(path) as img:
+            yield img
+
+
 def read_image(path, exif=True):
     """Decode an image file -> uint8 numpy [h, w, 3] RGB, upright as `PIL.ImageOps.exif_transpose`
     shows it when `exif` (what labelling tools display), as stored otherwise. Any PIL mode
     becomes RGB. Raises DataError naming the file."""
     try:
-        with Image.open(path) as img:
+        with _open_image(path) as img:
             img.load()
             method = EXIF_TRANSPOSE.get(_orientation(img, loaded=True)) if exif else None
             array = _to_rgb(img if method is None else img.transpose(method))
@@ -282,7 +295,7 @@ def _check_one(path, size, exif):
     only a JPEG or PNG that does not end as a complete file does (cut short, or with data after
     its end)."""
     try:
-        with Image.open(path) as img:
+        with _open_image(path) as img:
             w, h = img.size
             orientation = _orientation(img)
             if not _ends_as_it_should(img, path):

@@ -793,6 +793,27 @@ def test_truncated_image_is_found_by_the_check_and_named_at_decode(tiny, name, c
     ds.check_images(show_progress=False)
 
 
+def test_malformed_exif_reads_without_pil_warnings(tmp_path):
+    """A JPEG whose EXIF orientation tag claims more data than the file holds: PIL warns in two
+    lines that name no file (from every loader worker); the image reads, without them."""
+    import warnings
+    from data import _check_one, read_image
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 100, 50)).save(buf, "JPEG", quality=95)
+    payload = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 3, 1000000, 26) \
+        + struct.pack("<I", 0)
+    data = buf.getvalue()
+    path = str(tmp_path / "bad_exif.jpg")
+    with open(path, "wb") as f:
+        f.write(data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + data[2:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        assert _check_one(path, (48, 64), exif=True) is None
+        assert read_image(path).shape == (48, 64, 3)
+    with pytest.warns(UserWarning):  # what PIL itself does with it
+        Image.open(path).close()
+
+
 def test_phone_jpeg_of_several_frames_cut_short_is_found_by_the_check(tmp_path):
     """Phones write MPO files (JPEGs of several frames), which PIL reports as format 'MPO'."""
     from data import _check_one
