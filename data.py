@@ -44,6 +44,7 @@ import json
 import math
 import operator
 import os
+import re
 import shutil
 import signal
 import struct
@@ -1016,12 +1017,11 @@ def device_defaults(cfg):
     for CUDA asked where there is none."""
     if cfg.device is None:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]*))?", cfg.device):  # what torch.device takes
+        raise ValueError(f"--device {cfg.device}: use cpu, cuda or cuda:N")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA device is available here (use --device cpu)")
-    try:
-        index = torch.device(cfg.device).index
-    except RuntimeError:  # e.g. cuda:01
-        raise ValueError(f"--device {cfg.device}: use cpu, cuda or cuda:N") from None
+    index = torch.device(cfg.device).index
     if cfg.device.startswith("cuda") and index is not None and index >= torch.cuda.device_count():
         raise ValueError(f"--device {cfg.device}: there are {torch.cuda.device_count()} CUDA devices here")
     on_cuda = cfg.device.startswith("cuda")

@@ -39,7 +39,6 @@ import io
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -146,8 +145,6 @@ def parse_config(argv):
         raise ValueError(f"--test-scales {' '.join(map(str, cfg.test_scales))}: sizes must be positive")
     if cfg.test_scales is not None and cfg.min_size is not None:
         raise ValueError("--min-size and --test-scales both set the shorter side: give one of them")
-    if cfg.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
-        raise ValueError(f"--device {cfg.device}: use cpu, cuda or cuda:N")
     return device_defaults(cfg)
 
 

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import signal
 import sys
@@ -170,8 +169,6 @@ def parse_config(argv):
         problems.append(f"--steps {' '.join(map(str, cfg.steps))}: must increase")
     if any(s < 1 for s in cfg.min_size):
         problems.append(f"--min-size {' '.join(map(str, cfg.min_size))}: sizes must be positive")
-    if cfg.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
-        problems.append(f"--device {cfg.device}: use cpu, cuda or cuda:N")
     if problems:
         raise ValueError(problems[0])
     if cfg.lr is None:
