@@ -636,12 +636,12 @@ def to_device(batch, device, pad_to=None):
 
 def canvas_shapes(min_sizes, max_size):
     """The padded shapes of train.py --fixed-shapes, smallest first: for each training scale s,
-    (s, max_size) for landscape batches and (max_size, s) for portrait ones, rounded up to a
-    multiple of 32. An image resized at scale s has its shorter side <= s and its longer <= max_size
-    (model.resized_size), and TrainSampler never mixes orientations in a batch, so every batch fits
-    its canvas: the network sees at most two shapes per scale."""
+    (s', max_size) for landscape batches and (max_size, s') for portrait ones, s' = min(s,
+    max_size), rounded up to a multiple of 32. An image resized at scale s has its shorter side
+    <= s' and its longer <= max_size (model.resized_size), and TrainSampler never mixes
+    orientations in a batch, so every batch fits its canvas: the network sees at most two shapes
+    per scale."""
     up = lambda x: -(-x // SIZE_DIVISIBLE) * SIZE_DIVISIBLE  # noqa: E731
-    # (a scale above max_size gives images of at most max_size on both sides)
     shapes = {shape for s in min_sizes for shape in ((up(min(s, max_size)), up(max_size)),
                                                       (up(max_size), up(min(s, max_size))))}
     return sorted(shapes, key=lambda hw: (hw[0] * hw[1], hw))
