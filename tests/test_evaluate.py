@@ -13,9 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,6 +24,7 @@ import evaluate
 import freeanchor
 from data import CocoDataset
 from model import RetinaNet
+from test_train import run_two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 17, "name": "needle"}, {"id": 42, "name": "blob"}]  # not contiguous
@@ -576,18 +574,7 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
         one, _ = run_main(args + ["--output", out1], capsys)
     finally:
         torch.set_num_threads(threads)
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "evaluate.py"), *args, "--output", out2],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2",
-                                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for rank in (0, 1)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
+    run_two_processes([os.path.join(ROOT, "evaluate.py"), *args, "--output", out2])
     results = []
     for out in (out1, out2):
         with open(os.path.join(out, "detections.json")) as f:

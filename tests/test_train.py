@@ -141,11 +141,21 @@ def test_lr_schedule_and_weight_decay_groups():
 
 # ----------------------------------------------------------------------------- DDP
 
-def free_port():
-    """A free TCP port for a rendezvous (a fixed one may be taken on a shared machine)."""
-    with socket.socket() as s:
+def run_two_processes(argv, **env):
+    """Runs `python argv` as ranks 0 and 1 of a 2-process job on this machine, with the environment
+    torchrun gives its workers but without torchrun's own process (2 s of imports here), on a free
+    port; asserts both succeed."""
+    with socket.socket() as s:  # a free port for the rendezvous (a fixed one may be taken)
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **env, "RANK": str(rank), "WORLD_SIZE": "2",
+                                              "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
 
 
 def train_single_and_ddp(tiny_data, tmp_path, backbone, *extra):
@@ -154,25 +164,14 @@ def train_single_and_ddp(tiny_data, tmp_path, backbone, *extra):
     weights of both runs. The backbone is seeded: with a random one, one run in ten moved a weight
     of one layer by a few percent of its update, where a ReLU input within float32 rounding of 0
     (the batch of 2 and the batches of 1 go through different convolution kernels) falls on the
-    other side of it. The two processes are started with the environment torchrun gives its
-    workers, without torchrun's own process (2 s of imports here; test_two_process_ddp_from_scratch_on_cpu
-    runs torchrun itself)."""
+    other side of it. (test_two_process_ddp_from_scratch_on_cpu runs torchrun itself.)"""
     import torchvision
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), backbone)
     args = [*TINY, *CPU, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
             "--lr", "0.05", "--warmup-iters", "0", *extra]
     train.main([*args, "--output", str(tmp_path / "single")])
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--output", str(tmp_path / "ddp")],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
-                                   "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for rank in (0, 1)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    run_two_processes([os.path.join(ROOT, "train.py"), *args, "--output", str(tmp_path / "ddp")], OMP_NUM_THREADS="1")
     return weights(tmp_path / "single" / "model_final.pt"), weights(tmp_path / "ddp" / "model_final.pt")
 
 
@@ -201,7 +200,7 @@ def test_two_process_ddp_from_scratch_on_cpu(tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "scratch"
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *TINY, *CPU, "--data", tiny_data,
+                          "--standalone", os.path.join(ROOT, "train.py"), *TINY, *CPU, "--data", tiny_data,
                           "--batch-size", "2", "--max-iter", "2", "--output", str(out)],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -751,6 +750,20 @@ def test_steps_read_nothing_from_the_device(tiny_data, tmp_path, loss):
     assert reads[2] == reads[5], reads
 
 
+def assert_close_runs(out_a, out_b):
+    """Two runs of different computations (eager and compiled): the same losses in log.jsonl and
+    the same final weights, to float32 tolerances."""
+    log_a = [json.loads(l) for l in open(out_a / "log.jsonl")]
+    log_b = [json.loads(l) for l in open(out_b / "log.jsonl")]
+    assert [r["iter"] for r in log_a] == [r["iter"] for r in log_b]
+    for a, b in zip(log_a, log_b):
+        assert b["positive"] == pytest.approx(a["positive"], rel=1e-4, abs=1e-6)
+        assert b["negative"] == pytest.approx(a["negative"], rel=1e-4, abs=1e-6)
+    a, b = weights(out_a / "model_final.pt"), weights(out_b / "model_final.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.slow
 def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
     """--compile (network and loss) against eager on CPU, through several padded sizes (multi-scale):
@@ -776,15 +789,9 @@ def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "to_device", recording_to_device)
     train.main([*args, "--compile", "--output", str(tmp_path / "compiled")])
     assert len(shapes) > 1  # padded batches of 160 and 192 pixels
-    eager = [json.loads(l) for l in open(tmp_path / "eager" / "log.jsonl")]
     compiled = [json.loads(l) for l in open(tmp_path / "compiled" / "log.jsonl")]
     assert [c["compilations"] for c in compiled] == [2] * 4  # network and loss, once each
-    for e, c in zip(eager, compiled):
-        assert c["positive"] == pytest.approx(e["positive"], rel=1e-4, abs=1e-6)
-        assert c["negative"] == pytest.approx(e["negative"], rel=1e-4, abs=1e-6)
-    a, b = weights(tmp_path / "eager" / "model_final.pt"), weights(tmp_path / "compiled" / "model_final.pt")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_close_runs(tmp_path / "eager", tmp_path / "compiled")
 
 
 @pytest.mark.slow
@@ -815,13 +822,7 @@ def test_fixed_shapes_compile_once_per_canvas_and_equal_eager(tiny_data, tmp_pat
     compiled = [json.loads(l) for l in open(tmp_path / "compiled" / "log.jsonl")]
     seen = [len(set(shapes[3:3 + c["iter"]])) for c in compiled]  # canvases met by the compiled run so far
     assert [c["compilations"] for c in compiled] == [n + 1 for n in seen]  # one per canvas, and the loss
-    eager = [json.loads(l) for l in open(tmp_path / "eager" / "log.jsonl")]
-    for e, c in zip(eager, compiled):
-        assert c["positive"] == pytest.approx(e["positive"], rel=1e-4, abs=1e-6)
-        assert c["negative"] == pytest.approx(e["negative"], rel=1e-4, abs=1e-6)
-    a, b = weights(tmp_path / "eager" / "model_final.pt"), weights(tmp_path / "compiled" / "model_final.pt")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_close_runs(tmp_path / "eager", tmp_path / "compiled")
 
 
 def test_retinanet_loss_normalises_by_the_averaged_count():
