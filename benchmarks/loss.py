@@ -96,7 +96,7 @@ def per_image_loop(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Fre
     negative = (q.pow(cfg.gamma) * -torch.log1p(-q)).sum()
     pos = sum(positive) if positive else box_deltas.sum() * 0
     return {"positive": cfg.alpha * pos / num_objects,
-            "negative": (1 - cfg.alpha) * negative / (n * num_objects)}
+            "negative": (1 - cfg.alpha) * negative / (cfg.bag_size * num_objects)}
 
 
 def sigmoid_pass(cls_logits, *rest):

@@ -194,5 +194,6 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=N
 
     norm = total_objects if num_objects is None else float(num_objects)  # ||B||
     positive = cfg.alpha * positive_sum / max(1.0, norm)  # 0.0 for a batch without objects
-    negative = (1.0 - cfg.alpha) * negative_sum / max(1.0, n * norm)
+    # n of the configuration, as the authors' normaliser, even where the bags hold fewer (A < n)
+    negative = (1.0 - cfg.alpha) * negative_sum / max(1.0, cfg.bag_size * norm)
     return {"positive": float(positive), "negative": float(negative)}

@@ -647,3 +647,31 @@ def test_compiled_loss_in_blocks_compiles_once_per_number_of_blocks(monkeypatch)
             torch.testing.assert_close(out[term], want[term])
     assert counter.frame_count == 1, f"{counter.frame_count} compilations for 4 object counts in 4 blocks"
     torch._dynamo.reset()
+
+
+def test_fewer_anchors_than_bag_size_normalise_by_the_configured_n():
+    """With A < n the bag holds all A anchors, and the negative term is still divided by n ||B||
+    (the authors' normaliser is the configured n). One anchor, one object its prediction misses
+    (P{a_j in A+} = 0), logit 0: q = 1/2, negative = (1 - alpha) FL(1/2) / (50 * 1)."""
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]], dtype=torch.float64)
+    out = free_anchor_loss(torch.zeros(1, 1, 1, dtype=torch.float64), torch.zeros(1, 1, 4, dtype=torch.float64),
+                           anchors, [torch.tensor([[50.0, 50.0, 60.0, 60.0]], dtype=torch.float64)], [torch.tensor([0])])
+    focal = 0.5 ** 2 * -math.log(0.5)
+    assert float(out["negative"]) == pytest.approx(0.5 * focal / 50, rel=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 1.0])
+def test_small_focal_exponents_give_finite_gradients(gamma):
+    """An anchor whose prediction is its object's best match has P{a_j in A+} = 1, so q = 0 before
+    the clamp; with gamma < 1, q^gamma has an infinite slope there. Values and gradients stay finite
+    and match the oracle."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(61, [3, 2], A=120, hit=1.0)
+    for b in range(2):  # every anchor predicts its best object exactly
+        box_deltas[b] = encode(anchors, gt_boxes[b][box_iou(gt_boxes[b], anchors).argmax(0)])
+    cfg = FreeAnchorConfig(gamma=gamma)
+    assert_matches_oracle((cls_logits, box_deltas, anchors, gt_boxes, gt_labels), cfg=cfg)
+    for dtype in (torch.float32, torch.float64):
+        x, d = cls_logits.to(dtype).requires_grad_(), box_deltas.to(dtype).requires_grad_()
+        out = free_anchor_loss(x, d, anchors.to(dtype), [g.to(dtype) for g in gt_boxes], gt_labels, cfg)
+        (out["positive"] + out["negative"]).backward()
+        assert torch.isfinite(x.grad).all() and torch.isfinite(d.grad).all(), dtype

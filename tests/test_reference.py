@@ -108,13 +108,16 @@ def test_hand_worked_case_bag_of_two():
 
 
 def test_hand_worked_case_bag_larger_than_anchor_count():
-    # bag_size 50 > A = 4: n = min(50, 4) = 4, so the bag is every anchor and the negative is
-    # normalised by 4 * ||B||; the result is exactly that of bag_size = 4.
+    # bag_size 50 > A = 4: the bag is every anchor (min(50, 4)), and the negative is still
+    # normalised by 50 * ||B||, the authors' normaliser with the configured bag size. The positive
+    # term is exactly that of bag_size = 4, the negative 4/50 of it.
     out = hand_loss(Config(bag_size=50))
     bag_prob = mean_max([c * l for c, l in zip(P_CLS, P_LOC)])
     assert out["positive"] == pytest.approx(0.5 * -math.log(bag_prob), rel=1e-12)
-    assert out["negative"] == pytest.approx(0.5 * HAND_FL_SUM / 4, rel=1e-12)
-    assert out == hand_loss(Config(bag_size=4))
+    assert out["negative"] == pytest.approx(0.5 * HAND_FL_SUM / 50, rel=1e-12)
+    four = hand_loss(Config(bag_size=4))
+    assert out["positive"] == four["positive"]
+    assert out["negative"] == pytest.approx(four["negative"] * 4 / 50, rel=1e-12)
     assert hand_loss() == out  # cfg=None means the paper's defaults, bag_size 50
 
 
