@@ -330,12 +330,26 @@ def format_eta(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+_progress_open = False  # a progress line is on stdout, not yet ended by a newline
+
+
 def progress_line(what, done, total, start):
     """One \r-updated line on stdout (stderr stays free for a one-line error): done/total, rate, ETA."""
+    global _progress_open
     elapsed = max(time.time() - start, 1e-9)
     rate = done / elapsed
     eta = format_eta((total - done) / rate) if rate > 0 else "?"
     print(f"\r{what}: {done}/{total}  {rate:.1f}/s  eta {eta}   ", end="", flush=True)
+    _progress_open = True
+
+
+def end_progress_line(text=""):
+    """Ends the open progress line with `text` and a newline (nothing when none is open), so that
+    what is printed next, an error or "interrupted" included, starts a line of its own."""
+    global _progress_open
+    if _progress_open:
+        print(text, flush=True)
+        _progress_open = False
 
 
 def check_images(paths, sizes, exif=True, workers=None, show_progress=True, what="checking images"):
@@ -365,8 +379,7 @@ def check_images(paths, sizes, exif=True, workers=None, show_progress=True, what
                 done += hi - lo
                 if show_progress:
                     progress_line(what, done, n, start)
-    if show_progress:
-        print(f" done in {time.time() - start:.1f} s", flush=True)
+    end_progress_line(f" done in {time.time() - start:.1f} s")
     bad = [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
     if bad:
         shown = ", ".join(f"{path} ({reason})" for path, reason in bad[:5])

@@ -61,7 +61,7 @@ from torchvision.ops import batched_nms
 
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, HelpFormatter, add_config_arguments,
-                  available_cpus, config_from_args, device_defaults, progress_line, remove_partial_writes,
+                  available_cpus, config_from_args, device_defaults, end_progress_line, progress_line, remove_partial_writes,
                   resolve_root_once, setup_processes, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
@@ -546,8 +546,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
         if show_progress:
             progress_line("evaluated images" + (" (rank 0's share x processes)" if shares > 1 else ""),
                           min(round(position * shares), total), total, start)
-    if show_progress:
-        print(flush=True)
+    end_progress_line()
     return records
 
 
@@ -712,14 +711,18 @@ def main(argv=None):
     try:
         return evaluate(parse_config(argv))
     except (DataError, ValueError) as e:
+        end_progress_line()
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except OSError as e:  # the machine's, not the user's: a full disk
+        end_progress_line()
         print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}",
               file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        end_progress_line()
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun, whose every process gets the Ctrl-C
+            print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
 
 

@@ -61,8 +61,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
 from data import (CocoDataset, DataError, DeferredInterrupt, HelpFormatter, TrainSampler, add_config_arguments,
-                  available_cpus, canvas_shapes, collate, config_from_args, device_defaults, format_eta, pad_to_canvas,
-                  remove_partial_writes, resolve_root_once, setup_processes, sigint_deferred, to_device, write_atomic)
+                  available_cpus, canvas_shapes, collate, config_from_args, device_defaults, end_progress_line, format_eta,
+                  pad_to_canvas, remove_partial_writes, resolve_root_once, setup_processes, sigint_deferred, to_device, write_atomic)
 from model import BACKBONES, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -598,19 +598,30 @@ def main(argv=None):
     line on stderr and exit status 2 (1 for a non-finite loss), never a traceback."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is the KeyboardInterrupt below
+    cfg = None
     try:
         cfg, loss_cfg = parse_config(argv)
         with run_directory_lock(cfg.output):
             return train(cfg, loss_cfg)
     except (DataError, ValueError, FloatingPointError) as e:
+        end_progress_line()
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1 if isinstance(e, FloatingPointError) else 2)
     except OSError as e:  # the machine's, not the user's: a full disk, a file system gone read-only
+        end_progress_line()
         print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}",
               file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        print(f"interrupted {e.args[0]}" if e.args else "interrupted: resume with --resume", file=sys.stderr, flush=True)
+        end_progress_line()
+        if e.args:
+            message = f"interrupted {e.args[0]}"
+        elif cfg is not None and os.path.exists(os.path.join(cfg.output, "last.pt")):
+            message = "interrupted: resume with --resume"
+        else:
+            message = "interrupted before the first checkpoint: nothing to resume, run the command again"
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun, whose every process gets the Ctrl-C
+            print(message, file=sys.stderr, flush=True)
         sys.exit(130)
     finally:  # also when a run stops on an error (NCCL warns, and may hang at exit, otherwise)
         if dist.is_available() and dist.is_initialized():

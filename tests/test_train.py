@@ -437,6 +437,44 @@ def test_ctrl_c_before_model_final_is_written_is_a_plain_interruption(tiny_data,
     assert not (tmp_path / "r" / "model_final.pt").exists()
 
 
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tiny_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the images are checked (a progress line open on stdout) or before the first
+    last.pt: one line that says there is nothing to resume, on a line of its own; the same command
+    then runs the whole run from the start."""
+    import data
+    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--output", str(tmp_path / "r")]
+    real_check, calls = data._check_chunk, {"n": 0}
+
+    def interrupted_check(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the progress line has been drawn for the first chunks
+            raise KeyboardInterrupt
+        return real_check(*a, **k)
+
+    monkeypatch.setattr(data, "_check_chunk", interrupted_check)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    out, err = capsys.readouterr()
+    assert e.value.code == 130 and err == "interrupted before the first checkpoint: nothing to resume, run the command again\n"
+    assert "checking images" in out and out.endswith("\n")
+    monkeypatch.undo()
+    real_loss, calls = freeanchor.free_anchor_loss, {"n": 0}
+
+    def interrupted_loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # iteration 2 of 3, before the first checkpoint (at the end)
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(freeanchor, "free_anchor_loss", interrupted_loss)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert capsys.readouterr().err == "interrupted before the first checkpoint: nothing to resume, run the command again\n"
+    monkeypatch.undo()
+    train.main(args)  # the same command again: not refused, and a whole run
+    assert [json.loads(l)["iter"] for l in open(tmp_path / "r" / "log.jsonl")] == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_torch_imports_is_one_line():
     """Ctrl-C in the seconds before main() runs (imports): one line and status 130 as later on, no
