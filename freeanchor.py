@@ -266,12 +266,15 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
         # class, with q = P_cls (1 - P{a_j in A+}), the paper's P{a_j in A-} (1 - P_bg) per class
         # (P{a_j in A-} = 1 - max_i P{a_j -> b_i}, P_bg = 1 - P_cls). 1 - q is computed as (1 - P_cls) + P_cls P+,
         # exact also where float32 rounds q to 1 (logits > 17). The authors clamp q to
-        # [EPS, 1 - EPS]: the lower end keeps the gradient of q^gamma finite for gamma < 1 where an
-        # anchor is surely taken (P{a_j in A+} = 1, q = 0), and moves FL by < 1e-24; the upper one
-        # is the clamp of 1 - q at 1 - (1 - EPS), inside the log.
+        # [EPS, 1 - EPS]. The upper end is the clamp of 1 - q at 1 - (1 - EPS), inside the log. The
+        # lower one moves FL by < 1e-24 and matters only for gamma < 1: there it keeps the gradient
+        # of q^gamma finite where an anchor is surely taken (P{a_j in A+} = 1, q = 0); for gamma >= 1
+        # the slope at 0 is finite, and the clamp would cost a pass over [B, A, K] each way.
         p = torch.sigmoid(cls_logits)  # [B, A, K]  P_cls
         p_taken = p * p_plus  # [B, A, K]  P_cls P{a_j in A+}
-        q = (p - p_taken).clamp(min=EPS)  # [B, A, K]
+        q = p - p_taken  # [B, A, K]
+        if cfg.gamma < 1:
+            q = q.clamp(min=EPS)  # [B, A, K]
         one_minus_q = (torch.sigmoid(-cls_logits) + p_taken).clamp(min=ONE_MINUS_Q_MIN)  # [B, A, K]
         focal_sum = -(q.pow(cfg.gamma) * torch.log(one_minus_q)).sum()  # []  sum of FL(q)
         # max(1, n ||B||) with the configured n, as the authors, also where a bag holds fewer anchors
