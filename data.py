@@ -51,6 +51,7 @@ import struct
 import tempfile
 import threading
 import time
+import unicodedata
 import warnings
 from collections import Counter
 
@@ -120,6 +121,31 @@ def _is_id(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _whole_ids_as_int(entries, keys):
+    """Ids written as whole-number floats (3.0, as some converters and pandas write them) become
+    ints in place, so that they match the same ids written as ints elsewhere in the file."""
+    for entry in entries:
+        if isinstance(entry, dict):
+            for key in keys:
+                x = entry.get(key)
+                if isinstance(x, float) and x.is_integer():
+                    entry[key] = int(x)
+
+
+def _image_problem(im):
+    """What is wrong with one entry of 'images', or None."""
+    if not isinstance(im, dict):
+        return "not a JSON object"
+    if not _is_id(im.get("id")):
+        return "no integer 'id'"
+    if not isinstance(im.get("file_name"), str) or not im["file_name"]:
+        return "no 'file_name'"
+    for key in ("width", "height"):  # a whole-number float (96.0) is accepted: some tools write sizes that way
+        if not _is_number(im.get(key)) or not 1 <= im[key] < 2**31 or im[key] % 1:
+            return f"{im['file_name']}: no positive whole '{key}' below 2^31 ({im.get(key)!r})"
+    return None
+
+
 def _load_annotations(ann_file):
     """Read and validate a COCO instances file; returns its dict with every field we and
     COCOeval need present ('iscrowd' and 'area' filled in when absent). Raises DataError."""
@@ -142,6 +168,9 @@ def _load_annotations(ann_file):
     def bad(kind, culprits, what):  # one error naming every offending entry
         raise DataError(f"{ann_file}: {kind} {_name_some(culprits)} {what}")
 
+    _whole_ids_as_int(coco["categories"], ("id",))
+    _whole_ids_as_int(coco["images"], ("id",))
+    _whole_ids_as_int(coco["annotations"], ("id", "image_id", "category_id"))
     cats = coco["categories"]
     if not cats:
         raise DataError(f"{ann_file}: the 'categories' list is empty")
@@ -154,11 +183,8 @@ def _load_annotations(ann_file):
         bad("category ids", _duplicates(cat_ids), "appear more than once")
 
     images = coco["images"]
-    broken = [i for i, im in enumerate(images) if not isinstance(im, dict) or not _is_id(im.get("id"))
-              or not isinstance(im.get("file_name"), str) or not im.get("file_name")
-              or not _is_number(im.get("width")) or not _is_number(im.get("height"))
-              or not 1 <= im["width"] < 2**31 or not 1 <= im["height"] < 2**31 or im["width"] % 1 or im["height"] % 1]
-    if broken:  # a whole-number float (96.0) is accepted: some tools write sizes that way
+    broken = [f"{i} ({_image_problem(im)})" for i, im in enumerate(images) if _image_problem(im)]
+    if broken:
         bad("images at list positions", broken,
             "need an integer 'id', a non-empty 'file_name' and a positive whole 'width' and 'height' below 2^31")
     image_ids = [im["id"] for im in images]
@@ -433,8 +459,19 @@ class CocoDataset(torch.utils.data.Dataset):
         if not os.path.isdir(self.img_dir):
             raise DataError(f"image folder not found: {self.img_dir} (images of {self.ann_file})")
         present = set(os.listdir(self.img_dir))
-        missing = [im["file_name"] for im in coco["images"] if im["file_name"] not in present
-                   and not os.path.isfile(os.path.join(self.img_dir, im["file_name"]))]
+        missing = []
+        for im in coco["images"]:
+            name = im["file_name"]
+            if name in present or os.path.isfile(os.path.join(self.img_dir, name)):
+                continue
+            # the same name in the other Unicode form: a copy made on macOS stores "café" as
+            # "cafe" + a combining accent (NFD), which looks the same and is another file name
+            other = [v for v in (unicodedata.normalize("NFC", name), unicodedata.normalize("NFD", name))
+                     if v != name and os.path.isfile(os.path.join(self.img_dir, v))]
+            if other:
+                im["file_name"] = other[0]
+            else:
+                missing.append(name)
         del present
         if missing:
             raise DataError(f"{len(missing)} image(s) listed in {self.ann_file} are missing from "

@@ -274,6 +274,15 @@ def train(cfg, loss_cfg):
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a handful of padded shapes recur all run long
+    # a run already there is refused before the dataset is read and its images checked
+    last_path, final_path = os.path.join(cfg.output, "last.pt"), os.path.join(cfg.output, "model_final.pt")
+    if not cfg.resume and (os.path.exists(last_path) or os.path.exists(final_path)):
+        held = "last.pt" if os.path.exists(last_path) else "model_final.pt"
+        raise ValueError(f"{cfg.output} already holds a run ({held}): pass --resume to continue it, "
+                         f"or --output to start another")
+    if cfg.resume and not os.path.exists(last_path) and os.path.exists(final_path):
+        raise ValueError(f"{cfg.output} holds a finished run (model_final.pt) without its last.pt: nothing to "
+                         f"resume; use another --output")
 
     # ------------------------------------------------------------------ data (all checks before iteration 0)
     root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
@@ -297,14 +306,6 @@ def train(cfg, loss_cfg):
 
     # ------------------------------------------------------------------ model, optimizer, resume
     os.makedirs(cfg.output, exist_ok=True)
-    last_path, final_path = os.path.join(cfg.output, "last.pt"), os.path.join(cfg.output, "model_final.pt")
-    if not cfg.resume and (os.path.exists(last_path) or os.path.exists(final_path)):
-        held = "last.pt" if os.path.exists(last_path) else "model_final.pt"
-        raise ValueError(f"{cfg.output} already holds a run ({held}): pass --resume to continue it, "
-                         f"or --output to start another")
-    if cfg.resume and not os.path.exists(last_path) and os.path.exists(final_path):
-        raise ValueError(f"{cfg.output} holds a finished run (model_final.pt) without its last.pt: nothing to "
-                         f"resume; use another --output")
     if master:  # this process holds the directory's lock: no other writes there
         remove_partial_writes(cfg.output, ("last.pt", "model_final.pt", "log.jsonl", "config.json"))
     torch.manual_seed(cfg.seed)

@@ -431,10 +431,10 @@ def test_malformed_annotation_file(tiny, content, culprit):
 
 
 @pytest.mark.parametrize("break_it, culprit", [
-    (lambda d: d["images"][1].pop("file_name"), "images at list positions 1 need"),
-    (lambda d: d["images"][0].update(width=0), "images at list positions 0 need"),
-    (lambda d: d["images"][2].update(height=96.6), "images at list positions 2 need"),
-    (lambda d: d["images"][1].update(width=1e20), "images at list positions 1 need"),
+    (lambda d: d["images"][1].pop("file_name"), "images at list positions 1 (no 'file_name') need"),
+    (lambda d: d["images"][0].update(width=0), "images at list positions 0 (a.jpg: no positive whole 'width' below 2^31 (0)) need"),
+    (lambda d: d["images"][2].update(height=96.6), "positions 2 (c.png: no positive whole 'height' below 2^31 (96.6))"),
+    (lambda d: d["images"][1].update(width=1e20), "positions 1 (b.png: no positive whole 'width' below 2^31 (1e+20))"),
     (lambda d: d["images"].append(dict(d["images"][2])), "image ids 3 appear more than once"),
     (lambda d: [d["images"][4].update(id=2**64), d["images"][3].update(id=-2**63)],
      f"image ids {2**64} do not fit in 64 bits"),
@@ -463,6 +463,30 @@ def test_incomplete_entries_are_named(tiny, break_it, culprit):
     assert path in one_line(e) and culprit in one_line(e)
 
 
+def test_whole_number_float_ids_are_read_as_ints(tiny):
+    """Ids written as 3.0 (some converters, pandas) are the ids 3: the annotations find their
+    images and categories, and what comes back is an int."""
+    path = os.path.join(tiny, "annotations", "instances_val.json")
+    ints = CocoDataset(tiny, "val", train=False)
+    with open(path) as f:
+        d = json.load(f)
+    for group, keys in (("categories", ["id"]), ("images", ["id"]), ("annotations", ["id", "image_id", "category_id"])):
+        for entry in d[group]:
+            entry.update({k: float(entry[k]) for k in keys})
+    write_coco(tiny, "val", d["images"], d["annotations"], d["categories"])
+    floats = CocoDataset(tiny, "val", train=False)
+    assert floats.categories == ints.categories
+    for i in range(len(ints)):
+        (_, a), (_, b) = floats[i], ints[i]
+        assert type(a["image_id"]) is int and a["image_id"] == b["image_id"]
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+    d["annotations"][0]["category_id"] = 10.5  # not whole: still refused, naming it
+    write_coco(tiny, "val", d["images"], d["annotations"], d["categories"])
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "val", train=False)
+    assert "annotation ids 11 (category_id 10.5) have a category_id not in 'categories'" in one_line(e)
+
+
 def test_file_names_that_are_not_utf8_on_disk(tmp_path):
     """A Latin-1 file name, as json.dump(os.listdir()) writes it (a lone surrogate): found and read."""
     root = str(tmp_path / "latin1")
@@ -475,6 +499,24 @@ def test_file_names_that_are_not_utf8_on_disk(tmp_path):
     assert ds.file_name(0) == name
     image, target = ds[0]
     assert image.shape == (3, 10, 20) and image[0].min() == 255 and target["image_id"] == 7
+
+
+def test_file_names_in_the_other_unicode_form_on_disk(tmp_path):
+    """The annotations say "café.png" (NFC, one code point for é), the disk holds the NFD spelling
+    (e + a combining accent), as a copy made on macOS does, or the other way round: found and read."""
+    import unicodedata
+    root = str(tmp_path / "nfd")
+    os.makedirs(os.path.join(root, "s"))
+    nfc, nfd = unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png")
+    assert nfc != nfd
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(os.path.join(root, "s", nfd))
+    Image.new("RGB", (20, 10), (0, 0, 255)).save(os.path.join(root, "s", "x" + nfc))
+    write_coco(root, "s", [image_entry(7, nfc, 20, 10), image_entry(8, "x" + nfd, 20, 10)],
+               [ann(1, 7, 5, [2, 2, 6, 4])], [{"id": 5, "name": "box"}])
+    ds = CocoDataset(root, "s", train=False)
+    ds.check_images(show_progress=False)
+    assert [ds.file_name(i) for i in range(2)] == [nfd, "x" + nfc]  # as on disk
+    assert ds[0][0][0].min() == 255 and ds[1][0][2].min() == 255
 
 
 def test_unknown_category_names_the_annotation(tiny):

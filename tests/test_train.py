@@ -581,11 +581,16 @@ def test_edge_values_of_the_checked_flags_are_accepted():
     assert loss_cfg.alpha == 1 and loss_cfg.iou_threshold == 0 and cfg.momentum == 0
 
 
-def test_refuses_to_overwrite_a_run(tiny_data, tmp_path, capsys):
+def test_refuses_to_overwrite_a_run(tiny_data, tmp_path, capsys, monkeypatch):
     """Also a finished run whose last.pt was deleted (to save space): model_final.pt, config.json and
-    log.jsonl stay as they are, with or without --resume."""
+    log.jsonl stay as they are, with or without --resume. Refused before the dataset is read."""
     args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
     train.main(args)
+
+    def no_reading(*a, **k):
+        raise AssertionError("the dataset was read before the refusal")
+
+    monkeypatch.setattr(train, "CocoDataset", no_reading)
     for removed, extra, message in ((None, [], "already holds a run (last.pt)"),
                                     ("last.pt", [], "already holds a run (model_final.pt)"),
                                     ("last.pt", ["--resume"], "holds a finished run (model_final.pt) without its last.pt")):
