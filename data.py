@@ -48,6 +48,7 @@ import re
 import shutil
 import signal
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -356,26 +357,38 @@ def format_eta(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-_progress_open = False  # a progress line is on stdout, not yet ended by a newline
+# the progress shown last: (what, start) of the task, whether a line is open on a terminal, and
+# off a terminal the last tenth of the work printed
+_progress = {"task": None, "open": False, "tenths": -1}
 
 
 def progress_line(what, done, total, start):
-    """One \r-updated line on stdout (stderr stays free for a one-line error): done/total, rate, ETA."""
-    global _progress_open
+    """Progress on stdout (stderr stays free for a one-line error): done/total, rate, ETA. On a
+    terminal, one line redrawn with \r; in a log file, a line per tenth of the work instead of
+    one line of thousands of \r updates."""
     elapsed = max(time.time() - start, 1e-9)
     rate = done / elapsed
     eta = format_eta((total - done) / rate) if rate > 0 else "?"
-    print(f"\r{what}: {done}/{total}  {rate:.1f}/s  eta {eta}   ", end="", flush=True)
-    _progress_open = True
+    text = f"{what}: {done}/{total}  {rate:.1f}/s  eta {eta}"
+    if _progress["task"] != (what, start):
+        _progress.update(task=(what, start), tenths=-1)
+    if sys.stdout.isatty():
+        print(f"\r{text}   ", end="", flush=True)
+        _progress["open"] = True
+    elif 10 * done // max(total, 1) > _progress["tenths"]:
+        print(text, flush=True)
+        _progress["tenths"] = 10 * done // max(total, 1)
 
 
 def end_progress_line(text=""):
-    """Ends the open progress line with `text` and a newline (nothing when none is open), so that
-    what is printed next, an error or "interrupted" included, starts a line of its own."""
-    global _progress_open
-    if _progress_open:
+    """Ends the progress line open on a terminal with `text` and a newline, so that what is printed
+    next, an error or "interrupted" included, starts a line of its own; in a log file, prints
+    `text` after the task's name. Nothing when no progress was shown."""
+    if _progress["open"]:
         print(text, flush=True)
-        _progress_open = False
+    elif _progress["task"] is not None and text:
+        print(f"{_progress['task'][0]}:{text}", flush=True)
+    _progress.update(task=None, open=False)
 
 
 def check_images(paths, sizes, exif=True, workers=None, show_progress=True, what="checking images"):

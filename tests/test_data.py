@@ -8,6 +8,8 @@ import io
 import json
 import os
 import struct
+import sys
+import time
 from collections import Counter
 
 import numpy as np
@@ -776,6 +778,26 @@ def test_png_with_exif_after_its_pixels_is_checked_as_it_is_read(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the header check
+
+def test_progress_redraws_one_line_on_a_terminal_and_prints_tenths_in_a_log(capsys, monkeypatch):
+    start = time.time()
+    for done in range(1, 101):
+        data.progress_line("work", done, 100, start)
+    data.end_progress_line(" done in 1.0 s")
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split()[1] for l in lines[:-1]] == [f"{k}/100" for k in [1, *range(10, 101, 10)]]  # a line a tenth
+    assert lines[-1] == "work: done in 1.0 s"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    start = time.time()
+    for done in range(1, 101):
+        data.progress_line("work", done, 100, start)
+    data.end_progress_line(" done in 1.0 s")
+    out = capsys.readouterr().out
+    assert out.count("\r") == 100 and out.count("\n") == 1  # one line, redrawn
+    assert out.split("\r")[-1].startswith("work: 100/100") and out.endswith(" done in 1.0 s\n")
+    data.end_progress_line(" again")  # nothing open: nothing printed
+    assert capsys.readouterr().out == ""
+
 
 def test_header_check_names_every_kind_of_unusable_image(tiny, capsys):
     ds = CocoDataset(tiny, "val", train=False)
