@@ -184,7 +184,7 @@ def _load_annotations(ann_file):
         bad("category ids", _duplicates(cat_ids), "appear more than once")
 
     images = coco["images"]
-    broken = [f"{i} ({_image_problem(im)})" for i, im in enumerate(images) if _image_problem(im)]
+    broken = [f"{i} ({problem})" for i, im in enumerate(images) if (problem := _image_problem(im))]
     if broken:
         bad("images at list positions", broken,
             "need an integer 'id', a non-empty 'file_name' and a positive whole 'width' and 'height' below 2^31")
