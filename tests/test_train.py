@@ -438,7 +438,7 @@ def test_ctrl_c_before_model_final_is_written_is_a_plain_interruption(tiny_data,
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tiny_data, tmp_path, monkeypatch, capsys):
-    """Ctrl-C while the images are checked (a progress line open on stdout) or before the first
+    """Ctrl-C while the images are checked (progress on stdout) or before the first
     last.pt: one line that says there is nothing to resume, on a line of its own; the same command
     then runs the whole run from the start."""
     import data
