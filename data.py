@@ -589,10 +589,10 @@ class CocoDataset(torch.utils.data.Dataset):
         """The i-th image as uint8 [3, h, w] RGB, upright unless exif=False; any PIL mode becomes RGB."""
         path = self.path(i)
         image = read_image(path, self.exif)  # [h, w, 3]
-        if image.shape[:2] != tuple(self._sizes[i]):
+        if image.shape[:2] != tuple(self._sizes[i]):  # only unchecked (--skip-check): the check's words
             (h, w), (H, W) = image.shape[:2], self._sizes[i]
-            note = ", EXIF orientation applied" if self.exif else ", EXIF orientation ignored"
-            raise DataError(f"image {path} is {w}x{h} pixels{note} but {self.ann_file} says {W}x{H}")
+            problem = _check_one(path, (H, W), self.exif) or f"is {w}x{h} but the annotations say {W}x{H}"
+            raise DataError(f"image {path} {problem} ({self.ann_file})")
         return torch.from_numpy(image).permute(2, 0, 1).contiguous()  # [3, h, w]
 
     def __getitem__(self, key):

@@ -732,6 +732,22 @@ def test_raw_orientation_reads_as_stored(tmp_path):
     assert "4 of 8 images" in one_line(e) and "use --no-raw-orientation" in one_line(e)
 
 
+def test_unchecked_image_of_another_size_is_named_at_decode_in_the_checks_words(tmp_path):
+    """Unchecked (--skip-check), an image that is not of its annotated size stops at its first
+    decode, named, with the header check's words: the EXIF hint only where EXIF explains it."""
+    root = phone_photos(tmp_path, [6], annotate="raw")  # stored 50x80, read upright as 80x50
+    ds = CocoDataset(root, "s", train=True)
+    with pytest.raises(DataError) as e:
+        ds[0]
+    message = one_line(e)
+    assert message.startswith(f"image {ds.path(0)} is 80x50 with EXIF orientation 6 applied, the annotations say 50x80")
+    assert "use --raw-orientation" in message and message.endswith(f"({ds.ann_file})")
+    Image.new("RGB", (51, 80)).save(ds.path(0))  # no EXIF at all, one column too many
+    with pytest.raises(DataError) as e:
+        ds[0]
+    assert one_line(e) == f"image {ds.path(0)} is 51x80 but the annotations say 50x80 ({ds.ann_file})"
+
+
 def png_with_exif_after_pixels(path, picture, orientation):
     """Save `picture` as a PNG whose eXIf chunk (EXIF orientation tag) follows the pixels, which
     the PNG format allows; PIL writes it before them."""
