@@ -71,12 +71,18 @@ class DataError(Exception):
     def __init__(self, message):
         # A DataError raised inside a DataLoader worker comes back to the main process rebuilt
         # from "Caught DataError in DataLoader worker ...\nOriginal Traceback ...\n
-        # data.DataError: <message>": keep only our own last line so the message stays one line.
+        # data.DataError: <message>" (or data.ImageError): keep only our own last line so the
+        # message stays one line.
         message = str(message)
         if "\n" in message:
-            message = message.rstrip().splitlines()[-1]
-            message = message.split("DataError: ", 1)[-1]
+            message = re.sub(r"^[\w.]*Error: ", "", message.rstrip().splitlines()[-1])
         super().__init__(message)
+
+
+class ImageError(DataError):
+    """An image that fails when decoded: unreadable, or not of its annotated size (what the header
+    check finds before training, met later where it was skipped or could not see it). Under torchrun
+    one process alone meets it, in its share of the images."""
 
 
 def available_cpus():
@@ -296,7 +302,7 @@ def read_image(path, exif=True):
             method = EXIF_TRANSPOSE.get(_orientation(img, loaded=True)) if exif else None
             array = _to_rgb(img if method is None else img.transpose(method))
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, EOFError, struct.error, ...)
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     return array  # [h, w, 3]
 
 
@@ -592,7 +598,7 @@ class CocoDataset(torch.utils.data.Dataset):
         if image.shape[:2] != tuple(self._sizes[i]):  # only unchecked (--skip-check): the check's words
             (h, w), (H, W) = image.shape[:2], self._sizes[i]
             problem = _check_one(path, (H, W), self.exif) or f"is {w}x{h} but the annotations say {W}x{H}"
-            raise DataError(f"image {path} {problem} ({self.ann_file})")
+            raise ImageError(f"image {path} {problem} ({self.ann_file})")
         return torch.from_numpy(image).permute(2, 0, 1).contiguous()  # [3, h, w]
 
     def __getitem__(self, key):
@@ -1189,15 +1195,49 @@ def write_atomic(path, data):
             pass
 
 
+def on_rank0(fn, ddp, master):
+    """fn() on rank 0 alone while the other ranks wait (building `shapes`, checking every image,
+    creating the output folder), and its outcome for all: its value on rank 0 (None on the others),
+    or the user error it raised (DataError, ValueError) raised on every rank. A rank that merely
+    waited at a barrier would die there instead, with a traceback of the connection rank 0 closed."""
+    value, error = None, None
+    if master:
+        try:
+            value = fn()
+        except (DataError, ValueError) as e:
+            error = e
+    if ddp:
+        shared = [None if error is None else (type(error), str(error))]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if shared[0] is not None and not master:
+            kind, message = shared[0]
+            error = kind(message)
+    if error is not None:
+        raise error
+    return value
+
+
 def resolve_root_once(data, ddp, master):
     """resolve_root on rank 0 first (it may build `shapes`), then on the other ranks."""
-    if master:
-        root = resolve_root(data)
-    if ddp:
-        torch.distributed.barrier()
-    if not master:
-        root = resolve_root(data)
-    return root
+    root = on_rank0(lambda: resolve_root(data), ddp, master)
+    return root if master else resolve_root(data)
+
+
+def print_stop(message, own=False):
+    """Print the line that ends a run on stderr: under torchrun from rank 0 alone, since every
+    process meets the same errors (those of the checks rank 0 alone makes are shared by on_rank0),
+    unless `own`: an error this process alone met (an ImageError in its share of the images)."""
+    if own or os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def lost_connection(e):
+    """Whether `e` is a collective failing because another process of the run died (gloo raises
+    as soon as the connection closes; with NCCL the collective waits until torchrun stops this
+    process). That process printed its own message, if it had time to."""
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1  # the process group may be destroyed by now
+            and (isinstance(e, torch.distributed.DistError)
+                 or any(s in str(e) for s in ("Connection closed by peer", "Connection reset by peer"))))
 
 
 if __name__ == "__main__":

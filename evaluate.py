@@ -60,9 +60,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
 import freeanchor
-from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, HelpFormatter, add_config_arguments,
-                  available_cpus, config_from_args, device_defaults, end_progress_line, progress_line, remove_partial_writes,
-                  resolve_root_once, setup_processes, write_atomic)
+from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, HelpFormatter, ImageError,
+                  add_config_arguments, available_cpus, config_from_args, device_defaults, end_progress_line,
+                  lost_connection, on_rank0, print_stop, progress_line, remove_partial_writes, resolve_root_once,
+                  setup_processes, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -550,6 +551,14 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     return records
 
 
+def make_output_folder(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
+    remove_partial_writes(path, ("detections.json", "metrics.json"))
+
+
 def evaluate(cfg):
     """The whole evaluation; returns the metrics dict on rank 0 (None on other ranks)."""
     # ------------------------------------------------------------------ processes (torchrun or plain python)
@@ -594,17 +603,11 @@ def _evaluate(cfg, ddp, rank, world, master):
     dataset = CocoDataset(root, cfg.split, train=False, max_size=max_sizes[0], exif=not raw,
                           categories=ckpt["categories"])
     num_images = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
-    if master and not cfg.skip_check:  # every image's header before the first detection; the others wait
-        dataset.check_images()
-    if ddp:
-        dist.barrier()
+    if not cfg.skip_check:  # every image's header before the first detection; the other ranks wait
+        on_rank0(dataset.check_images, ddp, master)
     shard = [i for i in range(num_images) if i % world == rank]
+    on_rank0(lambda: make_output_folder(cfg.output), ddp, master)
     if master:
-        try:
-            os.makedirs(cfg.output, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--output {cfg.output}: cannot write there ({e.strerror})") from None
-        remove_partial_writes(cfg.output, ("detections.json", "metrics.json"))
         tta = ", ".join(f"{s}/{m}" for s, m in zip(scales, max_sizes))
         print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {len(dataset.categories)} classes, "
               f"shorter/longer side {tta}{', flip' if cfg.flip else ''}, {world} process(es) on {cfg.device}, "
@@ -712,17 +715,21 @@ def main(argv=None):
         return evaluate(parse_config(argv))
     except (DataError, ValueError) as e:
         end_progress_line()
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print_stop(f"error: {e}", own=isinstance(e, ImageError))
         sys.exit(2)
     except OSError as e:  # the machine's, not the user's: a full disk
         end_progress_line()
-        print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}",
-              file=sys.stderr, flush=True)
+        print_stop(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", own=True)
+        sys.exit(1)
+    except RuntimeError as e:
+        if not lost_connection(e):
+            raise
+        end_progress_line()
+        print_stop("error: stopped: another process of this run stopped (its message, if any, is above)")
         sys.exit(1)
     except KeyboardInterrupt:
         end_progress_line()
-        if os.environ.get("RANK", "0") == "0":  # once under torchrun, whose every process gets the Ctrl-C
-            print("interrupted", file=sys.stderr, flush=True)
+        print_stop("interrupted")  # once under torchrun, whose every process gets the Ctrl-C
         sys.exit(130)
 
 

@@ -60,9 +60,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
-from data import (CocoDataset, DataError, DeferredInterrupt, HelpFormatter, TrainSampler, add_config_arguments,
-                  available_cpus, canvas_shapes, collate, config_from_args, device_defaults, end_progress_line, format_eta,
-                  pad_to_canvas, remove_partial_writes, resolve_root_once, setup_processes, sigint_deferred, to_device, write_atomic)
+from data import (CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError, TrainSampler,
+                  add_config_arguments, available_cpus, canvas_shapes, collate, config_from_args, device_defaults,
+                  end_progress_line, format_eta, lost_connection, on_rank0, pad_to_canvas, print_stop,
+                  remove_partial_writes, resolve_root_once, setup_processes, sigint_deferred, to_device, write_atomic)
 from model import BACKBONES, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -296,10 +297,8 @@ def train(cfg, loss_cfg):
     if master and dataset.boxes_past_border:
         print(f"note: {dataset.boxes_past_border} of the {dataset.num_boxes} boxes of {dataset.ann_file} extend more "
               f"than 1 px past their image and are clipped to it (COCO boxes are [x, y, width, height])", flush=True)
-    if master and not cfg.skip_check:  # every image's header, on all CPUs; the other ranks wait
-        dataset.check_images()
-    if ddp:
-        dist.barrier()
+    if not cfg.skip_check:  # every image's header, on all CPUs of rank 0; the other ranks wait
+        on_rank0(dataset.check_images, ddp, master)
     # Where images get resized: on a GPU inside the step (uint8 through the loader, ~free there);
     # on a CPU-only run in the workers, which otherwise idle beside the step (benchmarks/data.py).
     dataset.resize_in_worker = device.type == "cpu"
@@ -606,12 +605,17 @@ def main(argv=None):
             return train(cfg, loss_cfg)
     except (DataError, ValueError, FloatingPointError) as e:
         end_progress_line()
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print_stop(f"error: {e}", own=isinstance(e, ImageError))
         sys.exit(1 if isinstance(e, FloatingPointError) else 2)
     except OSError as e:  # the machine's, not the user's: a full disk, a file system gone read-only
         end_progress_line()
-        print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}",
-              file=sys.stderr, flush=True)
+        print_stop(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", own=True)
+        sys.exit(1)
+    except RuntimeError as e:
+        if not lost_connection(e):
+            raise
+        end_progress_line()
+        print_stop("error: stopped: another process of this run stopped (its message, if any, is above)")
         sys.exit(1)
     except KeyboardInterrupt as e:
         end_progress_line()
@@ -621,8 +625,7 @@ def main(argv=None):
             message = "interrupted: resume with --resume"
         else:
             message = "interrupted before the first checkpoint: nothing to resume, run the command again"
-        if os.environ.get("RANK", "0") == "0":  # once under torchrun, whose every process gets the Ctrl-C
-            print(message, file=sys.stderr, flush=True)
+        print_stop(message)  # once under torchrun, whose every process gets the Ctrl-C
         sys.exit(130)
     finally:  # also when a run stops on an error (NCCL warns, and may hang at exit, otherwise)
         if dist.is_available() and dist.is_initialized():

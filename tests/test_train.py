@@ -141,10 +141,10 @@ def test_lr_schedule_and_weight_decay_groups():
 
 # ----------------------------------------------------------------------------- DDP
 
-def run_two_processes(argv, **env):
+def run_two_processes(argv, check=True, **env):
     """Runs `python argv` as ranks 0 and 1 of a 2-process job on this machine, with the environment
     torchrun gives its workers but without torchrun's own process (2 s of imports here), on a free
-    port; asserts both succeed."""
+    port; asserts both succeed, or with check=False returns their (exit status, stderr)."""
     with socket.socket() as s:  # a free port for the rendezvous (a fixed one may be taken)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -153,9 +153,41 @@ def run_two_processes(argv, **env):
                                               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
              for rank in (0, 1)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    outcomes = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert not check or p.returncode == 0, err[-3000:]
+            outcomes.append((p.returncode, err))
+    finally:
+        for p in procs:  # a process left waiting for the other one
+            p.kill()
+    return outcomes
+
+
+@pytest.mark.slow
+def test_two_processes_stop_on_bad_data_with_one_line_and_no_traceback(tiny_data, tmp_path):
+    """Under torchrun, the image check that rank 0 alone makes stops both processes, its line
+    printed once; with the check skipped, the process that meets the image at decode says so, and
+    the other one, whose collective lost it, says that in one line: no traceback either way."""
+    import shutil
+    from data import TrainSampler
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_data, data)
+    dataset = CocoDataset(data, "train2017", train=True)
+    (bad, _, _), = next(iter(TrainSampler(dataset, 2, (64,), rank=1, world_size=2, max_iter=4)))  # rank 1's first
+    path = dataset.path(bad)
+    Image.new("RGB", (65, 64)).save(path)  # annotated 64x64
+    args = [os.path.join(ROOT, "train.py"), *TINY, *CPU, "--data", data, "--batch-size", "2", "--max-iter", "4"]
+    (status0, err0), (status1, err1) = run_two_processes([*args, "--output", str(tmp_path / "a")], check=False,
+                                                         OMP_NUM_THREADS="1")
+    assert status0 == status1 == 2 and err1 == ""
+    assert err0 == f"error: 1 of 8 images cannot be used: {path} (is 65x64 but the annotations say 64x64)\n"
+    (status0, err0), (status1, err1) = run_two_processes([*args, "--skip-check", "--output", str(tmp_path / "b")],
+                                                         check=False, OMP_NUM_THREADS="1")
+    assert (status0, status1) == (1, 2)
+    assert err1 == f"error: image {path} is 65x64 but the annotations say 64x64 ({dataset.ann_file})\n"
+    assert err0 == "error: stopped: another process of this run stopped (its message, if any, is above)\n"
 
 
 def train_single_and_ddp(tiny_data, tmp_path, backbone, *extra):
