@@ -8,8 +8,11 @@ defines (§4.2-4.3: Table 1, Figs. 5-6).
   image ids), metrics.json every number printed.
 - --nms-recall (Table 1): NR_tau = recall after NMS / recall before NMS at IoU tau, class-aware (an
   object is recalled when a detection of its own class overlaps it by >= tau); NR is the mean over
-  tau = 0.50, 0.55, ..., 0.90. "Before NMS" is exactly what RetinaNet.detect feeds to NMS; both
-  come from the same forward pass (NMS runs on the candidates already computed).
+  tau = 0.50, 0.55, ..., 0.90. "Before NMS" is exactly what RetinaNet.detect feeds to NMS, "after"
+  all that NMS keeps, before the detections are cut to the 100 best of each image (a cut by score,
+  not NMS's doing; the recall of those 100 is printed too); both come from the same forward pass
+  (NMS runs on the candidates already computed). The objects are those training sees: boxes
+  clipped to the image, those under 1 px then left out, crowd regions left out.
 - --breakdown: AP of square vs slender categories (Fig. 5: clock, traffic light, sports ball vs
   toothbrush, skis, couch, tie on COCO; data.SHAPES_SQUARE vs SHAPES_SLENDER on shapes) and AP
   over images grouped by object count [0,10], [11,20], [21,30], [31,inf) (Fig. 6); tables and
@@ -102,7 +105,8 @@ class EvalConfig:
     max_images: int = field(default=None, metadata={"help": "evaluate only the first N images of the split (default: all)"})
     output: str = field(default=None, metadata={"help": "folder for the results (default: <ckpt dir>/eval_<split>)"})
     nms_recall: bool = field(default=False, metadata={
-        "help": "NMS recall NR, NR50..NR90 (Table 1), from the candidates of the same forward pass"})
+        "help": "NMS recall NR, NR50..NR90 (Table 1): recall after NMS (all it keeps) over recall before it, "
+                "from the candidates of the same forward pass"})
     breakdown: bool = field(default=False, metadata={
         "help": "AP of square vs slender categories (Fig. 5) and by objects per image (Fig. 6), with charts"})
     test_scales: tuple = field(default=None, metadata={
@@ -182,7 +186,7 @@ def flip_boxes(boxes, width):
 
 def merge_detections(dets, nms_thresh, detections_per_img):
     """Detections of one image from several passes (scales, flips) -> one set: class-wise NMS at
-    `nms_thresh` over their union, then the `detections_per_img` best by score."""
+    `nms_thresh` over their union, then the `detections_per_img` best by score (None: all)."""
     boxes = torch.cat([d["boxes"] for d in dets])  # [N, 4]
     scores = torch.cat([d["scores"] for d in dets])  # [N]
     labels = torch.cat([d["labels"] for d in dets])  # [N]
@@ -194,25 +198,37 @@ def detect(model, images, scales, max_sizes, flip=False, candidates=False):
     """model.detect with test-time augmentation: every scale (shorter side scales[i], longer side
     at most max_sizes[i]), each also on the flipped image if `flip`; detections mapped back to the
     original image and merged with class-wise NMS (merge_detections). One scale and no flip is
-    exactly model.detect. candidates=True returns (detections, candidates) from the same forward
-    passes, the candidates being the union of what each pass's NMS saw (--nms-recall's "before")."""
+    exactly model.detect. candidates=True returns (detections, candidates, after_nms) from the same
+    forward passes, the detections unchanged: the candidates are the union of what each pass's NMS
+    saw, after_nms all that NMS kept, before the cut to the model.detections_per_img best of an
+    image (with several passes: each pass's, merged). They are --nms-recall's "before" and "after":
+    the cut by score is not NMS's doing."""
     passes = [(s, m, f) for s, m in zip(scales, max_sizes) for f in ((False, True) if flip else (False,))]
-    per_pass = []  # (detections, candidates) of each pass, in the original image's pixels
-    for s, m, f in passes:
-        dets, cands = model.detect([image.flip(-1) for image in images] if f else images, min_size=s, max_size=m,
-                                   candidates=True)
-        if f:
-            dets, cands = ([{**d, "boxes": flip_boxes(d["boxes"], image.shape[-1])} for d, image in zip(found, images)]
-                           for found in (dets, cands))
-        per_pass.append((dets, cands))
+    cap = model.detections_per_img
+    per_pass = []  # (what NMS kept, candidates) of each pass, in the original image's pixels
+    try:
+        if candidates:
+            model.detections_per_img = None  # all that NMS keeps; the detections are cut from it below
+        for s, m, f in passes:
+            kept, cands = model.detect([image.flip(-1) for image in images] if f else images, min_size=s,
+                                       max_size=m, candidates=True)
+            if f:
+                kept, cands = ([{**d, "boxes": flip_boxes(d["boxes"], image.shape[-1])} for d, image in zip(found, images)]
+                               for found in (kept, cands))
+            per_pass.append((kept, cands))
+    finally:
+        model.detections_per_img = cap
+    # NMS returns its boxes by decreasing score: the first `cap` are what model.detect's cut keeps
+    cut = [[{k: v[:cap] for k, v in d.items()} for d in kept] for kept, _ in per_pass]  # passes x images
     if len(passes) == 1:
-        dets, cands = per_pass[0]
+        dets, (kept, cands) = cut[0], per_pass[0]
     else:
-        dets = [merge_detections([p[0][b] for p in per_pass], model.nms_thresh, model.detections_per_img)
-                for b in range(len(images))]
-        cands = [{k: torch.cat([p[1][b][k] for p in per_pass]) for k in ("boxes", "scores", "labels")}
-                 for b in range(len(images))] if candidates else None
-    return (dets, cands) if candidates else dets
+        dets = [merge_detections([p[b] for p in cut], model.nms_thresh, cap) for b in range(len(images))]
+        if candidates:
+            kept = [merge_detections([p[0][b] for p in per_pass], model.nms_thresh, None) for b in range(len(images))]
+            cands = [{k: torch.cat([p[1][b][k] for p in per_pass]) for k in ("boxes", "scores", "labels")}
+                     for b in range(len(images))]
+    return (dets, cands, kept) if candidates else dets
 
 
 def best_iou(gt_boxes, gt_labels, boxes, labels):
@@ -225,21 +241,27 @@ def best_iou(gt_boxes, gt_labels, boxes, labels):
     return torch.where(same_class, iou, 0.0).max(dim=1).values  # [G]
 
 
-def nms_recall(best_before, best_after, thresholds=NR_THRESHOLDS):
+def nms_recall(best_before, best_after, best_output=None, thresholds=NR_THRESHOLDS):
     """NMS recall (Table 1) from per-object best IoUs before and after NMS (lists of [G_i], see
     best_iou). Returns percentages keyed by tau as "0.50": recall_before, recall_after, NR_tau =
     after / before, and "NR", the mean of NR_tau over thresholds (None where nothing is recalled
-    before NMS)."""
-    before = torch.cat([b.float().cpu() for b in best_before]) if best_before else torch.zeros(0)  # [sum G]
-    after = torch.cat([a.float().cpu() for a in best_after]) if best_after else torch.zeros(0)  # [sum G]
-    num_objects = max(len(before), 1)
-    out = {"objects": len(before), "recall_before": {}, "recall_after": {}, "NR_tau": {}}
+    before NMS); with best_output (of the detections, cut to the best 100 after NMS) also
+    recall_output, the recall of the detections as output."""
+    def recalled(best, tau):  # fraction of the objects recalled at tau
+        return (torch.cat([b.float().cpu() for b in best]) >= tau).sum().item() / num_objects if best else 0.0
+
+    objects = sum(len(b) for b in best_before)
+    num_objects = max(objects, 1)
+    out = {"objects": objects, "recall_before": {}, "recall_after": {}, "NR_tau": {}}
+    if best_output is not None:
+        out["recall_output"] = {}
     for tau in thresholds:
         key = f"{tau:.2f}"  # "0.50": the same keys in memory and in metrics.json
-        r_before = (before >= tau).sum().item() / num_objects
-        r_after = (after >= tau).sum().item() / num_objects
-        out["recall_before"][key] = 100 * r_before if len(before) else None  # no object: n/a, not 0
-        out["recall_after"][key] = 100 * r_after if len(before) else None
+        r_before, r_after = recalled(best_before, tau), recalled(best_after, tau)
+        out["recall_before"][key] = 100 * r_before if objects else None  # no object: n/a, not 0
+        out["recall_after"][key] = 100 * r_after if objects else None
+        if best_output is not None:
+            out["recall_output"][key] = 100 * recalled(best_output, tau) if objects else None
         out["NR_tau"][key] = 100 * r_after / r_before if r_before > 0 else None
     ratios = list(out["NR_tau"].values())
     out["NR"] = None if None in ratios else sum(ratios) / len(ratios)
@@ -531,7 +553,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
         images = [image.to(device, non_blocking=True) for image, _ in batch]
         with autocast:
             if cfg.nms_recall:
-                dets, candidates = detect(model, images, scales, max_sizes, cfg.flip, candidates=True)
+                dets, candidates, after_nms = detect(model, images, scales, max_sizes, cfg.flip, candidates=True)
             else:
                 dets = detect(model, images, scales, max_sizes, cfg.flip)
         on_host = {k: batch_to_host([d[k] for d in dets]) for k in ("boxes", "scores", "labels")}
@@ -539,7 +561,8 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
             targets = [(t["boxes"].to(device, non_blocking=True), t["labels"].to(device, non_blocking=True))
                        for _, t in batch]
             on_host["before"] = batch_to_host([best_iou(*gt, c["boxes"], c["labels"]) for gt, c in zip(targets, candidates)])
-            on_host["after"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"]) for gt, d in zip(targets, dets)])
+            on_host["after"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"]) for gt, d in zip(targets, after_nms)])
+            on_host["output"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"]) for gt, d in zip(targets, dets)])
         for b, (_, target) in enumerate(batch):
             records.append({"index": indices[position], "image_id": target["image_id"],
                             **{k: v[b] for k, v in on_host.items()}})
@@ -643,13 +666,14 @@ def _evaluate(cfg, ddp, rank, world, master):
 
     # ------------------------------------------------------------------ NMS recall (Table 1)
     if cfg.nms_recall:
-        nr = nms_recall([r["before"] for r in records], [r["after"] for r in records])
+        nr = nms_recall([r["before"] for r in records], [r["after"] for r in records], [r["output"] for r in records])
         metrics["nms_recall"] = nr
         shown = (0.5, 0.6, 0.7, 0.8, 0.9)
         print(f"\nNMS recall (Table 1), class-aware, {nr['objects']} objects; recall in %:")
-        print(f"{'IoU':>14}" + "".join(f"{t:>7.2f}" for t in NR_THRESHOLDS))
-        for key, label in (("recall_before", "before NMS"), ("recall_after", "after NMS"), ("NR_tau", "NR_tau")):
-            print(f"{label:>14}" + "".join(f"{_fmt(v):>7}" for v in nr[key].values()))
+        print(f"{'IoU':>16}" + "".join(f"{t:>7.2f}" for t in NR_THRESHOLDS))
+        for key, label in (("recall_before", "before NMS"), ("recall_after", "after NMS"), ("NR_tau", "NR_tau"),
+                           ("recall_output", f"{model.detections_per_img} best/image")):
+            print(f"{label:>16}" + "".join(f"{_fmt(v):>7}" for v in nr[key].values()))
         print("      NR" + "".join(f"  NR{round(t * 100)}" for t in shown))
         print(f"{_fmt(nr['NR']):>8}" + "".join(f"{_fmt(nr['NR_tau'][f'{t:.2f}']):>6}" for t in shown), flush=True)
 

@@ -213,7 +213,10 @@ def test_nms_recall_hand_built():
     assert list(nr["NR_tau"]) == ["0.50", "0.55", "0.60", "0.65", "0.70", "0.75", "0.80", "0.85", "0.90"]
     assert list(nr["NR_tau"].values()) == pytest.approx([50.0] * 5 + [100.0] * 4)
     assert nr["recall_before"]["0.70"] == pytest.approx(200 / 3) and nr["recall_after"]["0.90"] == pytest.approx(100 / 3)
-    assert nr["NR"] == pytest.approx(650 / 9)
+    assert nr["NR"] == pytest.approx(650 / 9) and "recall_output" not in nr
+    # the detections as output (after the cut to the best 100) recall apart from NR: here none
+    nr = evaluate.nms_recall([best_before, empty], [best_after, empty], [torch.zeros(3), empty])
+    assert nr["NR"] == pytest.approx(650 / 9) and set(nr["recall_output"].values()) == {0.0}
     # nothing recalled before NMS at some tau: NR_tau and NR are undefined, not 0 or 100
     nr = evaluate.nms_recall([torch.tensor([0.6])], [torch.tensor([0.6])])
     assert nr["NR_tau"]["0.50"] == pytest.approx(100.0) and nr["NR_tau"]["0.90"] is None and nr["NR"] is None
@@ -226,7 +229,7 @@ def test_nms_recall_hand_built():
 def test_single_scale_is_plain_detect(dataset):
     model = make_model()
     images = [dataset[i][0] for i in range(2)] + [torch.rand(3, 48, 80)]
-    ours = evaluate.detect(model, images, [64], [64], flip=False, candidates=True)
+    ours = evaluate.detect(model, images, [64], [64], flip=False, candidates=True)[:2]
     plain = model.detect(images), model.detect(images, nms=False)
     for found, expected in zip(ours, plain):  # detections, then candidates
         for a, b in zip(found, expected):
@@ -276,8 +279,9 @@ def test_flip_maps_boxes_back():
     image[0, 10:30, 5:20] = 1.0  # x 5..20, y 10..30, off-centre
     det, = evaluate.detect(BrightBoxDetector(), [image], [40], [60], flip=True)
     assert det["boxes"].tolist() == [[5.0, 10.0, 20.0, 30.0]]  # both passes agree: one box after NMS
-    (det,), (candidates,) = evaluate.detect(BrightBoxDetector(), [image], [40], [60], flip=True, candidates=True)
-    assert det["boxes"].tolist() == [[5.0, 10.0, 20.0, 30.0]]
+    (det,), (candidates,), (after_nms,) = evaluate.detect(BrightBoxDetector(), [image], [40], [60], flip=True,
+                                                          candidates=True)
+    assert det["boxes"].tolist() == after_nms["boxes"].tolist() == [[5.0, 10.0, 20.0, 30.0]]
     assert candidates["boxes"].tolist() == [[5.0, 10.0, 20.0, 30.0]] * 2
     assert evaluate.flip_boxes(torch.tensor([[5.0, 10.0, 20.0, 30.0]]), 60).tolist() == [[40.0, 10.0, 55.0, 30.0]]
 
@@ -597,6 +601,7 @@ def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
     network runs once per scale and flip, the detections are those of detect() without
     candidates, and the candidates are every pass's NMS input (detect(nms=False) of the pass)."""
     model = make_model()
+    model.detections_per_img = 20  # fewer than NMS keeps here
     images = [dataset[i][0] for i in range(2)] + [torch.rand(3, 48, 80)]
     for scales, flip in (([64], False), ([48, 64], True)):
         expected = evaluate.detect(model, images, scales, scales, flip=flip)
@@ -610,20 +615,26 @@ def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
             return real_predict(*a, **k)
 
         monkeypatch.setattr(model, "_predict", counting)
-        dets, candidates = evaluate.detect(model, images, scales, scales, flip=flip, candidates=True)
+        dets, candidates, after_nms = evaluate.detect(model, images, scales, scales, flip=flip, candidates=True)
         monkeypatch.undo()
         assert calls["n"] == len(per_pass)
+        assert model.detections_per_img == 20  # restored
         pass_flips = [f for _ in scales for f in ((False, True) if flip else (False,))]
-        for b, (d, e, c) in enumerate(zip(dets, expected, candidates)):
+        for b, (d, e, c, a) in enumerate(zip(dets, expected, candidates, after_nms)):
             assert len(d["boxes"]) > 0
             assert all(torch.equal(d[k], e[k]) for k in ("boxes", "scores", "labels"))
+            # "after NMS" is all that NMS kept; with one pass, the detections are its 20 best (a cut
+            # by score, not NMS's doing); with several, each pass's 20 best merged
+            assert len(a["boxes"]) > 20
+            if len(per_pass) == 1:
+                assert all(torch.equal(d[k], a[k][:20]) for k in ("boxes", "scores", "labels"))
             # the candidates are each pass's NMS input, mapped back to the unflipped image
             inputs = [{**p[b], "boxes": evaluate.flip_boxes(p[b]["boxes"], images[b].shape[-1]) if f else p[b]["boxes"]}
                       for p, f in zip(per_pass, pass_flips)]
             assert all(torch.equal(c[k], torch.cat([x[k] for x in inputs])) for k in ("boxes", "scores", "labels"))
             d_rows, c_rows = (torch.cat((x["boxes"], x["scores"][:, None], x["labels"][:, None].float()), 1) for x in (d, c))
             assert (d_rows[:, None] == c_rows[None]).all(-1).any(1).all()  # every detection is a candidate
-    assert evaluate.detect(model, [], [64], [64], candidates=True) == ([], []) and evaluate.detect(model, [], [64], [64]) == []
+    assert evaluate.detect(model, [], [64], [64], candidates=True) == ([], [], []) and evaluate.detect(model, [], [64], [64]) == []
 
 
 @pytest.mark.slow
