@@ -371,7 +371,8 @@ _progress = {"task": None, "open": False, "tenths": -1}
 def progress_line(what, done, total, start):
     """Progress on stdout (stderr stays free for a one-line error): done/total, rate, ETA. On a
     terminal, one line redrawn with \r; in a log file, a line per tenth of the work instead of
-    one line of thousands of \r updates."""
+    one line of thousands of \r updates, from the first second on (a shorter task shows only the
+    line of end_progress_line)."""
     elapsed = max(time.time() - start, 1e-9)
     rate = done / elapsed
     eta = format_eta((total - done) / rate) if rate > 0 else "?"
@@ -381,7 +382,7 @@ def progress_line(what, done, total, start):
     if sys.stdout.isatty():
         print(f"\r{text}   ", end="", flush=True)
         _progress["open"] = True
-    elif 10 * done // max(total, 1) > _progress["tenths"]:
+    elif elapsed >= 1 and 10 * done // max(total, 1) > _progress["tenths"]:
         print(text, flush=True)
         _progress["tenths"] = 10 * done // max(total, 1)
 

@@ -570,7 +570,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
         if show_progress:
             progress_line("evaluated images" + (" (rank 0's share x processes)" if shares > 1 else ""),
                           min(round(position * shares), total), total, start)
-    end_progress_line()
+    end_progress_line(f" done in {time.time() - start:.1f} s" if show_progress else "")
     return records
 
 

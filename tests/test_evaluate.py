@@ -351,7 +351,7 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
         "0-10": (5, pytest.approx(80.0)), "11-20": (1, pytest.approx(80.0)), "21-30": (0, None), "31+": (0, None)}
     assert metrics["coco"] == pytest.approx(saved["coco"])
     assert "AP50" in printed.out and "83.3" in printed.out and "Fig. 5" in printed.out and "Fig. 6" in printed.out
-    assert "evaluated images: 6/6" in printed.out and "/s" in printed.out and "eta" in printed.out
+    assert "evaluated images: done in" in printed.out  # off a terminal, a task of less than a second
 
     # Charts: a bar's height over the y axis' (black, 0 to 100) is its AP / 100.
     def height(img, color):
