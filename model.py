@@ -302,9 +302,16 @@ def _read_backbone_weights(backbone, weights):
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever torch.load chokes on, the user needs the file name
-        first_line = next((line for line in str(e).splitlines() if line.strip()), "")
-        first_line = re.sub(r"\x1b\[[0-9;]*m", "", first_line)  # torch's message has terminal colour codes
-        raise ValueError(f"{weights}: not a torch state dict ({type(e).__name__}: {first_line})") from None
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip()  # torch's message has terminal colour codes
+                 for line in str(e).splitlines() if line.strip()]
+        # weights_only's refusal: its first lines advise weights_only=False, wrong for a damaged
+        # file; the cause follows "WeightsUnpickler error:"
+        cause = next((i for i, line in enumerate(lines) if "WeightsUnpickler error:" in line), None)
+        if cause is not None:
+            detail = lines[cause].split("WeightsUnpickler error:", 1)[1].strip() or " ".join(lines[cause + 1:cause + 2])
+            raise ValueError(f"{weights}: not a state dict of tensors (torch.load with weights_only=True: "
+                             f"{detail.split('. ')[0]})") from None
+        raise ValueError(f"{weights}: not a torch state dict ({type(e).__name__}: {lines[0] if lines else ''})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{weights}: expected a state dict (a dict of tensors), got {type(state).__name__}")
     return state, weights
