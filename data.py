@@ -1015,6 +1015,7 @@ def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
     os.makedirs(parent, exist_ok=True)
     print(f"shapes: generating {num_train} + {num_val} images in {root} (once) ...", end="", flush=True)
     start = time.time()
+    _progress.update(task=("shapes", start), open=True)  # an error or Ctrl-C ends the line first
     tmp = tempfile.mkdtemp(prefix=".shapes-tmp-", dir=parent)
     try:
         os.makedirs(os.path.join(tmp, "annotations"))
@@ -1035,11 +1036,19 @@ def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f" done in {time.time() - start:.0f} s", flush=True)
+    end_progress_line(f" done in {time.time() - start:.0f} s")
     return root
 
 
 # ----------------------------------------------------------------------------- shared by train.py and evaluate.py
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors (no usage block), printed once under torchrun."""
+
+    def error(self, message):
+        print_stop(f"error: {message} (--help lists the options)")
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -35,7 +35,6 @@ CUDA the network runs in channels_last with bfloat16 autocast by default (--no-a
 Tests: python -m pytest tests/test_evaluate.py
 """
 
-import argparse
 import contextlib
 import copy
 import io
@@ -50,8 +49,13 @@ from dataclasses import dataclass, field
 
 
 def _interrupted_before_main(signum, frame):
-    print("interrupted", file=sys.stderr, flush=True)
-    sys.exit(130)
+    """Ctrl-C before main() (torch imports for seconds): one line, printed once under torchrun,
+    whose every process gets the Ctrl-C, then os._exit. A SystemExit raised here, in the middle of
+    torch's imports, can abort the process with a C++ trace, or be swallowed by them and leave it
+    running; nothing needs cleaning up yet."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, b"interrupted\n")  # not print: a signal handler may interrupt a print
+    os._exit(130)
 
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -63,7 +67,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
 import freeanchor
-from data import (SHAPES_SLENDER, SHAPES_SQUARE, CocoDataset, DataError, HelpFormatter, ImageError,
+from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, HelpFormatter, ImageError,
                   add_config_arguments, available_cpus, config_from_args, device_defaults, end_progress_line,
                   lost_connection, on_rank0, print_stop, progress_line, remove_partial_writes, resolve_root_once,
                   setup_processes, write_atomic)
@@ -125,7 +129,7 @@ class EvalConfig:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Evaluate a FreeAnchor / RetinaNet checkpoint: COCO AP and the paper's NR, Fig. 5, Fig. 6.",
         formatter_class=HelpFormatter)
     return add_config_arguments(parser, EvalConfig, "evaluation")
@@ -168,10 +172,17 @@ def load_checkpoint(path, device):
     missing = [k for k in ("model", "model_config", "categories") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a checkpoint of train.py (no {', '.join(missing)})")
-    model = RetinaNet(**{**ckpt["model_config"], "weights": "none"})
+    try:  # a checkpoint of another version of train.py, or of another program, fails here
+        if not isinstance(ckpt.get("config") or {}, dict) or not all(
+                isinstance(c, dict) and {"id", "name"} <= set(c) for c in ckpt["categories"]):
+            raise TypeError("its config or categories are not what train.py writes")
+        model = RetinaNet(**{**ckpt["model_config"], "weights": "none"})
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path} is not a checkpoint of this version of train.py: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: the weights do not fit its model_config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), ckpt
 

@@ -27,7 +27,6 @@ naming the first bad iteration, before writing anything.
 Tests: python -m pytest tests/test_train.py
 """
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -45,8 +44,13 @@ from dataclasses import dataclass, field
 
 
 def _interrupted_before_main(signum, frame):
-    print("interrupted: nothing was started", file=sys.stderr, flush=True)
-    sys.exit(130)
+    """Ctrl-C before main() (torch imports for seconds): one line, printed once under torchrun,
+    whose every process gets the Ctrl-C, then os._exit. A SystemExit raised here, in the middle of
+    torch's imports, can abort the process with a C++ trace, or be swallowed by them and leave it
+    running; nothing needs cleaning up yet."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, b"interrupted: nothing was started\n")  # not print: a signal handler may interrupt a print
+    os._exit(130)
 
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -60,7 +64,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
-from data import (CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError, TrainSampler,
+from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError, TrainSampler,
                   add_config_arguments, available_cpus, canvas_shapes, collate, config_from_args, device_defaults,
                   end_progress_line, format_eta, lost_connection, on_rank0, pad_to_canvas, print_stop,
                   remove_partial_writes, resolve_root_once, setup_processes, sigint_deferred, to_device, write_atomic)
@@ -134,7 +138,7 @@ class TrainConfig:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train RetinaNet with the FreeAnchor loss (NeurIPS 2019) or the RetinaNet baseline.",
         formatter_class=HelpFormatter)
     add_config_arguments(parser, TrainConfig, "training")
@@ -277,13 +281,12 @@ def train(cfg, loss_cfg):
         torch.backends.cudnn.benchmark = True  # a handful of padded shapes recur all run long
     # a run already there is refused before the dataset is read and its images checked
     last_path, final_path = os.path.join(cfg.output, "last.pt"), os.path.join(cfg.output, "model_final.pt")
-    if not cfg.resume and (os.path.exists(last_path) or os.path.exists(final_path)):
-        held = "last.pt" if os.path.exists(last_path) else "model_final.pt"
-        raise ValueError(f"{cfg.output} already holds a run ({held}): pass --resume to continue it, "
-                         f"or --output to start another")
-    if cfg.resume and not os.path.exists(last_path) and os.path.exists(final_path):
+    if os.path.exists(final_path) and not os.path.exists(last_path):
         raise ValueError(f"{cfg.output} holds a finished run (model_final.pt) without its last.pt: nothing to "
                          f"resume; use another --output")
+    if not cfg.resume and os.path.exists(last_path):
+        raise ValueError(f"{cfg.output} already holds a run (last.pt): pass --resume to continue it, "
+                         f"or --output to start another")
 
     # ------------------------------------------------------------------ data (all checks before iteration 0)
     root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once

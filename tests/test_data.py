@@ -584,7 +584,8 @@ def test_image_size_disagreeing_with_annotations(tiny):
 def test_shapes_small_build_loads_through_the_coco_path(tmp_path, capsys):
     root = str(tmp_path / "shapes")
     assert prepare_shapes(root, num_train=30, num_val=4) == root
-    assert "shapes: generating 30 + 4 images" in capsys.readouterr().out
+    out = capsys.readouterr().out  # one line, ended also by an error or Ctrl-C (end_progress_line)
+    assert out.startswith("shapes: generating 30 + 4 images") and out.count("\n") == 1 and " ... done in " in out
     train = CocoDataset(root, "train2017", train=True)
     val = CocoDataset(root, "val2017", train=False)
     assert len(val) == 4 and len(train) >= 28

@@ -471,9 +471,21 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     assert e.value.code == 2 and "categories the model was not trained on (3:square, 17:needle, 42:blob)" in err \
         and err.count("\n") == 1
 
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", tiny_ckpt, "--batch-size", "0"])
-    assert e.value.code == 2 and "--batch-size 0" in capsys.readouterr().err
+    # checkpoints of another version of train.py, or of another program
+    for broken in ({"model_config": {**ckpt["model_config"], "new_option": 1}}, {"model_config": None},
+                   {"model": None}, {"config": [1, 2]}, {"categories": ["square", "needle"]}):
+        torch.save({**ckpt, **broken}, other)
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--ckpt", other, "--output", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {other}") and err.count("\n") == 1, (broken, err)
+
+    for argv, culprit in ((["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "x"], "--batch-size: invalid int"),
+                          (["--no-such-flag"], "unrecognized arguments: --no-such-flag")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--ckpt", tiny_ckpt, *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and culprit in err and err.count("\n") == 1, err  # no usage block
 
     (tmp_path / "afile").write_text("")
     for output in (tmp_path / "afile", tmp_path / "afile" / "sub"):

@@ -469,6 +469,27 @@ def test_ctrl_c_before_model_final_is_written_is_a_plain_interruption(tiny_data,
     assert not (tmp_path / "r" / "model_final.pt").exists()
 
 
+@pytest.mark.parametrize("module", ["train", "evaluate"])
+def test_ctrl_c_while_torch_imports_writes_one_line_once_and_exits_at_once(module, monkeypatch):
+    """The handler of a Ctrl-C before main() (torch imports for seconds): os._exit(130), since a
+    SystemExit raised inside torch's imports can abort with a C++ trace or be swallowed; its line
+    on stderr from the first process of a torchrun alone."""
+    import importlib
+    handler = importlib.import_module(module)._interrupted_before_main
+    written, exits = [], []
+    monkeypatch.setattr(os, "write", lambda fd, data: written.append((fd, data)))
+    monkeypatch.setattr(os, "_exit", exits.append)
+    for rank, expected in ((None, 1), ("0", 1), ("1", 0)):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        written.clear()
+        handler(signal.SIGINT, None)
+        assert exits.pop() == 130 and len(written) == expected
+        assert all(fd == 2 and data.startswith(b"interrupted") and data.endswith(b"\n") for fd, data in written)
+
+
 def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tiny_data, tmp_path, monkeypatch, capsys):
     """Ctrl-C while the images are checked (progress on stdout) or before the first
     last.pt: one line that says there is nothing to resume, on a line of its own; the same command
@@ -625,7 +646,7 @@ def test_refuses_to_overwrite_a_run(tiny_data, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(train, "CocoDataset", no_reading)
     for removed, extra, message in ((None, [], "already holds a run (last.pt)"),
-                                    ("last.pt", [], "already holds a run (model_final.pt)"),
+                                    ("last.pt", [], "holds a finished run (model_final.pt) without its last.pt"),
                                     ("last.pt", ["--resume"], "holds a finished run (model_final.pt) without its last.pt")):
         if removed and (tmp_path / "r" / removed).exists():
             os.remove(tmp_path / "r" / removed)
