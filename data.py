@@ -1241,6 +1241,22 @@ def print_stop(message, own=False):
         print(message, file=sys.stderr, flush=True)
 
 
+def stop_on_failure(e):
+    """End a run stopped by the machine or by another process of it, with one line and status 1:
+    an OSError (a full disk, a file system gone read-only) names its file; a collective that lost
+    another process (lost_connection) says so, once. Anything else is raised again: a bug, whose
+    traceback is wanted."""
+    if isinstance(e, OSError):
+        message, own = (f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}"), True
+    elif lost_connection(e):
+        message, own = "error: stopped: another process of this run stopped (its message, if any, is above)", False
+    else:
+        raise e
+    end_progress_line()
+    print_stop(message, own=own)
+    sys.exit(1)
+
+
 def lost_connection(e):
     """Whether `e` is a collective failing because another process of the run died (gloo raises
     as soon as the connection closes; with NCCL the collective waits until torchrun stops this

@@ -67,10 +67,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
 import freeanchor
-from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, HelpFormatter, ImageError,
-                  add_config_arguments, available_cpus, config_from_args, device_defaults, end_progress_line,
-                  lost_connection, on_rank0, print_stop, progress_line, remove_partial_writes, resolve_root_once,
-                  setup_processes, write_atomic)
+from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, HelpFormatter,
+                  ImageError, add_config_arguments, available_cpus, config_from_args, device_defaults,
+                  end_progress_line, on_rank0, print_stop, progress_line, remove_partial_writes, resolve_root_once,
+                  setup_processes, stop_on_failure, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -752,16 +752,8 @@ def main(argv=None):
         end_progress_line()
         print_stop(f"error: {e}", own=isinstance(e, ImageError))
         sys.exit(2)
-    except OSError as e:  # the machine's, not the user's: a full disk
-        end_progress_line()
-        print_stop(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", own=True)
-        sys.exit(1)
-    except RuntimeError as e:
-        if not lost_connection(e):
-            raise
-        end_progress_line()
-        print_stop("error: stopped: another process of this run stopped (its message, if any, is above)")
-        sys.exit(1)
+    except (OSError, RuntimeError) as e:  # the machine's (a full disk), another process's, or a bug
+        stop_on_failure(e)
     except KeyboardInterrupt:
         end_progress_line()
         print_stop("interrupted")  # once under torchrun, whose every process gets the Ctrl-C

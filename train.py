@@ -64,10 +64,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
-from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError, TrainSampler,
-                  add_config_arguments, available_cpus, canvas_shapes, collate, config_from_args, device_defaults,
-                  end_progress_line, format_eta, lost_connection, on_rank0, pad_to_canvas, print_stop,
-                  remove_partial_writes, resolve_root_once, setup_processes, sigint_deferred, to_device, write_atomic)
+from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError,
+                  TrainSampler, add_config_arguments, available_cpus, canvas_shapes, collate, config_from_args,
+                  device_defaults, end_progress_line, format_eta, on_rank0, pad_to_canvas, print_stop,
+                  remove_partial_writes, resolve_root_once, setup_processes, sigint_deferred, stop_on_failure,
+                  to_device, write_atomic)
 from model import BACKBONES, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -610,16 +611,8 @@ def main(argv=None):
         end_progress_line()
         print_stop(f"error: {e}", own=isinstance(e, ImageError))
         sys.exit(1 if isinstance(e, FloatingPointError) else 2)
-    except OSError as e:  # the machine's, not the user's: a full disk, a file system gone read-only
-        end_progress_line()
-        print_stop(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", own=True)
-        sys.exit(1)
-    except RuntimeError as e:
-        if not lost_connection(e):
-            raise
-        end_progress_line()
-        print_stop("error: stopped: another process of this run stopped (its message, if any, is above)")
-        sys.exit(1)
+    except (OSError, RuntimeError) as e:  # the machine's (a full disk), another process's, or a bug
+        stop_on_failure(e)
     except KeyboardInterrupt as e:
         end_progress_line()
         if e.args:
