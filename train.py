@@ -47,7 +47,8 @@ def _interrupted_before_main(signum, frame):
     """Ctrl-C before main() (torch imports for seconds): one line, printed once under torchrun,
     whose every process gets the Ctrl-C, then os._exit. A SystemExit raised here, in the middle of
     torch's imports, can abort the process with a C++ trace, or be swallowed by them and leave it
-    running; nothing needs cleaning up yet."""
+    running; nothing needs cleaning up yet. (Written here and in the other script, not in data.py:
+    it is installed before anything imports torch, and data.py does.)"""
     if os.environ.get("RANK", "0") == "0":
         os.write(2, b"interrupted: nothing was started\n")  # not print: a signal handler may interrupt a print
     os._exit(130)
