@@ -259,21 +259,24 @@ def nms_recall(best_before, best_after, best_output=None, thresholds=NR_THRESHOL
     after / before, and "NR", the mean of NR_tau over thresholds (None where nothing is recalled
     before NMS); with best_output (of the detections, cut to the best 100 after NMS) also
     recall_output, the recall of the detections as output."""
-    def recalled(best, tau):  # fraction of the objects recalled at tau
-        return (torch.cat([b.float().cpu() for b in best]) >= tau).sum().item() / num_objects if best else 0.0
+    def joined(best):  # [sum G]
+        return torch.cat([b.float().cpu() for b in best]) if best else torch.zeros(0)
 
-    objects = sum(len(b) for b in best_before)
+    before, after = joined(best_before), joined(best_after)  # [sum G] each
+    output = None if best_output is None else joined(best_output)  # [sum G]
+    objects = len(before)
     num_objects = max(objects, 1)
     out = {"objects": objects, "recall_before": {}, "recall_after": {}, "NR_tau": {}}
-    if best_output is not None:
+    if output is not None:
         out["recall_output"] = {}
     for tau in thresholds:
         key = f"{tau:.2f}"  # "0.50": the same keys in memory and in metrics.json
-        r_before, r_after = recalled(best_before, tau), recalled(best_after, tau)
+        r_before = (before >= tau).sum().item() / num_objects
+        r_after = (after >= tau).sum().item() / num_objects
         out["recall_before"][key] = 100 * r_before if objects else None  # no object: n/a, not 0
         out["recall_after"][key] = 100 * r_after if objects else None
-        if best_output is not None:
-            out["recall_output"][key] = 100 * recalled(best_output, tau) if objects else None
+        if output is not None:
+            out["recall_output"][key] = 100 * (output >= tau).sum().item() / num_objects if objects else None
         out["NR_tau"][key] = 100 * r_after / r_before if r_before > 0 else None
     ratios = list(out["NR_tau"].values())
     out["NR"] = None if None in ratios else sum(ratios) / len(ratios)
