@@ -193,14 +193,15 @@ def one_stage_bag(iou, n):
 
 
 def scatter_by_anchor(p_match, labels, K):
-    """P{a_j in A+} as free_anchor_loss builds it: a scatter-max into [B, A, K]."""
+    """P{a_j in A+} by a scatter-max into [B, A, K] (free_anchor_loss's before it went class-major)."""
     B, g, A = p_match.shape
     return p_match.new_zeros(B, A, K).scatter_reduce_(2, labels[:, None].expand(B, A, g), p_match.transpose(1, 2),
                                                       reduce="amax")  # [B, A, K]
 
 
 def scatter_by_class(p_match, labels, K):
-    """The same scatter-max into a class-major [B, K, A] (contiguous rows of p_match), read as [B, A, K]."""
+    """The same scatter-max into a class-major [B, K, A] (contiguous rows of p_match), read as [B, A, K]:
+    free_anchor_loss's."""
     B, g, A = p_match.shape
     return p_match.new_zeros(B, K, A).scatter_reduce_(1, labels[..., None].expand(B, g, A), p_match,
                                                       reduce="amax").transpose(1, 2)  # [B, A, K]
@@ -253,8 +254,8 @@ def parts(B, objects, device):
         labels = torch.randint(0, K, (B, G), generator=g).to(device)  # [B, G]
         p_cls = torch.rand(B, len(anchors), K, generator=g).to(device)  # [B, A, K]
         want = scatter_by_anchor(p_match, labels, K)
-        for name, build in (("scatter into [B, A, K] (the loss's)", scatter_by_anchor),
-                            ("scatter into [B, K, A]", scatter_by_class), ("one-hot max over G", one_hot_max)):
+        for name, build in (("scatter into [B, A, K]", scatter_by_anchor),
+                            ("scatter into [B, K, A] (the loss's)", scatter_by_class), ("one-hot max over G", one_hot_max)):
             def piece(p_match, labels, build=build, p_cls=p_cls):
                 return (p_cls * build(p_match, labels, K)).sum()  # []  one read in [B, A, K] order
 
