@@ -11,7 +11,7 @@
 #      loop (the benchmark also checks that compiled equals eager to float32 rounding) with a
 #      profile at B = 16, G = 100; then two pieces alone against their alternatives (the bag's
 #      top-n: one top-n over all anchors or bag_indices' two stages; P{a_j in A+}: the loss's
-#      scatter-max, a class-major one, a one-hot max);
+#      class-major scatter-max, one into [B, A, K], a one-hot max);
 #   6. the training step of part 2 compiled: for its one padded shape, static, as train.py --compile
 #      --fixed-shapes compiles it (the goal: >= 240 images/s), then for any image size and object
 #      count, as train.py --compile marks them dynamic (its compilation took over 150 s on an

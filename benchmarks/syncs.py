@@ -3,7 +3,8 @@
 Every synchronisation stops the host from queueing work ahead of the GPU, so a loop that waits for
 the device several times per step leaves it idle in between. This counts them, with
 torch.cuda.set_sync_debug_mode("warn") (which flags every synchronising call torch makes: reads
-of a value, data-dependent shapes, blocking copies), in
+of a value, data-dependent shapes, blocking copies; a first row checks the count on two known
+reads), in
   - train.py's steady-state step: `train.main` on a small generated COCO-layout dataset, as a user
     runs it (uint8 images through the loader, resized and normalised on the GPU, network, loss,
     backward, the device-side skip of non-finite steps), counted between the optimizer steps
@@ -38,18 +39,25 @@ from test_train import make_dataset  # noqa: E402
 DATA_DEPENDENT = {"aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.item", "aten.masked_select"}
 
 
-class SyncCounter:
-    """Counts synchronisations on CUDA (set_sync_debug_mode's warnings), data-dependent ops on CPU."""
+SYNC_WARNING = "called a synchronizing CUDA operation"  # set_sync_debug_mode("warn")'s message
 
-    def __init__(self, device):
-        self.device, self.count = device, 0
+
+class SyncCounter:
+    """Counts synchronisations on CUDA (set_sync_debug_mode's warnings), data-dependent ops on CPU.
+
+    torch turns a C++ warning into a Python warning only for ops called through its Python
+    bindings; ops called through torch.ops (torchvision's nms, compiled graphs' calls) print it to
+    stderr instead. So on CUDA both are counted: Python's warnings, and the lines written to file
+    descriptor 2 while counting (captured in a file, and passed on to stderr at the end, all but
+    the counted warnings)."""
+
+    def __init__(self, device, message=SYNC_WARNING):
+        self.device, self.message, self.count = device, message, 0
 
     def __enter__(self):
         if self.device == "cuda":
-            self._warnings = warnings.catch_warnings(record=True)
-            self._caught = self._warnings.__enter__()
-            warnings.simplefilter("always")
             torch.cuda.synchronize()
+            self._start_capture()
             torch.cuda.set_sync_debug_mode("warn")
         else:
             counter = self
@@ -63,16 +71,38 @@ class SyncCounter:
             self._mode.__enter__()
         return self
 
+    def _start_capture(self):
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved_stderr = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+
+    def _captured(self):
+        fd = self._file.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")  # pread: leaves the offset
+
     def read(self):
         if self.device == "cuda":
-            self.count = sum("synchroniz" in str(w.message) for w in self._caught)
+            self.count = (sum(self.message in str(w.message) for w in self._caught)
+                          + self._captured().count(self.message))
         return self.count
+
+    def _stop_capture(self, *exc):
+        self.read()
+        os.dup2(self._saved_stderr, 2)
+        os.close(self._saved_stderr)
+        other = [line for line in self._captured().splitlines(keepends=True) if self.message not in line]
+        self._file.close()
+        sys.stderr.write("".join(other))
+        self._warnings.__exit__(*exc)
 
     def __exit__(self, *exc):
         if self.device == "cuda":
             torch.cuda.set_sync_debug_mode(0)
-            self.read()
-            self._warnings.__exit__(*exc)
+            self._stop_capture(*exc)
         else:
             self._mode.__exit__(*exc)
 
@@ -133,6 +163,10 @@ def main():
     print(f"\n# {what}, {args.device}, torch {torch.__version__}\n")
     print("| what | count |")
     print("|---|---|", flush=True)
+    x = torch.ones((), device=args.device)
+    with SyncCounter(args.device) as counter:  # the counter's own check: two known reads of a value
+        x.item(), torch.ops.aten._local_scalar_dense(x)
+    print(f"| control: a .item() and the same read through torch.ops | {counter.count} (expected: 2) |")
     before_nms, nms, copies = detect_syncs(args.device, 8)
     print(f"| RetinaNet.detect, 8 images, up to NMS | {before_nms} (target on CUDA: 2, the compaction of the batch) |")
     print(f"| its NMS, one batched_nms per image | {nms} |")
