@@ -51,8 +51,8 @@ class SyncCounter:
     descriptor 2 while counting (captured in a file, and passed on to stderr at the end, all but
     the counted warnings)."""
 
-    def __init__(self, device, message=SYNC_WARNING):
-        self.device, self.message, self.count = device, message, 0
+    def __init__(self, device):
+        self.device, self.count = device, 0
 
     def __enter__(self):
         if self.device == "cuda":
@@ -86,15 +86,15 @@ class SyncCounter:
 
     def read(self):
         if self.device == "cuda":
-            self.count = (sum(self.message in str(w.message) for w in self._caught)
-                          + self._captured().count(self.message))
+            self.count = (sum(SYNC_WARNING in str(w.message) for w in self._caught)
+                          + self._captured().count(SYNC_WARNING))
         return self.count
 
     def _stop_capture(self, *exc):
         self.read()
         os.dup2(self._saved_stderr, 2)
         os.close(self._saved_stderr)
-        other = [line for line in self._captured().splitlines(keepends=True) if self.message not in line]
+        other = [line for line in self._captured().splitlines(keepends=True) if SYNC_WARNING not in line]
         self._file.close()
         sys.stderr.write("".join(other))
         self._warnings.__exit__(*exc)
