@@ -265,15 +265,16 @@ def _png_exif_after_pixels(path):
 
 
 def _orientation(img, loaded=False):
-    """The EXIF orientation (1-8, 1 = as stored) of an opened PIL image, from its header (for a
-    PNG whose eXIf chunk follows the pixels, from that chunk, found without decoding; once the
-    image is `loaded`, PIL has read that chunk itself)."""
+    """The EXIF orientation (1-8, 1 = as stored) of an opened PIL image, as exif_transpose reads
+    it: from the EXIF block, else from XMP or (PNG) an ImageMagick "Raw profile type exif" text
+    chunk. Without decoding: PIL's PNG reader decodes the pixels to look for an eXIf chunk stored
+    after them, which is found here by the chunk headers instead (once the image is `loaded`, PIL
+    has read it itself)."""
     if img.format == "PNG" and "exif" not in img.info and not loaded:
         data = _png_exif_after_pixels(img.filename) if img.filename else None
-        if data is None:
-            return 1
-        exif = Image.Exif()
-        exif.load(data)
+        if data is not None:
+            img.info["exif"] = data  # where PIL's decoding would put it
+        exif = Image.Image.getexif(img)  # PIL's own reading of img.info, without the PNG reader's decoding
     else:
         exif = img.getexif()
     orientation = exif.get(ExifTags.Base.Orientation, 1)

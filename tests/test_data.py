@@ -794,6 +794,43 @@ def test_png_with_exif_after_its_pixels_is_checked_as_it_is_read(tmp_path):
     CocoDataset(root, "s", train=True, exif=False).check_images(show_progress=False)
 
 
+@pytest.mark.parametrize("where", ["text chunk", "xmp"])
+def test_png_orientation_outside_an_exif_chunk_is_checked_as_it_is_read(tmp_path, where):
+    """A PNG may carry its orientation in ImageMagick's "Raw profile type exif" text chunk or as XMP
+    tiff:Orientation instead of an eXIf chunk; exif_transpose (and read_image) turn the picture by
+    it, and so must the header check, or it refuses images that read fine."""
+    from PIL import ImageOps, PngImagePlugin
+    root = str(tmp_path / "png")
+    os.makedirs(os.path.join(root, "s"))
+    info = PngImagePlugin.PngInfo()
+    if where == "text chunk":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        raw = exif.tobytes().hex()
+        info.add_text("Raw profile type exif", f"\nexif\n{len(raw) // 2:8d}\n{raw}\n", zip=True)
+    else:
+        info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.'
+                      'org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+                      'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[2:6, 30:38] = 255
+    path = os.path.join(root, "s", "turned.png")
+    Image.fromarray(stored).save(path, pnginfo=info)
+    with Image.open(path) as img:
+        upright = np.array(ImageOps.exif_transpose(img).convert("RGB"))
+    assert upright.shape == (40, 20, 3)  # PIL turns it
+    write_coco(root, "s", [image_entry(1, "turned.png", 20, 40)], [ann(1, 1, 5, [14, 30, 4, 8])],
+               [{"id": 5, "name": "box"}])
+    ds = CocoDataset(root, "s", train=True)
+    ds.check_images(show_progress=False)  # annotated upright: accepted
+    assert torch.equal(ds[0][0], torch.from_numpy(upright).permute(2, 0, 1))
+    write_coco(root, "s", [image_entry(1, "turned.png", 40, 20)], [ann(1, 1, 5, [30, 2, 8, 4])],
+               [{"id": 5, "name": "box"}])
+    with pytest.raises(DataError) as e:  # annotated as stored: refused up front, with the hint
+        CocoDataset(root, "s", train=True).check_images(show_progress=False)
+    assert "with EXIF orientation 6 applied" in one_line(e) and "--raw-orientation" in one_line(e)
+
+
 # ----------------------------------------------------------------------------- the header check
 
 def test_progress_redraws_one_line_on_a_terminal_and_prints_tenths_in_a_log(capsys, monkeypatch):
