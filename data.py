@@ -63,6 +63,11 @@ from PIL import ExifTags, Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from model import (SIZE_DIVISIBLE, batch_images, host_to_device, prepare_image, preprocess, resize_boxes,
                    resized_size)
 
+# PIL refuses images above 179 million pixels ("decompression bomb"), a guard for files from strangers;
+# a dataset's own images may be that large (aerial and satellite tiles), and each is checked against
+# its annotated size before training
+Image.MAX_IMAGE_PIXELS = None
+
 
 class DataError(Exception):
     """A problem with the user's data. str(e) is one line that names the culprit (file path,

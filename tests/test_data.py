@@ -794,6 +794,13 @@ def test_png_with_exif_after_its_pixels_is_checked_as_it_is_read(tmp_path):
     CocoDataset(root, "s", train=True, exif=False).check_images(show_progress=False)
 
 
+def test_images_above_pils_decompression_bomb_limit_are_used(tmp_path):
+    """PIL refuses images above 179 Mpx by default; a dataset's own aerial tiles can be that large."""
+    path = str(tmp_path / "huge.png")
+    Image.new("1", (15000, 12000)).save(path)  # 180 Mpx, a small file
+    assert data._check_one(path, (12000, 15000), True) is None
+
+
 @pytest.mark.parametrize("where", ["text chunk", "xmp"])
 def test_png_orientation_outside_an_exif_chunk_is_checked_as_it_is_read(tmp_path, where):
     """A PNG may carry its orientation in ImageMagick's "Raw profile type exif" text chunk or as XMP
