@@ -505,9 +505,18 @@ class CocoDataset(torch.utils.data.Dataset):
 
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(coco["categories"], key=lambda c: c["id"])]
+        self.category_note = None  # for evaluate.py to print
         if categories is not None:  # a trained model's labels, of which the file may hold a part
             known = {(c["id"], c["name"]) for c in categories}
-            strangers = [f"{c['id']}:{c['name']}" for c in self.categories if (c["id"], c["name"]) not in known]
+            annotated = {a["category_id"] for a in coco["annotations"]}
+            strangers = [f"{c['id']}:{c['name']}" for c in self.categories
+                         if (c["id"], c["name"]) not in known and c["id"] in annotated]
+            # a label list exported whole, without objects of those classes: nothing for AP to count
+            unannotated = [f"{c['id']}:{c['name']}" for c in self.categories
+                           if (c["id"], c["name"]) not in known and c["id"] not in annotated]
+            if unannotated:
+                self.category_note = (f"{self.ann_file} also lists categories the model was not trained on, without "
+                                      f"any annotation ({_name_some(unannotated, 8)}): they do not count in AP")
             if strangers:
                 trained = [f"{c['id']}:{c['name']}" for c in categories]
                 raise DataError(f"{self.ann_file} holds categories the model was not trained on "

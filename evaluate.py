@@ -640,6 +640,8 @@ def _evaluate(cfg, ddp, rank, world, master):
     # the model's labels; the split may hold only some of its categories (AP is over those it holds)
     dataset = CocoDataset(root, cfg.split, train=False, max_size=max_sizes[0], exif=not raw,
                           categories=ckpt["categories"])
+    if dataset.category_note and master:
+        print(f"note: {dataset.category_note}", flush=True)
     num_images = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     if not cfg.skip_check:  # every image's header before the first detection; the other ranks wait
         on_rank0(dataset.check_images, ddp, master)

@@ -794,6 +794,26 @@ def test_png_with_exif_after_its_pixels_is_checked_as_it_is_read(tmp_path):
     CocoDataset(root, "s", train=True, exif=False).check_images(show_progress=False)
 
 
+def test_categories_the_model_does_not_know(tmp_path):
+    """Given a trained model's categories, a file that also lists a category the model does not know
+    is refused when an annotation uses it, and read with a note when none does (a label list
+    exported whole): AP has nothing to count there."""
+    root = str(tmp_path / "cats")
+    os.makedirs(os.path.join(root, "s"))
+    Image.new("RGB", (40, 30)).save(os.path.join(root, "s", "a.png"))
+    trained = [{"id": 42, "name": "c42"}, {"id": 3, "name": "c3"}]
+    listed = [*trained, {"id": 7, "name": "c7"}]
+    write_coco(root, "s", [image_entry(5, "a.png", 40, 30)], [ann(1, 5, 42, [1, 1, 10, 10])], listed)
+    ds = CocoDataset(root, "s", train=False, categories=trained)
+    assert ds.categories == trained and "(7:c7)" in ds.category_note and "do not count in AP" in ds.category_note
+    assert CocoDataset(root, "s", train=False, categories=listed).category_note is None
+    write_coco(root, "s", [image_entry(5, "a.png", 40, 30)], [ann(1, 5, 42, [1, 1, 10, 10]), ann(2, 5, 7, [1, 1, 5, 5])],
+               listed)
+    with pytest.raises(DataError) as e:
+        CocoDataset(root, "s", train=False, categories=trained)
+    assert "holds categories the model was not trained on (7:c7)" in one_line(e)
+
+
 def test_images_above_pils_decompression_bomb_limit_are_used(tmp_path):
     """PIL refuses images above 179 Mpx by default; a dataset's own aerial tiles can be that large."""
     path = str(tmp_path / "huge.png")

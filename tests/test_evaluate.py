@@ -499,13 +499,14 @@ def test_a_split_with_some_of_the_models_categories(tiny_ckpt, tiny_data, datase
     """A validation file that lists only some of the categories the model was trained on (here
     only "square") is evaluated in the model's labels, over the categories it holds: the known
     detector's shifted blob boxes no longer count, so AP is 100, and Fig. 5 leaves out "needle";
-    its detections of the other categories keep their ids."""
+    its detections of the other categories keep their ids. A category the model does not know, listed
+    without annotations, changes nothing but a note."""
     subset = str(tmp_path / "subset")
     shutil.copytree(tiny_data, subset)
     path = os.path.join(subset, "annotations", "instances_val2017.json")
     with open(path) as f:
         d = json.load(f)
-    d["categories"] = [c for c in d["categories"] if c["name"] == "square"]
+    d["categories"] = [c for c in d["categories"] if c["name"] == "square"] + [{"id": 99, "name": "kite"}]
     d["annotations"] = [a for a in d["annotations"] if a["category_id"] == 3]
     with open(path, "w") as f:
         json.dump(d, f)
@@ -515,6 +516,7 @@ def test_a_split_with_some_of_the_models_categories(tiny_ckpt, tiny_data, datase
                                  "--breakdown"], capsys)
     assert metrics["coco"]["AP"] == pytest.approx(100.0)
     assert metrics["breakdown"]["square"] == {"square": pytest.approx(100.0)} and metrics["breakdown"]["slender"] == {}
+    assert "note: " in printed.out and "without any annotation (99:kite): they do not count in AP" in printed.out
     with open(os.path.join(out, "detections.json")) as f:
         assert {r["category_id"] for r in json.load(f)} == {3, 17, 42}
 
