@@ -205,6 +205,10 @@ def _load_annotations(ann_file):
         bad("image ids", broken, "do not fit in 64 bits (signed)")
     if _duplicates(image_ids):
         bad("image ids", _duplicates(image_ids), "appear more than once")
+    names = [im["file_name"] for im in images]
+    if _duplicates(names):  # each entry's objects would be the other's background: a merge gone wrong
+        bad("file names", _duplicates(names), "are listed under more than one image id (one entry per image, "
+            "holding all its annotations)")
 
     anns = coco["annotations"]
     broken = [i for i, a in enumerate(anns) if not isinstance(a, dict) or not _is_id(a.get("id"))]

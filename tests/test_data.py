@@ -438,6 +438,8 @@ def test_malformed_annotation_file(tiny, content, culprit):
     (lambda d: d["images"][2].update(height=96.6), "positions 2 (c.png: no positive whole 'height' below 2^31 (96.6))"),
     (lambda d: d["images"][1].update(width=1e20), "positions 1 (b.png: no positive whole 'width' below 2^31 (1e+20))"),
     (lambda d: d["images"].append(dict(d["images"][2])), "image ids 3 appear more than once"),
+    (lambda d: d["images"].append({**d["images"][2], "id": 77}), "file names c.png are listed under more than one "
+                                                               "image id"),
     (lambda d: [d["images"][4].update(id=2**64), d["images"][3].update(id=-2**63)],
      f"image ids {2**64} do not fit in 64 bits"),
     (lambda d: d["annotations"][2].update(bbox=[1, 2, 3]), "annotation ids 13 need a 'bbox'"),
