@@ -302,6 +302,9 @@ def train(cfg, loss_cfg):
     if master and dataset.boxes_past_border:
         print(f"note: {dataset.boxes_past_border} of the {dataset.num_boxes} boxes of {dataset.ann_file} extend more "
               f"than 1 px past their image and are clipped to it (COCO boxes are [x, y, width, height])", flush=True)
+    val_file = os.path.join(root, "annotations", f"instances_{cfg.val_split}.json")
+    if master and not os.path.isfile(val_file):  # said now, not when evaluate.py looks for it after the run
+        print(f"note: --val-split {cfg.val_split}: there is no {val_file}; evaluate.py will need --split", flush=True)
     if not cfg.skip_check:  # every image's header, on all CPUs of rank 0; the other ranks wait
         on_rank0(dataset.check_images, ddp, master)
     # Where images get resized: on a GPU inside the step (uint8 through the loader, ~free there);

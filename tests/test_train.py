@@ -338,7 +338,8 @@ def test_refuses_a_directory_another_run_is_writing(tiny_data, tmp_path, capsys)
 
 def test_output_that_cannot_be_written_or_locked(tiny_data, tmp_path, monkeypatch, capsys):
     """--output under a file: one line naming it. A file system without locks (NFS mounted nolock):
-    a note, and the run goes on."""
+    a note, and the run goes on; so does a --val-split without an annotation file (a typo, or a
+    dataset without one), said at the start rather than by evaluate.py after the run."""
     import errno
     import fcntl
     (tmp_path / "afile").write_text("")
@@ -352,8 +353,10 @@ def test_output_that_cannot_be_written_or_locked(tiny_data, tmp_path, monkeypatc
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "lockf", no_locks)
-    train.main([*args, "--output", str(tmp_path / "run")])
-    assert f"note: {tmp_path / 'run'} cannot be locked (No locks available)" in capsys.readouterr().out
+    train.main([*args, "--val-split", "vall2017", "--output", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path / 'run'} cannot be locked (No locks available)" in out
+    assert f"note: --val-split vall2017: there is no {tiny_data}/annotations/instances_vall2017.json" in out
     assert (tmp_path / "run" / "model_final.pt").exists()
 
 
