@@ -108,7 +108,9 @@ class EvalConfig:
         "help": "channels_last memory format for the network (default: on with CUDA, off on CPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     max_images: int = field(default=None, metadata={"help": "evaluate only the first N images of the split (default: all)"})
-    output: str = field(default=None, metadata={"help": "folder for the results (default: <ckpt dir>/eval_<split>)"})
+    output: str = field(default=None, metadata={
+        "help": "folder for the results (default: <ckpt dir>/eval_<split>, or eval_<data folder>_<split> for "
+                "another dataset than the checkpoint's)"})
     nms_recall: bool = field(default=False, metadata={
         "help": "NMS recall NR, NR50..NR90 (Table 1): recall after NMS (all it keeps) over recall before it, "
                 "from the candidates of the same forward pass"})
@@ -624,8 +626,11 @@ def _evaluate(cfg, ddp, rank, world, master):
     scales = list(cfg.test_scales) if cfg.test_scales else [cfg.min_size or trained_min]
     # the longer-side cap grows with the shorter side, as in the authors' multi-scale test
     max_sizes = [cfg.max_size or round(trained_max * s / trained_min) for s in scales]
-    if cfg.output is None:
-        cfg.output = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), f"eval_{cfg.split}")
+    if cfg.output is None:  # eval_<split> beside the checkpoint; eval_<dataset>_<split> for another dataset
+        trained_on = train_cfg.get("data")
+        same = cfg.data == trained_on or (cfg.data != "shapes" and os.path.abspath(cfg.data) == trained_on)
+        name = cfg.split if same else f"{os.path.basename(os.path.normpath(cfg.data))}_{cfg.split}"
+        cfg.output = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), f"eval_{name}")
 
     # ------------------------------------------------------------------ data
     try:

@@ -500,7 +500,8 @@ def test_a_split_with_some_of_the_models_categories(tiny_ckpt, tiny_data, datase
     only "square") is evaluated in the model's labels, over the categories it holds: the known
     detector's shifted blob boxes no longer count, so AP is 100, and Fig. 5 leaves out "needle";
     its detections of the other categories keep their ids. A category the model does not know, listed
-    without annotations, changes nothing but a note."""
+    without annotations, changes nothing but a note. The results go beside the checkpoint, in a folder
+    named after this dataset, not the checkpoint's own dataset's."""
     subset = str(tmp_path / "subset")
     shutil.copytree(tiny_data, subset)
     path = os.path.join(subset, "annotations", "instances_val2017.json")
@@ -511,9 +512,8 @@ def test_a_split_with_some_of_the_models_categories(tiny_ckpt, tiny_data, datase
     with open(path, "w") as f:
         json.dump(d, f)
     monkeypatch.setattr(RetinaNet, "detect", known_detect(dataset))
-    out = str(tmp_path / "eval")
-    metrics, printed = run_main(["--ckpt", tiny_ckpt, "--data", subset, "--output", out, "--workers", "0",
-                                 "--breakdown"], capsys)
+    metrics, printed = run_main(["--ckpt", tiny_ckpt, "--data", subset, "--workers", "0", "--breakdown"], capsys)
+    out = os.path.join(os.path.dirname(tiny_ckpt), "eval_subset_val2017")  # not the trained dataset's eval_val2017
     assert metrics["coco"]["AP"] == pytest.approx(100.0)
     assert metrics["breakdown"]["square"] == {"square": pytest.approx(100.0)} and metrics["breakdown"]["slender"] == {}
     assert "note: " in printed.out and "without any annotation (99:kite): they do not count in AP" in printed.out
