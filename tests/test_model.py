@@ -144,6 +144,21 @@ def test_encode_decode_round_trip_and_torchvision_box_coder():
     assert torch.isfinite(model.decode(anchors, wild)).all()
 
 
+def test_box_iou_equals_torchvision_and_broadcasts():
+    """model.box_iou against torchvision.ops.box_iou, image by image, on a batch [B, N, 4] x [M, 4]
+    (which torchvision's does not take), overlapping and disjoint boxes and exact duplicates; a pair
+    of empty boxes has IoU 0 where torchvision's divides 0 by 0."""
+    g = torch.Generator().manual_seed(1)
+    boxes1 = torch.stack([random_boxes(7, g) for _ in range(3)])  # [3, 7, 4]
+    boxes2 = torch.cat([random_boxes(40, g), boxes1[0, :2]])  # [42, 4], two exact duplicates
+    iou = model.box_iou(boxes1, boxes2)  # [3, 7, 42]
+    for b in range(3):
+        torch.testing.assert_close(iou[b], torchvision.ops.box_iou(boxes1[b], boxes2))
+    assert (iou == 0).any() and (iou[0, :2, -2:].diagonal() == 1).all()
+    empty = torch.tensor([[5.0, 5.0, 5.0, 5.0]])
+    assert model.box_iou(empty, empty).item() == 0 and torchvision.ops.box_iou(empty, empty).isnan().all()
+
+
 # ----------------------------------------------------------------------------- torchvision equivalence
 
 def test_detect_equals_torchvision():
