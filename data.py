@@ -637,8 +637,14 @@ class CocoDataset(torch.utils.data.Dataset):
             image = image.flip(-1)
             W = size[1]
             boxes = torch.stack((W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3]), dim=1)
-        if self.resize_in_worker:
-            image = prepare_image(image, size)  # [3, h', w'] float32, normalised
+        if self.resize_in_worker:  # on 1 thread, as in a DataLoader worker: bilinear resizing on the CPU
+            # rounds differently with the number of threads, and --workers 0 must give the same batches
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                image = prepare_image(image, size)  # [3, h', w'] float32, normalised
+            finally:
+                torch.set_num_threads(threads)
         target = {"boxes": boxes, "labels": labels, "image_id": int(self._image_ids[i]),
                   "orig_size": orig_size, "size": size}
         return image, target

@@ -264,6 +264,30 @@ def test_resize_in_worker_or_on_device_gives_the_same_batches(tiny):
         assert all(torch.equal(a, b) for a, b in zip(on_device[1], in_worker[1]))
 
 
+def test_resize_in_worker_does_not_depend_on_the_thread_count(tmp_path):
+    """Bilinear resizing on a CPU rounds differently with the number of threads: --workers 0 (the
+    main process's threads) and DataLoader workers (1 thread each) must still give the same batches,
+    or a run resumed with another --workers would not continue the same run."""
+    root = str(tmp_path / "noise")
+    os.makedirs(os.path.join(root, "s"))
+    pixels = np.random.default_rng(0).integers(0, 256, (317, 411, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(root, "s", "noise.png"))
+    write_coco(root, "s", [image_entry(1, "noise.png", 411, 317)], [ann(1, 1, 5, [30, 20, 150, 100])],
+               [{"id": 5, "name": "box"}])
+    ds = CocoDataset(root, "s", train=True, max_size=200)
+    ds.resize_in_worker = True
+    threads = torch.get_num_threads()
+    try:
+        images = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            images.append(ds[(0, 150, False)][0])
+            assert torch.get_num_threads() == n  # left as it was
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(images[0], images[1])
+
+
 @pytest.mark.parametrize("max_size", [80, 200])
 def test_every_training_batch_fits_a_fixed_canvas(tiny, max_size):
     """train.py --fixed-shapes: landscape, portrait and square images at three scales (one above
