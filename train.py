@@ -239,8 +239,21 @@ def save_atomic(obj, path):
 
 # settings that define a run: --resume refuses a last.pt saved with others (it would not continue that run),
 # the FreeAnchor settings (loss_config) included
-RESUME_MUST_MATCH = ("backbone", "weights", "loss", "batch_size", "lr", "max_iter", "steps", "warmup_iters",
-                     "momentum", "weight_decay", "min_size", "max_size", "seed", "clip_grad", "raw_orientation")
+RESUME_MUST_MATCH = ("train_split", "backbone", "weights", "loss", "batch_size", "lr", "max_iter", "steps",
+                     "warmup_iters", "momentum", "weight_decay", "min_size", "max_size", "seed", "clip_grad",
+                     "raw_orientation")
+# settings a run may change on resuming (another machine, the data moved), though its weights then
+# differ from an uninterrupted run's: said in a note
+RESUME_MAY_CHANGE = ("data", "device", "amp", "channels_last", "compile", "fixed_shapes")
+
+
+def resume_changes(names, saved, given):
+    """"--flag saved -> given" for each of `names` that last.pt's settings (dict `saved`) hold with
+    another value than this run's (dict `given`), values written as on the command line."""
+    def shown(value):
+        return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    return [f"--{k.replace('_', '-')} {shown(saved[k])} -> {shown(given[k])}" for k in names
+            if k in saved and not same_setting(k, saved[k], given[k])]
 
 
 def same_setting(name, saved, given):
@@ -345,14 +358,16 @@ def train(cfg, loss_cfg):
             raise ValueError(f"cannot read checkpoint {last_path}: {type(e).__name__}: {e}") from None
         if ckpt_categories != dataset.categories:
             raise ValueError(f"{last_path} was trained on other categories than {dataset.ann_file}")
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in RESUME_MUST_MATCH
-                   if k in saved and not same_setting(k, saved[k], getattr(cfg, k))]
-        saved_loss = ckpt.get("loss_config") or {}
-        changed += [f"--{k.replace('_', '-')} {saved_loss[k]} -> {v}" for k, v in dataclasses.asdict(loss_cfg).items()
-                    if k in saved_loss and saved_loss[k] != v]
+        given, given_loss = dataclasses.asdict(cfg), dataclasses.asdict(loss_cfg)
+        changed = resume_changes(RESUME_MUST_MATCH, saved, given)
+        changed += resume_changes(given_loss, ckpt.get("loss_config") or {}, given_loss)
         if changed:
             raise ValueError(f"{last_path} belongs to a different run ({'; '.join(changed)}): "
                              f"resume with the run's own settings, or use another --output")
+        changed = resume_changes(RESUME_MAY_CHANGE, saved, given)
+        if changed and master:
+            print(f"note: resuming with other settings than {last_path}'s ({'; '.join(changed)}): the run goes on, "
+                  f"but its weights will not be those of an uninterrupted run", flush=True)
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])

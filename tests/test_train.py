@@ -549,14 +549,27 @@ def test_ctrl_c_while_torch_imports_is_one_line():
 
 
 def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
-    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
+    """--resume refuses a last.pt of other settings, naming them as flags (also another training split
+    with the same categories); settings that change only the numbers get a note."""
+    import shutil
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_data, data)
+    shutil.copy(os.path.join(data, "annotations", "instances_train2017.json"),
+                os.path.join(data, "annotations", "instances_again.json"))
+    os.symlink(os.path.join(data, "train2017"), os.path.join(data, "again"))
+    args = [*TINY, "--data", data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
     train.main(args)
     capsys.readouterr()
-    for change, culprit in ((["--seed", "5"], "--seed 0 -> 5"), (["--backbone", "resnet34"], "--backbone resnet18 -> resnet34")):
+    for change, culprit in ((["--seed", "5"], "--seed 0 -> 5"), (["--backbone", "resnet34"], "--backbone resnet18 -> resnet34"),
+                            (["--train-split", "again"], "--train-split train2017 -> again"),
+                            (["--min-size", "48", "64"], "--min-size 64 -> 48 64")):
         with pytest.raises(SystemExit) as exit_info:
             train.main([*args, "--resume", *change])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and culprit in err, err
+    train.main([*args, "--resume", "--channels-last"])
+    out = capsys.readouterr().out
+    assert "note: resuming with other settings than " in out and "(--channels-last False -> True)" in out, out
     good = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
     broken = [lambda c: c.pop("rng"), lambda c: c.pop("iteration"), lambda c: c.update(iteration="1"),
               lambda c: c["rng"].pop("numpy"), lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
