@@ -157,6 +157,10 @@ def parse_config(argv):
         raise ValueError(f"--test-scales {' '.join(map(str, cfg.test_scales))}: sizes must be positive")
     if cfg.test_scales is not None and cfg.min_size is not None:
         raise ValueError("--min-size and --test-scales both set the shorter side: give one of them")
+    scales = cfg.test_scales or ([cfg.min_size] if cfg.min_size else [])
+    if cfg.max_size is not None and any(s > cfg.max_size for s in scales):
+        raise ValueError(f"--{'test-scales' if cfg.test_scales else 'min-size'} {' '.join(map(str, scales))}: above "
+                         f"--max-size {cfg.max_size}, the cap on the longer side")
     return device_defaults(cfg)
 
 

@@ -176,6 +176,11 @@ def parse_config(argv):
         problems.append(f"--steps {' '.join(map(str, cfg.steps))}: must increase")
     if any(s < 1 for s in cfg.min_size):
         problems.append(f"--min-size {' '.join(map(str, cfg.min_size))}: sizes must be positive")
+    if any(s > cfg.max_size for s in cfg.min_size):  # the cap would win: images smaller than asked, scales merged
+        problems.append(f"--min-size {' '.join(map(str, cfg.min_size))}: above --max-size {cfg.max_size}, the cap "
+                        f"on the longer side")
+    if cfg.steps is not None and any(s < 1 for s in cfg.steps):
+        problems.append(f"--steps {' '.join(map(str, cfg.steps))}: iterations must be positive")
     if problems:
         raise ValueError(problems[0])
     if cfg.lr is None:

@@ -481,7 +481,9 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
         assert e.value.code == 2 and err.startswith(f"error: {other}") and err.count("\n") == 1, (broken, err)
 
     for argv, culprit in ((["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "x"], "--batch-size: invalid int"),
-                          (["--no-such-flag"], "unrecognized arguments: --no-such-flag")):
+                          (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+                          (["--min-size", "100", "--max-size", "50"], "--min-size 100: above --max-size 50"),
+                          (["--test-scales", "40", "60", "--max-size", "50"], "--test-scales 40 60: above --max-size 50")):
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--ckpt", tiny_ckpt, *argv])
         err = capsys.readouterr().err

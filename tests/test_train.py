@@ -633,6 +633,8 @@ def test_a_bad_argument_gives_one_line_from_the_command_line(tiny_data, tmp_path
     (["--gamma", "inf"], "--gamma inf"),
     (["--workers", "-1"], "--workers -1"),
     (["--steps", "50", "20"], "--steps 50 20: must increase"),
+    (["--steps", "-3", "1"], "--steps -3 1: iterations must be positive"),
+    (["--min-size", "64", "96"], "--min-size 64 96: above --max-size 64, the cap on the longer side"),
     (["--device", "cuda:x"], "--device cuda:x: use cpu, cuda or cuda:N"),
 ])
 def test_bad_arguments_give_one_line(args, message, tiny_data, tmp_path, capsys):
