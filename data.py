@@ -1169,25 +1169,29 @@ def setup_processes(device):
 
 
 class DeferredInterrupt(KeyboardInterrupt):
-    """A Ctrl-C that sigint_deferred held back until its block had completed."""
+    """A Ctrl-C or SIGTERM (`signum`) that signals_deferred held back until its block had completed."""
+
+    def __init__(self, signum=signal.SIGINT, *args):
+        super().__init__(*args)
+        self.signum = signum
 
 
 @contextlib.contextmanager
-def sigint_deferred():
-    """Ctrl-C inside the block waits for the block's end, then interrupts as anywhere else, as a
-    DeferredInterrupt (an ignored SIGINT stays ignored; signals are handled in the main thread only)."""
-    interrupted = []
-    handle = (threading.current_thread() is threading.main_thread()
-              and signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None))
-    if handle:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+def signals_deferred():
+    """Ctrl-C, or SIGTERM where the program handles it (train.py), inside the block waits for the
+    block's end, then stops the program as anywhere else, as a DeferredInterrupt. A signal that is
+    ignored or left to the system's default stays so; signals are handled in the main thread only."""
+    caught = []
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread()
+               and signal.getsignal(s) not in (signal.SIG_IGN, signal.SIG_DFL, None)]
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in handled}
     try:
         yield
     finally:
-        if handle:
-            signal.signal(signal.SIGINT, previous)
-    if interrupted:  # the Ctrl-C held back
-        raise DeferredInterrupt
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:  # the signal held back
+        raise DeferredInterrupt(caught[0])
 
 
 def _partial(path):
@@ -1208,7 +1212,7 @@ def write_atomic(path, data):
     rename). Ctrl-C waits for the end of the write. A failed write (a full disk) removes the
     temporary file and raises OSError naming `path`, the old file untouched."""
     tmp = _partial(path)
-    with sigint_deferred():
+    with signals_deferred():
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

@@ -68,7 +68,7 @@ import freeanchor
 from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError,
                   TrainSampler, add_config_arguments, available_cpus, canvas_shapes, collate, config_from_args,
                   device_defaults, end_progress_line, format_eta, on_rank0, pad_to_canvas, print_stop,
-                  remove_partial_writes, resolve_root_once, setup_processes, sigint_deferred, stop_on_failure,
+                  remove_partial_writes, resolve_root_once, setup_processes, signals_deferred, stop_on_failure,
                   to_device, write_atomic)
 from model import BACKBONES, RetinaNet
 
@@ -236,7 +236,7 @@ def step_unless(optimizer, skip):
 def save_atomic(obj, path):
     """torch.save(obj) to `path` atomically (data.write_atomic). Serialised in memory first, so that
     a full disk is the OSError of a plain write, not torch's stream error."""
-    with sigint_deferred():  # Ctrl-C waits for the whole checkpoint
+    with signals_deferred():  # Ctrl-C and SIGTERM wait for the whole checkpoint
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         write_atomic(path, buffer.getbuffer())
@@ -426,7 +426,8 @@ def train(cfg, loss_cfg):
     # uninterrupted one (nothing random reads it today; dropout or a random crop would).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=workers, pin_memory=device.type == "cuda",  # non_blocking copies
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+                                         generator=torch.Generator().manual_seed(cfg.seed),
+                                         worker_init_fn=_ignore_sigterm)
 
     log_path = os.path.join(cfg.output, "log.jsonl")
     if master:
@@ -569,9 +570,9 @@ def train(cfg, loss_cfg):
                  "config": dataclasses.asdict(cfg), "loss_config": dataclasses.asdict(loss_cfg), "iteration": cfg.max_iter}
         try:
             save_atomic(final, final_path)
-        except DeferredInterrupt:  # Ctrl-C during the write, which completed first: the run is done
+        except DeferredInterrupt as e:  # Ctrl-C during the write, which completed first: the run is done
             print(f"done: {final_path}", flush=True)
-            raise KeyboardInterrupt("after the run completed") from None
+            raise DeferredInterrupt(e.signum, "after the run completed") from None
         print(f"done: {final_path}", flush=True)
     if ddp:
         dist.barrier()
@@ -621,11 +622,33 @@ def _iter_of(line):
         return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a cluster scheduler stopping or preempting the job): the run stops as on Ctrl-C,
+    once the checkpoint being written is whole."""
+    signum = signal.SIGTERM
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+def _ignore_sigterm(worker_id):
+    """In each DataLoader worker: a scheduler's SIGTERM reaches every process of the job, and the
+    stop is the training process's to make (a worker killed by it would turn the stop into "worker
+    killed"); the workers end when the loader is shut down, or when their parent is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main(argv=None):
     """CLI entry: user mistakes (bad arguments, data, checkpoints, a diverging run) end with one
-    line on stderr and exit status 2 (1 for a non-finite loss), never a traceback."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    line on stderr and exit status 2 (1 for a non-finite loss), never a traceback; Ctrl-C and
+    SIGTERM with one line and status 130 or 143."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is the KeyboardInterrupt below
+    sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else signal.SIG_IGN
+    if sigterm is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     cfg = None
     try:
         cfg, loss_cfg = parse_config(argv)
@@ -639,18 +662,25 @@ def main(argv=None):
         stop_on_failure(e)
     except KeyboardInterrupt as e:
         end_progress_line()
+        signum = getattr(e, "signum", signal.SIGINT)
+        word = "terminated" if signum == signal.SIGTERM else "interrupted"
         if e.args:
-            message = f"interrupted {e.args[0]}"
+            message = f"{word} {e.args[0]}"
+        elif cfg is not None and os.path.exists(os.path.join(cfg.output, "model_final.pt")):  # after "done:"
+            message = f"{word} after the run completed"
         elif cfg is not None and os.path.exists(os.path.join(cfg.output, "last.pt")):
-            message = "interrupted: resume with --resume"
+            message = f"{word}: resume with --resume"
         else:
-            message = "interrupted before the first checkpoint: nothing to resume, run the command again"
-        print_stop(message)  # once under torchrun, whose every process gets the Ctrl-C
-        sys.exit(130)
+            message = f"{word} before the first checkpoint: nothing to resume, run the command again"
+        print_stop(message)  # once under torchrun, whose every process gets the signal
+        sys.exit(128 + signum)
     finally:  # also when a run stops on an error (NCCL warns, and may hang at exit, otherwise)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        if sigterm is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":
     main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is complete: a Ctrl-C during the exit interrupts nothing

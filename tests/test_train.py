@@ -360,13 +360,15 @@ def test_output_that_cannot_be_written_or_locked(tiny_data, tmp_path, monkeypatc
     assert (tmp_path / "run" / "model_final.pt").exists()
 
 
-@pytest.mark.parametrize("where", ["serialising", "writing the file"])
-def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tiny_data, tmp_path, monkeypatch, capsys, where):
+@pytest.mark.parametrize("where, signum", [("serialising", signal.SIGINT), ("writing the file", signal.SIGINT),
+                                           ("writing the file", signal.SIGTERM)])
+def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tiny_data, tmp_path, monkeypatch, capsys, where, signum):
     """Ctrl-C in the middle of saving last.pt (while it is serialised, or while its bytes go to the
     file): the write completes, then the run stops with one line and status 130, as anywhere else;
-    last.pt is whole and no temporary file is left."""
+    last.pt is whole and no temporary file is left. SIGTERM (a scheduler's preemption) the same,
+    with status 143."""
     def sigint():
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
         time.sleep(0.05)
 
     if where == "serialising":
@@ -385,8 +387,10 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tiny_data, tmp_path, monk
             "--output", str(tmp_path / "r")]
     with pytest.raises(SystemExit) as e:
         train.main(args)
-    assert e.value.code == 130
-    assert capsys.readouterr().err == "interrupted: resume with --resume\n"
+    assert e.value.code == 128 + signum
+    word = "interrupted" if signum == signal.SIGINT else "terminated"
+    assert capsys.readouterr().err == f"{word}: resume with --resume\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as main() found it
     monkeypatch.undo()
     assert torch.load(tmp_path / "r" / "last.pt", map_location="cpu", weights_only=False)["iteration"] == 1
     assert sorted(os.listdir(tmp_path / "r")) == [".lock", "config.json", "last.pt", "log.jsonl"]
@@ -451,6 +455,21 @@ def test_ctrl_c_while_writing_model_final_says_the_run_is_complete(tiny_data, tm
     assert out.out.strip().splitlines()[-1] == f"done: {tmp_path / 'r' / 'model_final.pt'}"
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(tmp_path / "r" / "model_final.pt", weights_only=False)["iteration"] == 1
+
+
+def test_ctrl_c_after_done_says_the_run_is_complete(tiny_data, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C between "done:" and the end of the process interrupts a finished run: not a "resume"."""
+    real_train = train.train
+
+    def interrupted_after(*args):
+        real_train(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupted_after)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1",
+                    "--output", str(tmp_path / "r")])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted after the run completed\n"
 
 
 def test_ctrl_c_before_model_final_is_written_is_a_plain_interruption(tiny_data, tmp_path, monkeypatch, capsys):
