@@ -596,6 +596,8 @@ def run_directory_lock(path):
         os.makedirs(path, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+        if os.path.isfile(path):
+            raise ValueError(f"--output {path} is a file, not a directory") from None
         raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
     try:
         try:

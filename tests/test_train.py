@@ -348,6 +348,9 @@ def test_output_that_cannot_be_written_or_locked(tiny_data, tmp_path, monkeypatc
         train.main([*args, "--output", str(tmp_path / "afile" / "run")])
     assert e.value.code == 2
     assert capsys.readouterr().err == f"error: --output {tmp_path / 'afile' / 'run'}: cannot write there (Not a directory)\n"
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--output", str(tmp_path / "afile")])
+    assert capsys.readouterr().err == f"error: --output {tmp_path / 'afile'} is a file, not a directory\n"
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
