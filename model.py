@@ -646,8 +646,9 @@ def _infer_backbone(body_state):
 def from_torchvision(tv, backbone=None):
     """Our RetinaNet from a `torchvision.models.detection.RetinaNet` built like
     `retinanet_resnet50_fpn` (ResNet/ResNeXt trunk, FPN on layer2-4, LastLevelP6P7(256, 256),
-    default anchors and head): same weights, sizes and thresholds. Inverse of to_torchvision, and
-    the way to start training from torchvision's checkpoints. `backbone` is inferred if None."""
+    default anchors and head): same weights, sizes and thresholds. Inverse of to_torchvision: brings
+    torchvision's checkpoints into this project's model (to evaluate them, or as a starting point
+    for your own training code). `backbone` is inferred if None."""
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
     fpn = getattr(tv.backbone, "fpn", None)
