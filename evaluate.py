@@ -109,8 +109,9 @@ class EvalConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     max_images: int = field(default=None, metadata={"help": "evaluate only the first N images of the split (default: all)"})
     output: str = field(default=None, metadata={
-        "help": "folder for the results (default: <ckpt dir>/eval_<split>, or eval_<data folder>_<split> for "
-                "another dataset than the checkpoint's)"})
+        "help": "folder for the results (default: <ckpt dir>/eval_<split> for model_final.pt, eval_<ckpt name>_<split> "
+                "for another checkpoint, with the data folder's name before the split for another dataset than the "
+                "checkpoint's)"})
     nms_recall: bool = field(default=False, metadata={
         "help": "NMS recall NR, NR50..NR90 (Table 1): recall after NMS (all it keeps) over recall before it, "
                 "from the candidates of the same forward pass"})
@@ -191,6 +192,8 @@ def load_checkpoint(path, device):
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: the weights do not fit its model_config ({str(e).splitlines()[0]})") from None
+    if len(ckpt["categories"]) != model.num_classes:
+        raise ValueError(f"{path} names {len(ckpt['categories'])} categories for a model of {model.num_classes} classes")
     return model.to(device).eval(), ckpt
 
 
@@ -599,6 +602,8 @@ def make_output_folder(path):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
+        if os.path.isfile(path):
+            raise ValueError(f"--output {path} is a file, not a directory") from None
         raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
     remove_partial_writes(path, ("detections.json", "metrics.json"))
 
@@ -630,10 +635,15 @@ def _evaluate(cfg, ddp, rank, world, master):
     scales = list(cfg.test_scales) if cfg.test_scales else [cfg.min_size or trained_min]
     # the longer-side cap grows with the shorter side, as in the authors' multi-scale test
     max_sizes = [cfg.max_size or round(trained_max * s / trained_min) for s in scales]
-    if cfg.output is None:  # eval_<split> beside the checkpoint; eval_<dataset>_<split> for another dataset
+    if any(s > m for s, m in zip(scales, max_sizes)):  # the checkpoint's own shorter side above --max-size
+        raise ValueError(f"--max-size {cfg.max_size}: below the shorter side {' '.join(map(str, scales))} "
+                         f"(the checkpoint's; give --min-size too)")
+    if cfg.output is None:  # beside the checkpoint: eval_[<ckpt>_][<dataset>_]<split>, one folder per evaluation
         trained_on = train_cfg.get("data")
         same = cfg.data == trained_on or (cfg.data != "shapes" and os.path.abspath(cfg.data) == trained_on)
-        name = cfg.split if same else f"{os.path.basename(os.path.normpath(cfg.data))}_{cfg.split}"
+        stem = os.path.splitext(os.path.basename(cfg.ckpt))[0]
+        name = "_".join([*([] if stem == "model_final" else [stem]),
+                         *([] if same else [os.path.basename(os.path.normpath(cfg.data))]), cfg.split])
         cfg.output = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), f"eval_{name}")
 
     # ------------------------------------------------------------------ data
@@ -675,7 +685,9 @@ def _evaluate(cfg, ddp, rank, world, master):
     records.sort(key=lambda r: r["index"])
     img_ids = [r["image_id"] for r in records]
     metrics = {"ckpt": cfg.ckpt, "data": cfg.data, "split": cfg.split, "images": num_images,
-               "scales": scales, "max_sizes": max_sizes, "flip": cfg.flip, "processes": world,
+               "scales": scales, "max_sizes": max_sizes, "flip": cfg.flip, "score_thresh": cfg.score_thresh,
+               "batch_size": cfg.batch_size, "amp": cfg.amp, "channels_last": cfg.channels_last,
+               "raw_orientation": raw, "processes": world,
                "seconds": round(seconds, 2), "images_per_s": round(num_images / max(seconds, 1e-9), 2)}
 
     # ------------------------------------------------------------------ COCO AP (Table 2)

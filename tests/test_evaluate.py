@@ -336,6 +336,7 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
     with open(os.path.join(out, "metrics.json")) as f:
         saved = json.load(f)
     assert saved["images"] == len(dataset) and set(saved["coco"]) == set(evaluate.COCO_STATS)
+    assert (saved["score_thresh"], saved["batch_size"], saved["amp"], saved["raw_orientation"]) == (0.05, 4, False, False)
     assert saved["coco"]["AP"] == pytest.approx(80.0) and saved["coco"]["AP50"] == pytest.approx(100.0)
     assert saved["coco"]["AP75"] == pytest.approx(200 / 3)
     nr = saved["nms_recall"]
@@ -473,7 +474,8 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
 
     # checkpoints of another version of train.py, or of another program
     for broken in ({"model_config": {**ckpt["model_config"], "new_option": 1}}, {"model_config": None},
-                   {"model": None}, {"config": [1, 2]}, {"categories": ["square", "needle"]}):
+                   {"model": None}, {"config": [1, 2]}, {"categories": ["square", "needle"]},
+                   {"categories": ckpt["categories"][:2]}):
         torch.save({**ckpt, **broken}, other)
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--ckpt", other, "--output", str(tmp_path / "x")])
@@ -483,18 +485,35 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     for argv, culprit in ((["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "x"], "--batch-size: invalid int"),
                           (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
                           (["--min-size", "100", "--max-size", "50"], "--min-size 100: above --max-size 50"),
-                          (["--test-scales", "40", "60", "--max-size", "50"], "--test-scales 40 60: above --max-size 50")):
+                          (["--test-scales", "40", "60", "--max-size", "50"], "--test-scales 40 60: above --max-size 50"),
+                          (["--max-size", "32"], "--max-size 32: below the shorter side 64 (the checkpoint's")):
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--ckpt", tiny_ckpt, *argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and culprit in err and err.count("\n") == 1, err  # no usage block
 
     (tmp_path / "afile").write_text("")
-    for output in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+    afile, below = tmp_path / "afile", tmp_path / "afile" / "sub"
+    for output, said in ((afile, f"error: --output {afile} is a file, not a directory"),
+                         (below, f"error: --output {below}: cannot write there")):
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--ckpt", tiny_ckpt, "--output", str(output), "--workers", "0", "--max-images", "1"])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith(f"error: --output {output}: cannot write there") and err.count("\n") == 1
+        assert e.value.code == 2 and err.startswith(said) and err.count("\n") == 1, err
+
+
+def test_each_checkpoint_gets_its_own_default_folder(tiny_ckpt, tmp_path, capsys):
+    """last.pt and model_final.pt of one run, evaluated with the defaults, write to eval_last_<split>
+    and eval_<split>: neither replaces the other's results."""
+    import shutil
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model_final.pt", "last.pt"):
+        shutil.copy(tiny_ckpt, run / name)
+        run_main(["--ckpt", str(run / name), "--workers", "0", "--max-images", "1"], capsys)
+    for folder in ("eval_val2017", "eval_last_val2017"):
+        with open(run / folder / "metrics.json") as f:
+            assert json.load(f)["ckpt"].endswith("last.pt" if "last" in folder else "model_final.pt")
 
 
 def test_a_split_with_some_of_the_models_categories(tiny_ckpt, tiny_data, dataset, tmp_path, capsys, monkeypatch):
