@@ -638,13 +638,6 @@ def _evaluate(cfg, ddp, rank, world, master):
     if any(s > m for s, m in zip(scales, max_sizes)):  # the checkpoint's own shorter side above --max-size
         raise ValueError(f"--max-size {cfg.max_size}: below the shorter side {' '.join(map(str, scales))} "
                          f"(the checkpoint's; give --min-size too)")
-    if cfg.output is None:  # beside the checkpoint: eval_[<ckpt>_][<dataset>_]<split>, one folder per evaluation
-        trained_on = train_cfg.get("data")
-        same = cfg.data == trained_on or (cfg.data != "shapes" and os.path.abspath(cfg.data) == trained_on)
-        stem = os.path.splitext(os.path.basename(cfg.ckpt))[0]
-        name = "_".join([*([] if stem == "model_final" else [stem]),
-                         *([] if same else [os.path.basename(os.path.normpath(cfg.data))]), cfg.split])
-        cfg.output = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), f"eval_{name}")
 
     # ------------------------------------------------------------------ data
     try:
@@ -653,6 +646,12 @@ def _evaluate(cfg, ddp, rank, world, master):
         if cfg.data != train_cfg.get("data"):
             raise
         raise DataError(f"{e} (the dataset {cfg.ckpt} was trained on: pass --data)") from None
+    if cfg.output is None:  # beside the checkpoint: eval_[<ckpt>_][<dataset>_]<split>, one folder per evaluation
+        same = cfg.data == train_cfg.get("data") or os.path.abspath(root) == train_cfg.get("data")
+        stem = os.path.splitext(os.path.basename(cfg.ckpt))[0]
+        name = "_".join([*([] if stem == "model_final" else [stem]),
+                         *([] if same else [os.path.basename(os.path.normpath(root))]), cfg.split])
+        cfg.output = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), f"eval_{name}")
     raw = cfg.raw_orientation
     if raw is None:  # read images as training did
         raw = train_cfg.get("raw_orientation", False)

@@ -310,8 +310,8 @@ def train(cfg, loss_cfg):
 
     # ------------------------------------------------------------------ data (all checks before iteration 0)
     root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
-    if cfg.data != "shapes":  # recorded for evaluate.py, which may run from another directory
-        cfg.data = os.path.abspath(root)
+    # recorded for evaluate.py, which may run from another directory (and there would build another shapes)
+    cfg.data = os.path.abspath(root)
     dataset = CocoDataset(root, cfg.train_split, train=True, max_size=cfg.max_size, exif=not cfg.raw_orientation)
     if master and (dataset.tiny_boxes or dataset.images_without_boxes):  # said once, never silent
         print(f"note: training leaves out {dataset.tiny_boxes} box(es) of {dataset.ann_file} under 1 px wide or "
