@@ -606,9 +606,11 @@ class CocoDataset(torch.utils.data.Dataset):
     def path(self, i):
         return os.path.join(self.img_dir, self.file_name(i))
 
-    def check_images(self, workers=None, show_progress=True):
-        """Header check of every image before training or evaluation (see check_images)."""
-        check_images([self.path(i) for i in range(len(self))], self._sizes.tolist(), self.exif,
+    def check_images(self, workers=None, show_progress=True, count=None):
+        """Header check of every image (or of the first `count`) before training or evaluation (see
+        check_images)."""
+        count = len(self) if count is None else min(count, len(self))
+        check_images([self.path(i) for i in range(count)], self._sizes[:count].tolist(), self.exif,
                      workers, show_progress)
 
     def read_image(self, i):

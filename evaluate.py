@@ -661,8 +661,8 @@ def _evaluate(cfg, ddp, rank, world, master):
     if dataset.category_note and master:
         print(f"note: {dataset.category_note}", flush=True)
     num_images = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
-    if not cfg.skip_check:  # every image's header before the first detection; the other ranks wait
-        on_rank0(dataset.check_images, ddp, master)
+    if not cfg.skip_check:  # the header of every image to evaluate before the first detection; the other ranks wait
+        on_rank0(lambda: dataset.check_images(count=num_images), ddp, master)
     shard = [i for i in range(num_images) if i % world == rank]
     on_rank0(lambda: make_output_folder(cfg.output), ddp, master)
     if master:

@@ -840,6 +840,21 @@ def test_categories_the_model_does_not_know(tmp_path):
     assert "holds categories the model was not trained on (7:c7)" in one_line(e)
 
 
+def test_check_of_the_first_images_only(tmp_path):
+    """evaluate.py --max-images N checks the headers of the N images it evaluates, not a broken one after them."""
+    root = str(tmp_path / "two")
+    os.makedirs(os.path.join(root, "s"))
+    Image.new("RGB", (40, 30)).save(os.path.join(root, "s", "a.png"))
+    Image.new("RGB", (41, 30)).save(os.path.join(root, "s", "b.png"))  # annotated 40x30
+    write_coco(root, "s", [image_entry(1, "a.png", 40, 30), image_entry(2, "b.png", 40, 30)],
+               [ann(1, 1, 5, [1, 1, 10, 10])], [{"id": 5, "name": "box"}])
+    ds = CocoDataset(root, "s", train=False)
+    ds.check_images(show_progress=False, count=1)
+    with pytest.raises(DataError) as e:
+        ds.check_images(show_progress=False)
+    assert "1 of 2 images cannot be used" in one_line(e) and "b.png" in one_line(e)
+
+
 def test_images_above_pils_decompression_bomb_limit_are_used(tmp_path):
     """PIL refuses images above 179 Mpx by default; a dataset's own aerial tiles can be that large."""
     path = str(tmp_path / "huge.png")
