@@ -37,6 +37,7 @@ Tests: python -m pytest tests/test_evaluate.py
 
 import contextlib
 import copy
+import glob
 import io
 import json
 import math
@@ -606,6 +607,13 @@ def make_output_folder(path):
             raise ValueError(f"--output {path} is a file, not a directory") from None
         raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
     remove_partial_writes(path, ("detections.json", "metrics.json"))
+    # what an earlier evaluation drew here, which this one may not draw again (other options, another
+    # checkpoint): charts and pictures never sit beside results they were not made from
+    stale = [os.path.join(path, name) for name in ("ap_by_shape.png", "ap_by_crowdedness.png")]
+    stale += glob.glob(os.path.join(path, "pictures", "*.png")) + glob.glob(os.path.join(path, "matching", "matching_*.png"))
+    for file in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(file)
 
 
 def evaluate(cfg):

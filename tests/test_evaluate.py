@@ -401,6 +401,11 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
         _, _, w_px, h_px = extents[0]
         assert w_px / h_px == pytest.approx((x2 - x1) / (y2 - y1), rel=0.1), name
 
+    # evaluated again in the same folder without the drawings: none of the earlier ones stays beside its results
+    run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--max-images", "1"], capsys)
+    assert not any(os.path.exists(os.path.join(out, name)) for name in ("ap_by_shape.png", "ap_by_crowdedness.png"))
+    assert os.listdir(os.path.join(out, "pictures")) == [] and os.listdir(os.path.join(out, "matching")) == []
+
 
 def test_pictures_of_a_category_name_with_a_newline():
     """Names come from the user's JSON; PIL measures one line of text only."""
