@@ -1170,6 +1170,42 @@ def setup_processes(device):
     return True, rank, world, device
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a cluster scheduler stopping or preempting the job) where catch_stop_signals
+    is in force: the program stops as on Ctrl-C, after the file being written (signals_deferred)."""
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def catch_stop_signals():
+    """From here on, in the main thread, Ctrl-C raises KeyboardInterrupt (also where a caller had
+    installed another handler) and SIGTERM raises Terminated, unless ignored (as `cmd &` in a script
+    leaves SIGINT) or already handled. Returns a function that puts SIGTERM back as it was."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def stopped_by(signum):
+    """The word for a stop by `signum`, in the line the programs end with."""
+    return "terminated" if signum == signal.SIGTERM else "interrupted"
+
+
+def ignore_sigterm(worker_id):
+    """worker_init_fn of the DataLoaders: a scheduler's SIGTERM reaches every process of the job, and
+    the stop is the main process's to make (a worker killed by it would turn the stop into "worker
+    killed"); the workers end when the loader is shut down, or when their parent is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class DeferredInterrupt(KeyboardInterrupt):
     """A Ctrl-C or SIGTERM (`signum`) that signals_deferred held back until its block had completed."""
 

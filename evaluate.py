@@ -44,7 +44,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -70,9 +69,9 @@ from torchvision.ops import batched_nms
 
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, HelpFormatter,
-                  ImageError, add_config_arguments, available_cpus, config_from_args, device_defaults,
-                  end_progress_line, on_rank0, print_stop, progress_line, remove_partial_writes, resolve_root_once,
-                  setup_processes, stop_on_failure, write_atomic)
+                  ImageError, add_config_arguments, available_cpus, catch_stop_signals, config_from_args,
+                  device_defaults, end_progress_line, ignore_sigterm, on_rank0, print_stop, progress_line,
+                  remove_partial_writes, resolve_root_once, setup_processes, stop_on_failure, stopped_by, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -564,7 +563,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     indices = sorted(indices, key=lambda i: aspect_ratios[i])
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
                                          num_workers=min(cfg.workers, available_cpus()), collate_fn=list,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
     if cfg.channels_last:  # convolutions in NHWC follow the weights' layout
         model = model.to(memory_format=torch.channels_last)
@@ -777,9 +776,8 @@ def _evaluate(cfg, ddp, rank, world, master):
 
 def main(argv=None):
     """CLI entry: user mistakes (arguments, data, checkpoints) end with one line on stderr and
-    exit status 2, never a traceback."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is the KeyboardInterrupt below
+    exit status 2, never a traceback; Ctrl-C and SIGTERM with one line and status 130 or 143."""
+    restore_sigterm = catch_stop_signals()  # from here Ctrl-C and SIGTERM are the KeyboardInterrupt below
     try:
         return evaluate(parse_config(argv))
     except (DataError, ValueError) as e:
@@ -788,10 +786,13 @@ def main(argv=None):
         sys.exit(2)
     except (OSError, RuntimeError) as e:  # the machine's (a full disk), another process's, or a bug
         stop_on_failure(e)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         end_progress_line()
-        print_stop("interrupted")  # once under torchrun, whose every process gets the Ctrl-C
-        sys.exit(130)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print_stop(stopped_by(signum))  # once under torchrun, whose every process gets the signal
+        sys.exit(128 + signum)
+    finally:
+        restore_sigterm()
 
 
 if __name__ == "__main__":

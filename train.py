@@ -38,7 +38,6 @@ import random
 import resource
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -66,10 +65,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
 from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError,
-                  TrainSampler, add_config_arguments, available_cpus, canvas_shapes, collate, config_from_args,
-                  device_defaults, end_progress_line, format_eta, on_rank0, pad_to_canvas, print_stop,
-                  remove_partial_writes, resolve_root_once, setup_processes, signals_deferred, stop_on_failure,
-                  to_device, write_atomic)
+                  TrainSampler, add_config_arguments, available_cpus, canvas_shapes, catch_stop_signals, collate,
+                  config_from_args, device_defaults, end_progress_line, format_eta, ignore_sigterm, on_rank0,
+                  pad_to_canvas, print_stop, remove_partial_writes, resolve_root_once, setup_processes,
+                  signals_deferred, stop_on_failure, stopped_by, to_device, write_atomic)
 from model import BACKBONES, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -427,7 +426,7 @@ def train(cfg, loss_cfg):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=workers, pin_memory=device.type == "cuda",  # non_blocking copies
                                          generator=torch.Generator().manual_seed(cfg.seed),
-                                         worker_init_fn=_ignore_sigterm)
+                                         worker_init_fn=ignore_sigterm)
 
     log_path = os.path.join(cfg.output, "log.jsonl")
     if master:
@@ -624,34 +623,12 @@ def _iter_of(line):
         return None
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a cluster scheduler stopping or preempting the job): the run stops as on Ctrl-C,
-    once the checkpoint being written is whole."""
-    signum = signal.SIGTERM
-
-
-def _terminated(signum, frame):
-    raise Terminated
-
-
-def _ignore_sigterm(worker_id):
-    """In each DataLoader worker: a scheduler's SIGTERM reaches every process of the job, and the
-    stop is the training process's to make (a worker killed by it would turn the stop into "worker
-    killed"); the workers end when the loader is shut down, or when their parent is gone."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def main(argv=None):
     """CLI entry: user mistakes (bad arguments, data, checkpoints, a diverging run) end with one
     line on stderr and exit status 2 (1 for a non-finite loss), never a traceback; Ctrl-C and
     SIGTERM with one line and status 130 or 143."""
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is the KeyboardInterrupt below
-    sigterm = signal.getsignal(signal.SIGTERM) if in_main_thread else signal.SIG_IGN
-    if sigterm is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminated)
     cfg = None
+    restore_sigterm = catch_stop_signals()  # from here Ctrl-C and SIGTERM are the KeyboardInterrupt below
     try:
         cfg, loss_cfg = parse_config(argv)
         with run_directory_lock(cfg.output):
@@ -665,7 +642,7 @@ def main(argv=None):
     except KeyboardInterrupt as e:
         end_progress_line()
         signum = getattr(e, "signum", signal.SIGINT)
-        word = "terminated" if signum == signal.SIGTERM else "interrupted"
+        word = stopped_by(signum)
         if e.args:
             message = f"{word} {e.args[0]}"
         elif cfg is not None and os.path.exists(os.path.join(cfg.output, "model_final.pt")):  # after "done:"
@@ -679,8 +656,7 @@ def main(argv=None):
     finally:  # also when a run stops on an error (NCCL warns, and may hang at exit, otherwise)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        if sigterm is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, sigterm)
+        restore_sigterm()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import io
 import json
 import os
 import shutil
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -549,11 +551,22 @@ def test_a_split_with_some_of_the_models_categories(tiny_ckpt, tiny_data, datase
 
 def test_interrupted_evaluation_leaves_no_mismatched_results(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """Ctrl-C in COCO's evaluation: detections.json is this run's, whole, and the metrics.json of the
-    previous run's detections is gone with them; a complete run writes both again."""
+    previous run's detections is gone with them; a complete run writes both again. SIGTERM stops it
+    the same way, with its own line and status."""
     out = str(tmp_path / "eval")
     args = ["--ckpt", tiny_ckpt, "--output", out, "--workers", "0"]
     run_main([*args, "--max-images", "2"], capsys)
     real = evaluate.coco_evaluate
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+
+    monkeypatch.setattr(evaluate, "coco_evaluate", terminated)
+    with pytest.raises(SystemExit) as e:
+        run_main([*args, "--max-images", "2"], capsys)
+    assert e.value.code == 143 and capsys.readouterr().err == "terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # as main() found it
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -561,7 +574,7 @@ def test_interrupted_evaluation_leaves_no_mismatched_results(tiny_ckpt, tmp_path
     monkeypatch.setattr(evaluate, "coco_evaluate", interrupted)
     with pytest.raises(SystemExit) as e:
         run_main([*args, "--max-images", "3"], capsys)
-    assert e.value.code == 130
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
     with open(os.path.join(out, "detections.json")) as f:
         assert {r["image_id"] for r in json.load(f)} == {100, 107, 114}
     assert sorted(os.listdir(out)) == ["detections.json"]
