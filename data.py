@@ -1216,7 +1216,7 @@ class DeferredInterrupt(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Ctrl-C, or SIGTERM where the program handles it (train.py), inside the block waits for the
+    """Ctrl-C, or SIGTERM where the program handles it (catch_stop_signals), inside the block waits for the
     block's end, then stops the program as anywhere else, as a DeferredInterrupt. A signal that is
     ignored or left to the system's default stays so; signals are handled in the main thread only."""
     caught = []

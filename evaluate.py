@@ -642,9 +642,9 @@ def _evaluate(cfg, ddp, rank, world, master):
     scales = list(cfg.test_scales) if cfg.test_scales else [cfg.min_size or trained_min]
     # the longer-side cap grows with the shorter side, as in the authors' multi-scale test
     max_sizes = [cfg.max_size or round(trained_max * s / trained_min) for s in scales]
-    if any(s > m for s, m in zip(scales, max_sizes)):  # the checkpoint's own shorter side above --max-size
-        raise ValueError(f"--max-size {cfg.max_size}: below the shorter side {' '.join(map(str, scales))} "
-                         f"(the checkpoint's; give --min-size too)")
+    if not cfg.test_scales and cfg.min_size is None and trained_min > max_sizes[0]:  # (given sizes: parse_config)
+        raise ValueError(f"--max-size {cfg.max_size}: below the shorter side {trained_min} (the checkpoint's; "
+                         f"give --min-size too)")
 
     # ------------------------------------------------------------------ data
     try:

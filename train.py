@@ -252,8 +252,8 @@ RESUME_MAY_CHANGE = ("data", "device", "amp", "channels_last", "compile", "fixed
 
 
 def resume_changes(names, saved, given):
-    """"--flag saved -> given" for each of `names` that last.pt's settings (dict `saved`) hold with
-    another value than this run's (dict `given`), values written as on the command line."""
+    """The changes "--flag saved -> given", one for each of `names` that last.pt's settings (dict
+    `saved`) hold with another value than this run's (dict `given`), written as on the command line."""
     def shown(value):
         return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
     return [f"--{k.replace('_', '-')} {shown(saved[k])} -> {shown(given[k])}" for k in names

@@ -493,7 +493,7 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
                           (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
                           (["--min-size", "100", "--max-size", "50"], "--min-size 100: above --max-size 50"),
                           (["--test-scales", "40", "60", "--max-size", "50"], "--test-scales 40 60: above --max-size 50"),
-                          (["--max-size", "32"], "--max-size 32: below the shorter side 64 (the checkpoint's")):
+                          (["--max-size", "32"], "--max-size 32: below the shorter side 64 (the checkpoint's;")):
         with pytest.raises(SystemExit) as e:
             evaluate.main(["--ckpt", tiny_ckpt, *argv])
         err = capsys.readouterr().err
