@@ -513,11 +513,10 @@ class CocoDataset(torch.utils.data.Dataset):
         if categories is not None:  # a trained model's labels, of which the file may hold a part
             known = {(c["id"], c["name"]) for c in categories}
             annotated = {a["category_id"] for a in coco["annotations"]}
-            strangers = [f"{c['id']}:{c['name']}" for c in self.categories
-                         if (c["id"], c["name"]) not in known and c["id"] in annotated]
+            unknown = [c for c in self.categories if (c["id"], c["name"]) not in known]
+            strangers = [f"{c['id']}:{c['name']}" for c in unknown if c["id"] in annotated]
             # a label list exported whole, without objects of those classes: nothing for AP to count
-            unannotated = [f"{c['id']}:{c['name']}" for c in self.categories
-                           if (c["id"], c["name"]) not in known and c["id"] not in annotated]
+            unannotated = [f"{c['id']}:{c['name']}" for c in unknown if c["id"] not in annotated]
             if unannotated:
                 self.category_note = (f"{self.ann_file} also lists categories the model was not trained on, without "
                                       f"any annotation ({_name_some(unannotated, 8)}): they do not count in AP")
@@ -1194,9 +1193,11 @@ def catch_stop_signals():
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def stopped_by(signum):
-    """The word for a stop by `signum`, in the line the programs end with."""
-    return "terminated" if signum == signal.SIGTERM else "interrupted"
+def stopped_by(interrupt):
+    """A KeyboardInterrupt (Ctrl-C), Terminated or DeferredInterrupt -> the word for it in the line the
+    programs end with, and their exit status (128 + the signal's number: 130 or 143)."""
+    signum = getattr(interrupt, "signum", signal.SIGINT)
+    return ("terminated" if signum == signal.SIGTERM else "interrupted"), 128 + signum
 
 
 def ignore_sigterm(worker_id):

@@ -788,9 +788,9 @@ def main(argv=None):
         stop_on_failure(e)
     except KeyboardInterrupt as e:
         end_progress_line()
-        signum = getattr(e, "signum", signal.SIGINT)
-        print_stop(stopped_by(signum))  # once under torchrun, whose every process gets the signal
-        sys.exit(128 + signum)
+        word, status = stopped_by(e)
+        print_stop(word)  # once under torchrun, whose every process gets the signal
+        sys.exit(status)
     finally:
         restore_sigterm()
 

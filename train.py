@@ -641,8 +641,7 @@ def main(argv=None):
         stop_on_failure(e)
     except KeyboardInterrupt as e:
         end_progress_line()
-        signum = getattr(e, "signum", signal.SIGINT)
-        word = stopped_by(signum)
+        word, status = stopped_by(e)
         if e.args:
             message = f"{word} {e.args[0]}"
         elif cfg is not None and os.path.exists(os.path.join(cfg.output, "model_final.pt")):  # after "done:"
@@ -652,7 +651,7 @@ def main(argv=None):
         else:
             message = f"{word} before the first checkpoint: nothing to resume, run the command again"
         print_stop(message)  # once under torchrun, whose every process gets the signal
-        sys.exit(128 + signum)
+        sys.exit(status)
     finally:  # also when a run stops on an error (NCCL warns, and may hang at exit, otherwise)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
