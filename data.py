@@ -510,6 +510,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(coco["categories"], key=lambda c: c["id"])]
         self.category_note = None  # for evaluate.py to print
+        self.listed = len(self.categories)  # categories the file lists that the model knows: those AP averages over
         if categories is not None:  # a trained model's labels, of which the file may hold a part
             known = {(c["id"], c["name"]) for c in categories}
             annotated = {a["category_id"] for a in coco["annotations"]}
@@ -525,6 +526,7 @@ class CocoDataset(torch.utils.data.Dataset):
                 raise DataError(f"{self.ann_file} holds categories the model was not trained on "
                                 f"({_name_some(strangers, 8)}); it was trained on {_name_some(trained, 8)}")
             self.categories = [{"id": c["id"], "name": c["name"]} for c in categories]
+            self.listed -= len(unknown)
         label_of = {c["id"]: k for k, c in enumerate(self.categories)}
 
         # Usable boxes of every image in flat arrays: image i owns rows offsets[i]:offsets[i+1].

@@ -68,8 +68,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import batched_nms
 
 import freeanchor
-from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, HelpFormatter,
-                  ImageError, add_config_arguments, available_cpus, catch_stop_signals, config_from_args,
+from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, DeferredInterrupt,
+                  HelpFormatter, ImageError, add_config_arguments, available_cpus, catch_stop_signals, config_from_args,
                   device_defaults, end_progress_line, ignore_sigterm, on_rank0, print_stop, progress_line,
                   remove_partial_writes, resolve_root_once, setup_processes, stop_on_failure, stopped_by, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
@@ -170,8 +170,10 @@ def load_checkpoint(path, device):
     `device`, the checkpoint dict). A missing or foreign file is a ValueError naming it."""
     if os.path.isdir(path):
         raise ValueError(f"--ckpt {path} is a directory: give its model_final.pt or last.pt")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ValueError(f"checkpoint not found: {path}")
+    if not os.path.isfile(path):  # /dev/null, a pipe
+        raise ValueError(f"--ckpt {path} is not a file: give its model_final.pt or last.pt")
     try:
         # weights_only=False: last.pt carries numpy RNG states; only load checkpoints you trust
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -673,8 +675,10 @@ def _evaluate(cfg, ddp, rank, world, master):
     shard = [i for i in range(num_images) if i % world == rank]
     on_rank0(lambda: make_output_folder(cfg.output), ddp, master)
     if master:
+        K = len(dataset.categories)
+        classes = f"{K} classes" if dataset.listed == K else f"{dataset.listed} of the model's {K} classes"
         tta = ", ".join(f"{s}/{m}" for s, m in zip(scales, max_sizes))
-        print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {len(dataset.categories)} classes, "
+        print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {classes}, "
               f"shorter/longer side {tta}{', flip' if cfg.flip else ''}, {world} process(es) on {cfg.device}, "
               f"output {cfg.output}", flush=True)
 
@@ -768,9 +772,14 @@ def _evaluate(cfg, ddp, rank, world, master):
         paths = show_matching(model, dataset, order, loss_config, scales[0], os.path.join(cfg.output, "matching"))
         print(f"{len(paths)} matching pictures (Fig. 4) in {os.path.join(cfg.output, 'matching')}")
 
-    write_atomic(os.path.join(cfg.output, "metrics.json"), json.dumps(metrics, indent=1).encode())
-    print(f"results in {cfg.output} ({num_images} images in {seconds:.1f} s, "
-          f"{metrics['images_per_s']:.1f} img/s)", flush=True)
+    done = (f"results in {cfg.output} ({num_images} images in {seconds:.1f} s, "
+            f"{metrics['images_per_s']:.1f} img/s)")
+    try:
+        write_atomic(os.path.join(cfg.output, "metrics.json"), json.dumps(metrics, indent=1).encode())
+    except DeferredInterrupt as e:  # Ctrl-C during the write, which completed first: the evaluation is done
+        print(done, flush=True)
+        raise DeferredInterrupt(e.signum, "after the evaluation completed") from None
+    print(done, flush=True)
     return metrics
 
 
@@ -789,7 +798,7 @@ def main(argv=None):
     except KeyboardInterrupt as e:
         end_progress_line()
         word, status = stopped_by(e)
-        print_stop(word)  # once under torchrun, whose every process gets the signal
+        print_stop(f"{word} {e.args[0]}" if e.args else word)  # once under torchrun, whose every process gets the signal
         sys.exit(status)
     finally:
         restore_sigterm()
@@ -797,3 +806,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the evaluation is complete: a Ctrl-C during the exit interrupts nothing

@@ -298,7 +298,7 @@ def _read_backbone_weights(backbone, weights):
             ) from None
     if not os.path.isfile(weights):
         raise ValueError(f"weights must be 'imagenet', 'none' or the path of a backbone state dict; "
-                         f"{weights!r} is none of these (no such file)")
+                         f"{weights!r} is none of these ({'not a file' if os.path.exists(weights) else 'no such file'})")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever torch.load chokes on, the user needs the file name

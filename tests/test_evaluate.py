@@ -468,6 +468,10 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
         evaluate.main(["--ckpt", str(tmp_path / "nope.pt")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: checkpoint not found") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", os.devnull])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: --ckpt {os.devnull} is not a file: give its model_final.pt or last.pt\n"
 
     ckpt = torch.load(tiny_ckpt, weights_only=False)
     ckpt["categories"] = [{"id": 1, "name": "square"}, {"id": 2, "name": "needle"}, {"id": 3, "name": "blob"}]
@@ -545,6 +549,7 @@ def test_a_split_with_some_of_the_models_categories(tiny_ckpt, tiny_data, datase
     assert metrics["coco"]["AP"] == pytest.approx(100.0)
     assert metrics["breakdown"]["square"] == {"square": pytest.approx(100.0)} and metrics["breakdown"]["slender"] == {}
     assert "note: " in printed.out and "without any annotation (99:kite): they do not count in AP" in printed.out
+    assert ": 6 images, 1 of the model's 3 classes, " in printed.out  # the header counts what AP averages over
     with open(os.path.join(out, "detections.json")) as f:
         assert {r["category_id"] for r in json.load(f)} == {3, 17, 42}
 
@@ -582,6 +587,29 @@ def test_interrupted_evaluation_leaves_no_mismatched_results(tiny_ckpt, tmp_path
     metrics, _ = run_main([*args, "--max-images", "3"], capsys)
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["images"] == metrics["images"] == 3
+
+
+def test_a_stop_while_metrics_json_is_written_says_the_evaluation_completed(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM (or Ctrl-C) that lands while the last file is written: the write
+    completes, the results line is printed, and the stop line says nothing was lost."""
+    out = str(tmp_path / "eval")
+    real_replace = os.replace
+
+    def stopped_replace(src, dst):
+        if str(dst).endswith("metrics.json"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped_replace)
+    with pytest.raises(SystemExit) as e:
+        run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--max-images", "2"], capsys)
+    monkeypatch.setattr(os, "replace", real_replace)
+    said = capsys.readouterr()
+    assert e.value.code == 143 and said.err == "terminated after the evaluation completed\n", said.err
+    assert said.out.strip().splitlines()[-1].startswith(f"results in {out} (2 images in ")
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["images"] == 2
 
 
 def test_batches_images_of_one_shape_and_writes_results_in_dataset_order(tiny_ckpt, tmp_path, capsys, monkeypatch):

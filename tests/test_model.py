@@ -450,6 +450,8 @@ def test_bad_weights_files(tmp_path):
         RetinaNet(3, backbone="resnet50", weights=wrong)
     with pytest.raises(ValueError, match="no such file"):
         RetinaNet(3, backbone="resnet18", weights=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="is none of these .not a file."):
+        RetinaNet(3, backbone="resnet18", weights=tmp_path)  # a directory
     garbage, module = tmp_path / "garbage.pth", tmp_path / "module.pth"
     garbage.write_text("not a checkpoint")
     torch.save({"fc": torch.nn.Linear(2, 2)}, module)  # a pickled module, not tensors
