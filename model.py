@@ -63,6 +63,10 @@ def box_iou(boxes1, boxes2):
     boxes1 [..., N, 4], boxes2 [..., M, 4] -> [..., N, M]. A pair whose union is empty (two
     zero-area boxes) has IoU 0, never NaN.
     """
+    if not boxes1.is_floating_point():  # integer pixel boxes: IoU in float32, as torchvision's
+        boxes1 = boxes1.float()
+    if not boxes2.is_floating_point():
+        boxes2 = boxes2.float()
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])  # [..., N]
     area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])  # [..., M]
     lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # [..., N, M, 2]
@@ -142,8 +146,8 @@ def resize_boxes(boxes, old_size, new_size):
     """Move xyxy boxes [G, 4] from an image of size old_size (h, w) to one of new_size (h, w)."""
     ratio_h = torch.tensor(new_size[0], dtype=torch.float32) / torch.tensor(old_size[0], dtype=torch.float32)
     ratio_w = torch.tensor(new_size[1], dtype=torch.float32) / torch.tensor(old_size[1], dtype=torch.float32)
-    ratios = torch.stack((ratio_w, ratio_h, ratio_w, ratio_h)).to(boxes)
-    return boxes * ratios
+    ratios = torch.stack((ratio_w, ratio_h, ratio_w, ratio_h))  # [4]
+    return boxes * ratios.to(boxes.device, boxes.dtype if boxes.is_floating_point() else torch.float32)
 
 
 def host_to_device(t, device):
@@ -158,8 +162,11 @@ def host_to_device(t, device):
 @functools.cache
 def _imagenet_stats(dtype, device):
     """ImageNet's mean and std [3, 1, 1] on `device`, copied there once per process and dtype
-    (normalize runs on every image of every batch)."""
-    return tuple(host_to_device(torch.tensor(v, dtype=dtype)[:, None, None], device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    (normalize runs on every image of every batch). Made outside inference mode even when first
+    asked for inside it: an inference tensor, once cached, could never be saved for a backward."""
+    with torch.inference_mode(False):
+        return tuple(host_to_device(torch.tensor(v, dtype=dtype)[:, None, None], device)
+                     for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def normalize(image):
@@ -218,6 +225,11 @@ def cell_anchors(sizes, ratios=ANCHOR_RATIOS):
     ws = (w_ratios[:, None] * scales[None, :]).view(-1)  # [R*S]
     hs = (h_ratios[:, None] * scales[None, :]).view(-1)  # [R*S]
     return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()  # [R*S, 4]
+
+
+def _cells():
+    """The cell anchors of the 5 levels [5, 9, 4], whole pixels, as int32 on the CPU."""
+    return torch.stack([cell_anchors(sizes) for sizes in ANCHOR_SIZES]).int()  # [5, 9, 4]
 
 
 def grid_anchors(feature_sizes, image_size, device, cells=None):
@@ -348,7 +360,10 @@ class RetinaNet(nn.Module):
 
     With pretrained weights the stem and res2 (body.conv1, body.bn1, body.layer1) are frozen.
     `m.config` holds what rebuilds the same architecture without downloading:
-    `RetinaNet(**{**m.config, "weights": "none"})` then `load_state_dict`.
+    `RetinaNet(**{**m.config, "weights": "none"})` then `load_state_dict`. Not the training flags:
+    built with weights "none", nothing is frozen (to fine-tune as from pretrained weights, call
+    requires_grad_(False) on body.conv1, body.bn1 and body.layer1), and BatchNorm's eps is the
+    default 1e-5 (from_torchvision copies torchvision's, 0 for its COCO_V1 weights).
     Module names: `body` (the ResNet trunk), `fpn`, `cls_head`, `box_head`.
     """
 
@@ -412,8 +427,7 @@ class RetinaNet(nn.Module):
         # The cell anchors of the 5 levels [5, 9, 4], whole pixels, as a buffer: they follow the model
         # to its device, so that new anchors never wait for a host copy; integers, so that no
         # .to(dtype) of the model rounds them; not saved in checkpoints (always the same).
-        self.register_buffer("cells", torch.stack([cell_anchors(sizes) for sizes in ANCHOR_SIZES]).int(),
-                             persistent=False)
+        self.register_buffer("cells", _cells(), persistent=False)
 
     def features(self, images):
         """images [B, 3, H, W] -> [P3, P4, P5, P6, P7], each [B, 256, h_l, w_l] (strides 8..128)."""
@@ -445,8 +459,18 @@ class RetinaNet(nn.Module):
         if key not in self._anchor_cache:
             if len(self._anchor_cache) >= 16:  # bound the memory; drop the oldest
                 self._anchor_cache.pop(next(iter(self._anchor_cache)))
-            self._anchor_cache[key] = grid_anchors(feature_sizes, image_size, device, self.cells)
+            with torch.inference_mode(False):  # cached for later forwards, which may need their gradient
+                self._anchor_cache[key] = grid_anchors(feature_sizes, image_size, device, self.cells)
         return self._anchor_cache[key]
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .to_empty() and the like: the cell anchors, which checkpoints do not hold,
+        are made again on the model's new device (after .to_empty(), the usual step after building
+        a model on the meta device, the buffer would hold garbage and so would every anchor)."""
+        super()._apply(fn, recurse)
+        self.cells = _cells().to(self.cells.device)
+        self._anchor_cache.clear()
+        return self
 
     def forward(self, images):
         """images [B, 3, H, W] normalised and padded -> (cls_logits [B, A, K] pre-sigmoid,

@@ -157,6 +157,15 @@ def test_box_iou_equals_torchvision_and_broadcasts():
     assert (iou == 0).any() and (iou[0, :2, -2:].diagonal() == 1).all()
     empty = torch.tensor([[5.0, 5.0, 5.0, 5.0]])
     assert model.box_iou(empty, empty).item() == 0 and torchvision.ops.box_iou(empty, empty).isnan().all()
+    pixels = torch.tensor([[0, 0, 10, 10], [5, 0, 15, 10]])  # integer boxes: IoU in float, as torchvision's
+    torch.testing.assert_close(model.box_iou(pixels, pixels), torchvision.ops.box_iou(pixels, pixels))
+
+
+def test_resize_boxes_of_integer_pixels():
+    boxes = torch.tensor([[10, 20, 30, 40]])
+    expected = torch.tensor([[5.0, 10.0, 15.0, 20.0]])
+    assert torch.equal(model.resize_boxes(boxes, (100, 100), (50, 50)), expected)
+    assert torch.equal(model.resize_boxes(boxes.double(), (100, 100), (50, 50)), expected.double())
 
 
 # ----------------------------------------------------------------------------- torchvision equivalence
@@ -391,6 +400,33 @@ def test_config_rebuilds_the_model():
     rebuilt.load_state_dict(m.state_dict())  # strict: same architecture
     assert m.config == dict(num_classes=5, backbone="resnet18", min_size=(32, 64), max_size=96, frozen_bn=True)
     assert_same_detections(rebuilt.detect(images()), m.detect(images()))
+
+
+def test_built_on_the_meta_device_then_loaded():
+    """The usual way to build a large model without initialising it twice: on the meta device,
+    to_empty(), then load_state_dict. The cell anchors are not in the state dict: made again."""
+    m = tiny()
+    with torch.device("meta"):
+        shell = RetinaNet(**{**m.config, "weights": "none"})
+    shell = shell.to_empty(device="cpu")
+    shell.load_state_dict(m.state_dict())
+    assert torch.equal(shell.cells, m.cells)
+    assert_same_detections(shell.detect(images()), m.detect(images()))
+
+
+def test_caches_filled_in_inference_mode_serve_autograd_later():
+    """detect under torch.inference_mode fills the anchor and normalisation caches; a later forward
+    that needs gradients (to the input image, or through the anchors) must not meet inference
+    tensors there."""
+    m = tiny().eval()
+    with torch.inference_mode():
+        m.detect(images())
+        m(model.preprocess(images())[0])
+    image = images()[1].requires_grad_()
+    cls_logits, box_deltas, anchors = m(model.preprocess([image])[0])
+    assert not anchors.is_inference()
+    (cls_logits.sum() + (box_deltas[0] * anchors).sum()).backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
 
 
 def test_head_initialisation():
