@@ -7,7 +7,8 @@ defines (§4.2-4.3: Table 1, Figs. 5-6).
   detections.json holds the results in COCO's format (xywh boxes, the dataset's own category and
   image ids), metrics.json every number printed.
 - --nms-recall (Table 1): NR_tau = recall after NMS / recall before NMS at IoU tau, class-aware (an
-  object is recalled when a detection of its own class overlaps it by >= tau); NR is the mean over
+  object is recalled when a detection of its own class overlaps it by >= tau), and also as the
+  authors' script counts it (a detection of any class, IoU > tau); NR is the mean over
   tau = 0.50, 0.55, ..., 0.90. "Before NMS" is exactly what RetinaNet.detect feeds to NMS, "after"
   all that NMS keeps, before the detections are cut to the 100 best of each image (a cut by score,
   not NMS's doing; the recall of those 100 is printed too); both come from the same forward pass
@@ -17,15 +18,16 @@ defines (§4.2-4.3: Table 1, Figs. 5-6).
   toothbrush, skis, couch, tie on COCO; data.SHAPES_SQUARE vs SHAPES_SLENDER on shapes) and AP
   over images grouped by object count [0,10], [11,20], [21,30], [31,inf) (Fig. 6); tables and
   PNG bar charts.
-- --test-scales S1 S2 ... and --flip: multi-scale / flipped test (the paper's FreeAnchor** row):
-  each scale's and flip's detections, mapped back to the image, merged by class-wise NMS.
+- --test-scales S1 S2 ... and --flip: multi-scale / flipped test (the paper's FreeAnchor** row is
+  the authors' multi-scale test, without flip): the candidates of every scale and flip, mapped
+  back to the image, go through one class-wise NMS together.
 - --visualize N: pictures of detections and ground truth; --show-matching: Fig. 4, the anchors
   of a few objects' bags coloured by their Mean-max weight (Eq. 5) under this checkpoint, beside
   the same anchors coloured by IoU, the hand-crafted criterion FreeAnchor replaces.
 
     python evaluate.py --ckpt runs/freeanchor_resnet50_coco/model_final.pt
     python evaluate.py --ckpt runs/<name>/model_final.pt --nms-recall --breakdown --visualize 20
-    python evaluate.py --ckpt ... --test-scales 480 640 800 960 1120 1280 --flip
+    python evaluate.py --ckpt ... --test-scales 480 640 800 960 1120 1280
     torchrun --nproc_per_node=8 evaluate.py --ckpt ...     # images sharded over ranks, rank 0 reports
 
 Speed: images are read by DataLoader workers and go through the network a batch at a time; on
@@ -219,57 +221,59 @@ def merge_detections(dets, nms_thresh, detections_per_img):
 
 def detect(model, images, scales, max_sizes, flip=False, candidates=False):
     """model.detect with test-time augmentation: every scale (shorter side scales[i], longer side
-    at most max_sizes[i]), each also on the flipped image if `flip`; detections mapped back to the
-    original image and merged with class-wise NMS (merge_detections). One scale and no flip is
-    exactly model.detect. candidates=True returns (detections, candidates, after_nms) from the same
-    forward passes, the detections unchanged: the candidates are the union of what each pass's NMS
-    saw, after_nms all that NMS kept, before the cut to the model.detections_per_img best of an
-    image (with several passes: each pass's, merged). They are --nms-recall's "before" and "after":
-    the cut by score is not NMS's doing."""
+    at most max_sizes[i]), each also on the flipped image if `flip`. As in the authors'
+    multi-scale test, the candidates of every pass (score threshold and per-level top-k, as each
+    pass's NMS would see them), mapped back to the original image, go through one class-wise NMS
+    together, and the model.detections_per_img best of an image are kept (merge_detections). One
+    scale and no flip is exactly model.detect. candidates=True returns (detections, candidates,
+    after_nms) from the same forward passes, the detections unchanged: the candidates are what
+    NMS saw, after_nms all that NMS kept, before the cut to the best of an image. They are
+    --nms-recall's "before" and "after": the cut by score is not NMS's doing."""
     passes = [(s, m, f) for s, m in zip(scales, max_sizes) for f in ((False, True) if flip else (False,))]
     cap = model.detections_per_img
-    per_pass = []  # (what NMS kept, candidates) of each pass, in the original image's pixels
-    try:
-        if candidates:
-            model.detections_per_img = None  # all that NMS keeps; the detections are cut from it below
-        for s, m, f in passes:
-            kept, cands = model.detect([image.flip(-1) for image in images] if f else images, min_size=s,
-                                       max_size=m, candidates=True)
-            if f:
-                kept, cands = ([{**d, "boxes": flip_boxes(d["boxes"], image.shape[-1])} for d, image in zip(found, images)]
-                               for found in (kept, cands))
-            per_pass.append((kept, cands))
-    finally:
-        model.detections_per_img = cap
-    # NMS returns its boxes by decreasing score: the first `cap` are what model.detect's cut keeps
-    cut = [[{k: v[:cap] for k, v in d.items()} for d in kept] for kept, _ in per_pass]  # passes x images
     if len(passes) == 1:
-        dets, (kept, cands) = cut[0], per_pass[0]
+        if not candidates:
+            return model.detect(images, min_size=scales[0], max_size=max_sizes[0])
+        try:
+            model.detections_per_img = None  # all that NMS keeps; the detections are cut from it below
+            kept, cands = model.detect(images, min_size=scales[0], max_size=max_sizes[0], candidates=True)
+        finally:
+            model.detections_per_img = cap
     else:
-        dets = [merge_detections([p[b] for p in cut], model.nms_thresh, cap) for b in range(len(images))]
-        if candidates:
-            kept = [merge_detections([p[0][b] for p in per_pass], model.nms_thresh, None) for b in range(len(images))]
-            cands = [{k: torch.cat([p[1][b][k] for p in per_pass]) for k in ("boxes", "scores", "labels")}
-                     for b in range(len(images))]
+        per_pass = []  # each pass's candidates, in the original image's pixels
+        for s, m, f in passes:
+            cands = model.detect([image.flip(-1) for image in images] if f else images, nms=False,
+                                 min_size=s, max_size=m)
+            if f:
+                cands = [{**d, "boxes": flip_boxes(d["boxes"], image.shape[-1])} for d, image in zip(cands, images)]
+            per_pass.append(cands)
+        cands = [{k: torch.cat([p[b][k] for p in per_pass]) for k in ("boxes", "scores", "labels")}
+                 for b in range(len(images))]
+        kept = [merge_detections([c], model.nms_thresh, None) for c in cands]
+    # NMS returns its boxes by decreasing score: the first `cap` are what model.detect's cut keeps
+    dets = [{k: v[:cap] for k, v in d.items()} for d in kept]
     return (dets, cands, kept) if candidates else dets
 
 
-def best_iou(gt_boxes, gt_labels, boxes, labels):
-    """For each object, the highest IoU of a detection of its own class: gt [G, 4], [G];
-    detections [N, 4], [N] -> [G] (0 where there is none)."""
+def best_iou(gt_boxes, gt_labels, boxes, labels, any_class=False):
+    """For each object, the highest IoU of a detection of its own class (any_class: of any class):
+    gt [G, 4], [G]; detections [N, 4], [N] -> [G] (0 where there is none)."""
     if len(gt_boxes) == 0 or len(boxes) == 0:
         return gt_boxes.new_zeros(len(gt_boxes))  # [G]
     iou = box_iou(gt_boxes.float(), boxes.float())  # [G, N]
+    if any_class:
+        return iou.max(dim=1).values  # [G]
     same_class = gt_labels[:, None] == labels[None, :]  # [G, N]
     return torch.where(same_class, iou, 0.0).max(dim=1).values  # [G]
 
 
-def nms_recall(best_before, best_after, best_output=None, thresholds=NR_THRESHOLDS):
+def nms_recall(best_before, best_after, best_output=None, thresholds=NR_THRESHOLDS, strict=False):
     """NMS recall (Table 1) from per-object best IoUs before and after NMS (lists of [G_i], see
     best_iou). Returns percentages keyed by tau as "0.50": recall_before, recall_after, NR_tau =
     after / before, and "NR", the mean of NR_tau over thresholds (None where nothing is recalled
     before NMS); with best_output (of the detections, cut to the best 100 after NMS) also
-    recall_output, the recall of the detections as output."""
+    recall_output, the recall of the detections as output. An object is recalled at tau by an IoU
+    >= tau (strict: > tau, as the authors' script counts)."""
     def joined(best):  # [sum G]
         return torch.cat([b.float().cpu() for b in best]) if best else torch.zeros(0)
 
@@ -282,12 +286,13 @@ def nms_recall(best_before, best_after, best_output=None, thresholds=NR_THRESHOL
         out["recall_output"] = {}
     for tau in thresholds:
         key = f"{tau:.2f}"  # "0.50": the same keys in memory and in metrics.json
-        r_before = (before >= tau).sum().item() / num_objects
-        r_after = (after >= tau).sum().item() / num_objects
+        recalled = (lambda best: (best > tau).sum().item()) if strict else (lambda best: (best >= tau).sum().item())
+        r_before = recalled(before) / num_objects
+        r_after = recalled(after) / num_objects
         out["recall_before"][key] = 100 * r_before if objects else None  # no object: n/a, not 0
         out["recall_after"][key] = 100 * r_after if objects else None
         if output is not None:
-            out["recall_output"][key] = 100 * (output >= tau).sum().item() / num_objects if objects else None
+            out["recall_output"][key] = 100 * recalled(output) / num_objects if objects else None
         out["NR_tau"][key] = 100 * r_after / r_before if r_before > 0 else None
     ratios = list(out["NR_tau"].values())
     out["NR"] = None if None in ratios else sum(ratios) / len(ratios)
@@ -589,6 +594,11 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
             on_host["before"] = batch_to_host([best_iou(*gt, c["boxes"], c["labels"]) for gt, c in zip(targets, candidates)])
             on_host["after"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"]) for gt, d in zip(targets, after_nms)])
             on_host["output"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"]) for gt, d in zip(targets, dets)])
+            # as the authors' script counts: a detection of any class
+            on_host["before_any"] = batch_to_host([best_iou(*gt, c["boxes"], c["labels"], any_class=True)
+                                                   for gt, c in zip(targets, candidates)])
+            on_host["after_any"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"], any_class=True)
+                                                  for gt, d in zip(targets, after_nms)])
         for b, (_, target) in enumerate(batch):
             records.append({"index": indices[position], "image_id": target["image_id"],
                             **{k: v[b] for k, v in on_host.items()}})
@@ -629,6 +639,13 @@ def evaluate(cfg):
             dist.destroy_process_group()
 
 
+def longer_side_cap(scale, trained_min, trained_max):
+    """The longer-side cap of a test at shorter side `scale`: the trained cap grows with the shorter
+    side, rounded up, which from 800 / 1333 gives the sizes of the authors' multi-scale test:
+    (480, 800), (640, 1067), (800, 1333), (960, 1600), (1120, 1867), (1280, 2133)."""
+    return -(-trained_max * scale // trained_min)  # ceil, in integers
+
+
 def _evaluate(cfg, ddp, rank, world, master):
     device = torch.device(cfg.device)
     model, ckpt = load_checkpoint(cfg.ckpt, device)
@@ -642,8 +659,7 @@ def _evaluate(cfg, ddp, rank, world, master):
     trained_min = trained_min[-1] if isinstance(trained_min, (tuple, list)) else trained_min  # torchvision's rule
     trained_max = model.config["max_size"]
     scales = list(cfg.test_scales) if cfg.test_scales else [cfg.min_size or trained_min]
-    # the longer-side cap grows with the shorter side, as in the authors' multi-scale test
-    max_sizes = [cfg.max_size or round(trained_max * s / trained_min) for s in scales]
+    max_sizes = [cfg.max_size or longer_side_cap(s, trained_min, trained_max) for s in scales]
     if not cfg.test_scales and cfg.min_size is None and trained_min > max_sizes[0]:  # (given sizes: parse_config)
         raise ValueError(f"--max-size {cfg.max_size}: below the shorter side {trained_min} (the checkpoint's; "
                          f"give --min-size too)")
@@ -722,8 +738,15 @@ def _evaluate(cfg, ddp, rank, world, master):
         for key, label in (("recall_before", "before NMS"), ("recall_after", "after NMS"), ("NR_tau", "NR_tau"),
                            ("recall_output", f"{model.detections_per_img} best/image")):
             print(f"{label:>16}" + "".join(f"{_fmt(v):>7}" for v in nr[key].values()))
+        # the authors' script (nms_recall/inference_for_NR.py) recalls an object by a detection of any
+        # class at IoU > tau: the same passes, counted that way
+        any_class = nms_recall([r["before_any"] for r in records], [r["after_any"] for r in records], strict=True)
+        metrics["nms_recall_any_class"] = any_class
         print("      NR" + "".join(f"  NR{round(t * 100)}" for t in shown))
-        print(f"{_fmt(nr['NR']):>8}" + "".join(f"{_fmt(nr['NR_tau'][f'{t:.2f}']):>6}" for t in shown), flush=True)
+        for counted, label in ((nr, "class-aware"), (any_class, "any class, IoU > tau (as the authors' script)")):
+            print(f"{_fmt(counted['NR']):>8}" + "".join(f"{_fmt(counted['NR_tau'][f'{t:.2f}']):>6}" for t in shown)
+                  + f"  {label}")
+        sys.stdout.flush()
 
     # ------------------------------------------------------------------ Fig. 5 and Fig. 6
     if cfg.breakdown:

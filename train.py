@@ -107,7 +107,7 @@ class TrainConfig:
         "help": "SGD weight decay; biases train at 2x the lr without it (paper and authors' configs: 1e-4)"})
     min_size: tuple = field(default=(800,), metadata={
         "help": "shorter image side; several values: drawn per image (multi-scale training, e.g. "
-                "640 672 704 736 768 800) (paper: 800)"})
+                "640 672 704 736 768 800); the last is also evaluate.py's default test size (paper: 800)"})
     max_size: int = field(default=1333, metadata={"help": "cap on the longer image side (paper: 1333)"})
     output: str = field(default=None, metadata={"help": "run directory (default: runs/<loss>_<backbone>_<data>)"})
     resume: bool = field(default=False, metadata={

@@ -219,6 +219,16 @@ def test_nms_recall_hand_built():
     # the detections as output (after the cut to the best 100) recall apart from NR: here none
     nr = evaluate.nms_recall([best_before, empty], [best_after, empty], [torch.zeros(3), empty])
     assert nr["NR"] == pytest.approx(650 / 9) and set(nr["recall_output"].values()) == {0.0}
+    # as the authors' script counts: object 2 is recalled before NMS by the box of the other class,
+    # and an IoU must exceed tau (0.72 > 0.70, but not 0.75)
+    any_before = evaluate.best_iou(gt_boxes, gt_labels, before, torch.tensor([0, 0, 0]), any_class=True)
+    any_after = evaluate.best_iou(gt_boxes, gt_labels, before[:1], torch.tensor([0]), any_class=True)
+    assert any_before.tolist() == pytest.approx([1.0, 0.72, 1.0]) and any_after.tolist() == [1.0, 0.0, 0.0]
+    nr = evaluate.nms_recall([any_before], [any_after], strict=True)
+    assert list(nr["NR_tau"].values()) == pytest.approx([100 / 3] * 5 + [50.0] * 4)
+    edge = torch.tensor([0.7])
+    assert evaluate.nms_recall([edge], [edge])["recall_before"]["0.70"] == pytest.approx(100.0)
+    assert evaluate.nms_recall([edge], [edge], strict=True)["recall_before"]["0.70"] == 0.0
     # nothing recalled before NMS at some tau: NR_tau and NR are undefined, not 0 or 100
     nr = evaluate.nms_recall([torch.tensor([0.6])], [torch.tensor([0.6])])
     assert nr["NR_tau"]["0.50"] == pytest.approx(100.0) and nr["NR_tau"]["0.90"] is None and nr["NR"] is None
@@ -288,6 +298,25 @@ def test_flip_maps_boxes_back():
     assert evaluate.flip_boxes(torch.tensor([[5.0, 10.0, 20.0, 30.0]]), 60).tolist() == [[40.0, 10.0, 55.0, 30.0]]
 
 
+def test_passes_pool_their_candidates_into_one_nms():
+    """As in the authors' multi-scale test, one class-wise NMS over the candidates of every scale:
+    a candidate that its own scale's NMS would remove (C, under B) survives when B is removed by
+    a better box of another scale (D) that does not overlap C by 0.5. NMS per scale, then again
+    over the survivors, would lose C."""
+    B, C, D = [4.0, 0.0, 14.0, 10.0], [7.0, 0.0, 17.0, 10.0], [2.0, 0.0, 12.0, 10.0]
+
+    class TwoScales:  # candidates of scale 40: B and C; of scale 60: D
+        nms_thresh, detections_per_img = 0.5, 100
+
+        def detect(self, images, nms=True, min_size=None, max_size=None, candidates=False):
+            boxes, scores = ([B, C], [0.85, 0.5]) if min_size == 40 else ([D], [0.95])
+            return [{"boxes": torch.tensor(boxes), "scores": torch.tensor(scores),
+                     "labels": torch.zeros(len(boxes), dtype=torch.long)} for _ in images]
+
+    det, = evaluate.detect(TwoScales(), [torch.zeros(3, 20, 20)], [40, 60], [60, 90])
+    assert det["boxes"].tolist() == [D, C]
+
+
 # ----------------------------------------------------------------------------- the CLI end to end
 
 def known_detect(dataset):
@@ -347,6 +376,7 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
     assert list(nr["recall_after"].values()) == pytest.approx([100.0] * 4 + [70.0] * 5)
     assert list(nr["NR_tau"].values()) == pytest.approx([100.0] * 4 + [70.0] * 5)
     assert nr["NR"] == pytest.approx(750 / 9)
+    assert saved["nms_recall_any_class"]["NR"] == pytest.approx(750 / 9)  # no detection of another class overlaps
     assert saved["breakdown"]["square"] == pytest.approx({"square": 100.0})
     assert saved["breakdown"]["slender"] == pytest.approx({"needle": 100.0})
     crowd = saved["breakdown"]["crowdedness"]
@@ -461,6 +491,13 @@ def test_cli_subset_scales_and_flip(tiny_ckpt, tmp_path, capsys):
         assert {r["category_id"] for r in detections} <= {c["id"] for c in CATEGORIES}
         counts.append(len(detections))
     assert counts[0] > counts[1] > 0
+
+
+def test_multi_scale_caps_are_the_authors():
+    """Trained at 800 / 1333, the paper's six test scales get the caps of the authors' test."""
+    caps = [evaluate.longer_side_cap(s, 800, 1333) for s in (480, 640, 800, 960, 1120, 1280)]
+    assert caps == [800, 1067, 1333, 1600, 1867, 2133]
+    assert evaluate.longer_side_cap(256, 192, 288) == 384  # the quickstart's test
 
 
 def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
@@ -704,11 +741,10 @@ def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
         for b, (d, e, c, a) in enumerate(zip(dets, expected, candidates, after_nms)):
             assert len(d["boxes"]) > 0
             assert all(torch.equal(d[k], e[k]) for k in ("boxes", "scores", "labels"))
-            # "after NMS" is all that NMS kept; with one pass, the detections are its 20 best (a cut
-            # by score, not NMS's doing); with several, each pass's 20 best merged
+            # "after NMS" is all that NMS kept, the detections its 20 best (a cut by score, not NMS's
+            # doing); with several passes, NMS ran once over all their candidates
             assert len(a["boxes"]) > 20
-            if len(per_pass) == 1:
-                assert all(torch.equal(d[k], a[k][:20]) for k in ("boxes", "scores", "labels"))
+            assert all(torch.equal(d[k], a[k][:20]) for k in ("boxes", "scores", "labels"))
             # the candidates are each pass's NMS input, mapped back to the unflipped image
             inputs = [{**p[b], "boxes": evaluate.flip_boxes(p[b]["boxes"], images[b].shape[-1]) if f else p[b]["boxes"]}
                       for p, f in zip(per_pass, pass_flips)]
