@@ -506,7 +506,8 @@ class RetinaNet(nn.Module):
         postprocessing as its RetinaNet.postprocess_detections, batched: the same detections as the
         RetinaNet of to_torchvision to float32 rounding. nms=False returns the candidates
         that NMS would see (score threshold, per-level top-k, decoded, clipped, in original pixels);
-        candidates=True returns both, (detections, candidates), from the one forward pass.
+        candidates=True returns both, (detections, candidates), from the one forward pass (the
+        detections after NMS whatever `nms` says).
         min_size, max_size override the model's (test-time scales). Eval-mode semantics; the
         training flags of the modules are left as they were.
         """
@@ -517,11 +518,13 @@ class RetinaNet(nn.Module):
         min_size = self.min_size if min_size is None else min_size
         max_size = self.max_size if max_size is None else max_size
         scale = min_size[-1] if isinstance(min_size, (tuple, list)) else min_size
+        if not (isinstance(scale, int) and scale > 0 and isinstance(max_size, int) and max_size > 0):
+            raise ValueError(f"detect: min_size and max_size must be positive ints, got {min_size!r} and {max_size!r}")
         weight = self.cls_head[-1].weight  # the model's device and dtype
         original_sizes = []
         for i, image in enumerate(images):
-            if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"detect: image {i} must be a [3, H, W] tensor, got "
+            if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != 3 or image.shape[1:].numel() == 0:
+                raise ValueError(f"detect: image {i} must be a [3, H, W] tensor with H, W > 0, got "
                                  f"{tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
             if not (image.is_floating_point() or image.dtype == torch.uint8):
                 raise TypeError(f"detect: image {i} is {image.dtype}; expected floats in [0, 1] or uint8")

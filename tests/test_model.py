@@ -451,6 +451,11 @@ def test_forward_rejects_bad_input():
         m.detect([torch.rand(3, 32, 32), torch.rand(32, 32)])
     with pytest.raises(TypeError, match="int32"):  # floats in [0, 1] or uint8 only
         m.detect([torch.zeros(3, 32, 32, dtype=torch.int32)])
+    with pytest.raises(ValueError, match=r"image 0 .* got \(3, 0, 32\)"):
+        m.detect([torch.rand(3, 0, 32)])
+    for sizes in ({"min_size": 0}, {"max_size": 0}, {"min_size": 32.5}):
+        with pytest.raises(ValueError, match="positive ints"):
+            m.detect([torch.rand(3, 32, 32)], **sizes)
     with pytest.raises(ValueError, match="backbone 'resnet9'"):
         RetinaNet(3, backbone="resnet9", weights="none")
 
