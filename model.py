@@ -52,7 +52,8 @@ ANCHOR_SIZES = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x
 ANCHOR_RATIOS = (0.5, 1.0, 2.0)  # height / width
 NUM_ANCHORS = len(ANCHOR_RATIOS) * 3  # per position
 FPN_CHANNELS = 256
-PRIOR_PROB = 0.02  # class prior at init (FreeAnchor §4.1; RetinaNet and torchvision use 0.01)
+PRIOR_PROB = 0.02  # class prior at init: FreeAnchor's (the authors' configs, PRIOR_PROB: 0.02)
+RETINANET_PRIOR_PROB = 0.01  # RetinaNet's own (Lin et al. 2017, §4.1; torchvision's, and the authors' baseline)
 
 
 # ----------------------------------------------------------------------------- boxes
@@ -299,7 +300,9 @@ def _read_backbone_weights(backbone, weights):
     local file in torchvision's format. Returns (state_dict, where it came from)."""
     if weights == "imagenet":
         # IMAGENET1K_V1, not DEFAULT (= V2 for most ResNets): the classic weights, those of the
-        # paper's era and of torchvision's own retinanet_resnet50_fpn.
+        # paper's era and of torchvision's own retinanet_resnet50_fpn. Except for resnext101_64x4d,
+        # whose only torchvision weights came with its newer training recipe (83.2% top-1 against
+        # about 79.6% for the Facebook ResNeXt the authors started from).
         enum = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
         try:
             return enum.get_state_dict(progress=True, check_hash=True), enum.url
@@ -357,6 +360,8 @@ class RetinaNet(nn.Module):
     min_size, max_size: the test-time resize (shorter side, longer-side cap); min_size may be a
         tuple, of which detect uses the last value, as torchvision does.
     frozen_bn: None = FrozenBatchNorm2d iff the weights are pretrained; True/False forces it.
+    prior_prob: the class probability the classifier starts from (its bias at init only: not in
+        `config`, a checkpoint holds the trained bias).
 
     With pretrained weights the stem and res2 (body.conv1, body.bn1, body.layer1) are frozen.
     `m.config` holds what rebuilds the same architecture without downloading:
@@ -368,7 +373,7 @@ class RetinaNet(nn.Module):
     """
 
     def __init__(self, num_classes, backbone="resnet50", weights="imagenet", min_size=800, max_size=1333,
-                 frozen_bn=None):
+                 frozen_bn=None, prior_prob=PRIOR_PROB):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -418,7 +423,7 @@ class RetinaNet(nn.Module):
                 nn.init.kaiming_uniform_(conv.weight, a=1)
                 nn.init.zeros_(conv.bias)
 
-        self.cls_head = _head(NUM_ANCHORS * num_classes, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
+        self.cls_head = _head(NUM_ANCHORS * num_classes, -math.log((1 - prior_prob) / prior_prob))
         self.box_head = _head(NUM_ANCHORS * 4, 0.0)
 
         # Anchors depend only on the feature-map sizes: cached per (sizes, device), 16 at most; a

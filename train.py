@@ -69,7 +69,7 @@ from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, Hel
                   config_from_args, device_defaults, end_progress_line, format_eta, ignore_sigterm, on_rank0,
                   pad_to_canvas, print_stop, remove_partial_writes, resolve_root_once, setup_processes,
                   signals_deferred, stop_on_failure, stopped_by, to_device, write_atomic)
-from model import BACKBONES, RetinaNet
+from model import BACKBONES, PRIOR_PROB, RETINANET_PRIOR_PROB, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
 # authors' FreeAnchor configs: every bias trains at twice the learning rate, without weight decay.
@@ -337,7 +337,8 @@ def train(cfg, loss_cfg):
     np.random.seed(cfg.seed)
     try:
         model = RetinaNet(len(dataset.categories), backbone=cfg.backbone, weights=cfg.weights,
-                          min_size=cfg.min_size, max_size=cfg.max_size)
+                          min_size=cfg.min_size, max_size=cfg.max_size,
+                          prior_prob=RETINANET_PRIOR_PROB if cfg.loss == "retinanet" else PRIOR_PROB)
     except RuntimeError as e:  # ImageNet weights not downloadable: model.py's one-line advice
         raise ValueError(str(e)) from None
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)

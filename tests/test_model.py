@@ -434,6 +434,8 @@ def test_head_initialisation():
     m = RetinaNet(7, backbone="resnet18", weights="none")
     prior = torch.sigmoid(m.cls_head[-1].bias)
     torch.testing.assert_close(prior, torch.full((9 * 7,), 0.02))
+    baseline = RetinaNet(7, backbone="resnet18", weights="none", prior_prob=0.01)
+    torch.testing.assert_close(torch.sigmoid(baseline.cls_head[-1].bias), torch.full((9 * 7,), 0.01))
     for head in (m.cls_head, m.box_head):
         convs = [layer for layer in head if isinstance(layer, torch.nn.Conv2d)]
         assert len(convs) == 5 and sum(isinstance(layer, torch.nn.ReLU) for layer in head) == 4

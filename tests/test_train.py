@@ -781,6 +781,24 @@ def test_optimizer_groups_in_last_pt(tiny_data, tmp_path):
     assert len(weights_group["params"]) == len(names) - len(biases)
 
 
+def test_each_loss_starts_from_its_own_class_prior(tiny_data, tmp_path, monkeypatch):
+    """FreeAnchor's configs start the classifier at probability 0.02, RetinaNet (and the authors'
+    baseline config) at 0.01."""
+    priors = {}
+    real = train.RetinaNet
+
+    def recording(*args, **kwargs):
+        model = real(*args, **kwargs)
+        priors[loss] = torch.sigmoid(model.cls_head[-1].bias).unique().tolist()
+        return model
+
+    monkeypatch.setattr(train, "RetinaNet", recording)
+    for loss in ("freeanchor", "retinanet"):
+        train.main([*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--loss", loss,
+                    "--output", str(tmp_path / loss)])
+    assert priors["freeanchor"] == [pytest.approx(0.02)] and priors["retinanet"] == [pytest.approx(0.01)]
+
+
 def test_resume_refuses_changed_momentum_weight_decay_or_freeanchor_settings(tiny_data, tmp_path, capsys):
     args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1", "--output", str(tmp_path / "r")]
     train.main(args)
