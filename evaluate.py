@@ -209,14 +209,11 @@ def flip_boxes(boxes, width):
     return torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)  # [N, 4]
 
 
-def merge_detections(dets, nms_thresh, detections_per_img):
-    """Detections of one image from several passes (scales, flips) -> one set: class-wise NMS at
-    `nms_thresh` over their union, then the `detections_per_img` best by score (None: all)."""
-    boxes = torch.cat([d["boxes"] for d in dets])  # [N, 4]
-    scores = torch.cat([d["scores"] for d in dets])  # [N]
-    labels = torch.cat([d["labels"] for d in dets])  # [N]
-    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]  # sorted by score
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+def class_wise_nms(cands, nms_thresh):
+    """Candidates of one image {"boxes" [N, 4], "scores" [N], "labels" [N]} -> what class-wise NMS
+    at `nms_thresh` keeps, by decreasing score."""
+    keep = batched_nms(cands["boxes"], cands["scores"], cands["labels"], nms_thresh)  # [N'] sorted by score
+    return {k: v[keep] for k, v in cands.items()}
 
 
 def detect(model, images, scales, max_sizes, flip=False, candidates=False):
@@ -224,7 +221,7 @@ def detect(model, images, scales, max_sizes, flip=False, candidates=False):
     at most max_sizes[i]), each also on the flipped image if `flip`. As in the authors'
     multi-scale test, the candidates of every pass (score threshold and per-level top-k, as each
     pass's NMS would see them), mapped back to the original image, go through one class-wise NMS
-    together, and the model.detections_per_img best of an image are kept (merge_detections). One
+    together, and the model.detections_per_img best of an image are kept. One
     scale and no flip is exactly model.detect. candidates=True returns (detections, candidates,
     after_nms) from the same forward passes, the detections unchanged: the candidates are what
     NMS saw, after_nms all that NMS kept, before the cut to the best of an image. They are
@@ -249,7 +246,7 @@ def detect(model, images, scales, max_sizes, flip=False, candidates=False):
             per_pass.append(cands)
         cands = [{k: torch.cat([p[b][k] for p in per_pass]) for k in ("boxes", "scores", "labels")}
                  for b in range(len(images))]
-        kept = [merge_detections([c], model.nms_thresh, None) for c in cands]
+        kept = [class_wise_nms(c, model.nms_thresh) for c in cands]
     # NMS returns its boxes by decreasing score: the first `cap` are what model.detect's cut keeps
     dets = [{k: v[:cap] for k, v in d.items()} for d in kept]
     return (dets, cands, kept) if candidates else dets
