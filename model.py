@@ -242,7 +242,7 @@ def grid_anchors(feature_sizes, image_size, device, cells=None):
     make them here (copied from the host: on a GPU, a copy that waits for it).
     """
     if cells is None:
-        cells = torch.stack([cell_anchors(sizes) for sizes in ANCHOR_SIZES]).to(device)  # [5, 9, 4]
+        cells = _cells().to(device)  # [5, 9, 4]
     anchors = []
     for level, (h, w) in enumerate(feature_sizes):
         # torchvision's stride rule, image // feature, rather than 2**level: the two differ for
