@@ -116,7 +116,8 @@ class EvalConfig:
                 "checkpoint's)"})
     nms_recall: bool = field(default=False, metadata={
         "help": "NMS recall NR, NR50..NR90 (Table 1): recall after NMS (all it keeps) over recall before it, "
-                "from the candidates of the same forward pass"})
+                "from the candidates of the same forward pass; class-aware, and as the authors' script counts "
+                "(a detection of any class, IoU > tau)"})
     breakdown: bool = field(default=False, metadata={
         "help": "AP of square vs slender categories (Fig. 5) and by objects per image (Fig. 6), with charts"})
     test_scales: tuple = field(default=None, metadata={
