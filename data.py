@@ -510,7 +510,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(coco["categories"], key=lambda c: c["id"])]
         self.category_note = None  # for evaluate.py to print
-        self.listed = len(self.categories)  # categories the file lists that the model knows: those AP averages over
+        self.listed = len(self.categories)  # categories the file lists that the model knows
         if categories is not None:  # a trained model's labels, of which the file may hold a part
             known = {(c["id"], c["name"]) for c in categories}
             annotated = {a["category_id"] for a in coco["annotations"]}

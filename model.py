@@ -30,6 +30,7 @@ Run the tests with `python -m pytest tests/test_model.py`.
 
 import functools
 import math
+import operator
 import os
 import re
 
@@ -228,9 +229,19 @@ def cell_anchors(sizes, ratios=ANCHOR_RATIOS):
     return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()  # [R*S, 4]
 
 
+def _positive_int(x):
+    """x is a whole number above 0: an int, a numpy integer or a 0-d integer tensor; not a bool."""
+    try:
+        return not isinstance(x, bool) and operator.index(x) > 0
+    except TypeError:
+        return False
+
+
 def _cells():
-    """The cell anchors of the 5 levels [5, 9, 4], whole pixels, as int32 on the CPU."""
-    return torch.stack([cell_anchors(sizes) for sizes in ANCHOR_SIZES]).int()  # [5, 9, 4]
+    """The cell anchors of the 5 levels [5, 9, 4], whole pixels, as int32 on the CPU (whatever
+    default device the caller has set)."""
+    with torch.device("cpu"):
+        return torch.stack([cell_anchors(sizes) for sizes in ANCHOR_SIZES]).int()  # [5, 9, 4]
 
 
 def grid_anchors(feature_sizes, image_size, device, cells=None):
@@ -433,6 +444,7 @@ class RetinaNet(nn.Module):
         # to its device, so that new anchors never wait for a host copy; integers, so that no
         # .to(dtype) of the model rounds them; not saved in checkpoints (always the same).
         self.register_buffer("cells", _cells(), persistent=False)
+        self.register_load_state_dict_post_hook(RetinaNet._cells_after_load)
 
     def features(self, images):
         """images [B, 3, H, W] -> [P3, P4, P5, P6, P7], each [B, 256, h_l, w_l] (strides 8..128)."""
@@ -473,9 +485,20 @@ class RetinaNet(nn.Module):
         are made again on the model's new device (after .to_empty(), the usual step after building
         a model on the meta device, the buffer would hold garbage and so would every anchor)."""
         super()._apply(fn, recurse)
-        self.cells = _cells().to(self.cells.device)
-        self._anchor_cache.clear()
+        self._remake_cells(self.cells.device)
         return self
+
+    def _remake_cells(self, device):
+        with torch.inference_mode(False):  # also when moved inside inference mode: a plain buffer
+            self.cells = _cells().to(device)
+        self._anchor_cache.clear()
+
+    @staticmethod
+    def _cells_after_load(module, incompatible_keys):
+        """load_state_dict(..., assign=True) into a model built on the meta device gives it real
+        weights but leaves the cell anchors on the meta device: made again beside the weights."""
+        if module.cells.is_meta:
+            module._remake_cells(module.cls_head[-1].weight.device)
 
     def forward(self, images):
         """images [B, 3, H, W] normalised and padded -> (cls_logits [B, A, K] pre-sigmoid,
@@ -523,7 +546,7 @@ class RetinaNet(nn.Module):
         min_size = self.min_size if min_size is None else min_size
         max_size = self.max_size if max_size is None else max_size
         scale = min_size[-1] if isinstance(min_size, (tuple, list)) else min_size
-        if not (isinstance(scale, int) and scale > 0 and isinstance(max_size, int) and max_size > 0):
+        if not (_positive_int(scale) and _positive_int(max_size)):
             raise ValueError(f"detect: min_size and max_size must be positive ints, got {min_size!r} and {max_size!r}")
         weight = self.cls_head[-1].weight  # the model's device and dtype
         original_sizes = []

@@ -18,6 +18,7 @@ import collections
 import math
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -408,10 +409,15 @@ def test_built_on_the_meta_device_then_loaded():
     m = tiny()
     with torch.device("meta"):
         shell = RetinaNet(**{**m.config, "weights": "none"})
-    shell = shell.to_empty(device="cpu")
+        shell = shell.to_empty(device="cpu")  # also inside the meta block
     shell.load_state_dict(m.state_dict())
     assert torch.equal(shell.cells, m.cells)
     assert_same_detections(shell.detect(images()), m.detect(images()))
+    with torch.device("meta"):  # or the real weights assigned in place of the meta ones
+        assigned = RetinaNet(**{**m.config, "weights": "none"})
+    assigned.load_state_dict(m.state_dict(), assign=True)
+    assert torch.equal(assigned.cells, m.cells)
+    assert_same_detections(assigned.detect(images()), m.detect(images()))
 
 
 def test_caches_filled_in_inference_mode_serve_autograd_later():
@@ -422,6 +428,8 @@ def test_caches_filled_in_inference_mode_serve_autograd_later():
     with torch.inference_mode():
         m.detect(images())
         m(model.preprocess(images())[0])
+        m.to("cpu")  # a move that changes nothing leaves plain buffers (DDP copies into them)
+    m.cells.copy_(m.cells.clone())
     image = images()[1].requires_grad_()
     cls_logits, box_deltas, anchors = m(model.preprocess([image])[0])
     assert not anchors.is_inference()
@@ -455,9 +463,10 @@ def test_forward_rejects_bad_input():
         m.detect([torch.zeros(3, 32, 32, dtype=torch.int32)])
     with pytest.raises(ValueError, match=r"image 0 .* got \(3, 0, 32\)"):
         m.detect([torch.rand(3, 0, 32)])
-    for sizes in ({"min_size": 0}, {"max_size": 0}, {"min_size": 32.5}):
+    for sizes in ({"min_size": 0}, {"max_size": 0}, {"min_size": 32.5}, {"min_size": True}):
         with pytest.raises(ValueError, match="positive ints"):
             m.detect([torch.rand(3, 32, 32)], **sizes)
+    assert len(m.detect([torch.rand(3, 32, 32)], min_size=np.int64(32), max_size=torch.tensor(48))) == 1
     with pytest.raises(ValueError, match="backbone 'resnet9'"):
         RetinaNet(3, backbone="resnet9", weights="none")
 
