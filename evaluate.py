@@ -272,6 +272,11 @@ def nms_recall(best_before, best_after, best_output=None, thresholds=NR_THRESHOL
     before NMS); with best_output (of the detections, cut to the best 100 after NMS) also
     recall_output, the recall of the detections as output. An object is recalled at tau by an IoU
     >= tau (strict: > tau, as the authors' script counts)."""
+    above = torch.gt if strict else torch.ge
+
+    def recalled(best, tau):  # objects recalled at tau
+        return above(best, tau).sum().item()
+
     def joined(best):  # [sum G]
         return torch.cat([b.float().cpu() for b in best]) if best else torch.zeros(0)
 
@@ -284,13 +289,12 @@ def nms_recall(best_before, best_after, best_output=None, thresholds=NR_THRESHOL
         out["recall_output"] = {}
     for tau in thresholds:
         key = f"{tau:.2f}"  # "0.50": the same keys in memory and in metrics.json
-        recalled = (lambda best: (best > tau).sum().item()) if strict else (lambda best: (best >= tau).sum().item())
-        r_before = recalled(before) / num_objects
-        r_after = recalled(after) / num_objects
+        r_before = recalled(before, tau) / num_objects
+        r_after = recalled(after, tau) / num_objects
         out["recall_before"][key] = 100 * r_before if objects else None  # no object: n/a, not 0
         out["recall_after"][key] = 100 * r_after if objects else None
         if output is not None:
-            out["recall_output"][key] = 100 * recalled(output) / num_objects if objects else None
+            out["recall_output"][key] = 100 * recalled(output, tau) / num_objects if objects else None
         out["NR_tau"][key] = 100 * r_after / r_before if r_before > 0 else None
     ratios = list(out["NR_tau"].values())
     out["NR"] = None if None in ratios else sum(ratios) / len(ratios)
