@@ -37,7 +37,7 @@ MAX_IOU_ELEMENTS = 1 << 28  # IoU matrices [B, G, A] larger than this are built 
 BAG_CHUNK = 64  # anchors per chunk of the bag's two-stage top-n (bag_indices)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FreeAnchorConfig:
     """The loss's hyper-parameters; `metadata["help"]` becomes train.py's --help for each."""
     bag_size: int = field(default=50, metadata={"help": "n, anchors in each object's bag A_i (paper §4.3: 50)"})
@@ -51,7 +51,7 @@ class FreeAnchorConfig:
     smooth_l1_beta: float = field(default=0.11, metadata={"help": "SmoothL1 beta of L_loc (authors' code: 0.11)"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class RetinaNetLossConfig:
     fg_iou: float = 0.5  # IoU >= 0.5: positive (Lin et al. 2017, §4)
     bg_iou: float = 0.4  # IoU < 0.4: negative; in between: ignored (Lin et al. 2017, §4)
@@ -85,45 +85,48 @@ def pad_objects(gt_boxes, gt_labels, dtype, device):
     """The objects of a batch as dense tensors: boxes [B, G, 4], labels [B, G], valid [B, G].
 
     gt_boxes, gt_labels: lists of B tensors [G_b, 4] and [G_b]; or already padded, a tensor
-    [B, G, 4] and labels [B, G] that are -1 at the padding (what data.to_device gives train.py).
-    G is at least 1, so that an empty batch needs no special case. Padding is a harmless unit box
-    (finite encode and IoU, so masked-out entries can't leak NaN into gradients) with label 0.
-    No host-device synchronisation: the counts are the lists' lengths, known on the host, copied
-    non-blocking; the padding box is made on the device. (On a GPU a non-blocking copy from ordinary
-    host memory can still wait for the GPU's queue: train.py passes padded tensors, copied from
-    pinned memory.)
+    [B, G, 4] and labels [B, G] that are -1 at the padding (what data.to_device gives train.py, and
+    what torch.compile wants: a list's length and which of its images are empty are Python
+    structure, which torch.compile specialises on, a graph for each). G is at least 1, so that an empty batch
+    needs no special case. Padding is a harmless unit box (finite encode and IoU, so masked-out
+    entries can't leak NaN into gradients) with label 0.
+    No host-device synchronisation: the lists' lengths, known on the host, are copied non-blocking;
+    the padding box is made on the device. (On a GPU a non-blocking copy from ordinary host memory
+    can still wait for the GPU's queue: train.py passes padded tensors, copied from pinned memory.)
     """
-    if torch.is_tensor(gt_boxes):
-        B, G = gt_labels.shape
-        assert gt_boxes.shape == (B, G, 4), f"padded gt_boxes {tuple(gt_boxes.shape)} != {(B, G, 4)}"
-        valid = gt_labels >= 0  # [B, G]
-        if G == 0:  # a padded batch without objects: one padding object
-            return pad_objects([gt_boxes[0]] * B, [gt_labels[0]] * B, dtype, device)
-        boxes = torch.where(valid[..., None], gt_boxes.to(device, dtype), unit_box(dtype, device))  # [B, G, 4]
-        return boxes, gt_labels.to(device).clamp(min=0), valid.to(device)
-    assert len(gt_boxes) == len(gt_labels), "one gt_boxes and one gt_labels tensor per image"
-    for boxes, labels in zip(gt_boxes, gt_labels):
-        assert boxes.ndim == 2 and boxes.shape[1] == 4 and labels.shape == boxes.shape[:1], \
-            f"gt_boxes [G, 4] and gt_labels [G] expected, got {tuple(boxes.shape)} and {tuple(labels.shape)}"
-    B = len(gt_boxes)
-    counts = [boxes.shape[0] for boxes in gt_boxes]  # host ints
-    G = max([1, *counts])
-    counts = torch.tensor(counts, dtype=torch.long).to(device, non_blocking=True)  # [B]
-    valid = torch.arange(G, device=device) < counts[:, None]  # [B, G]
-    # masked_scatter fills the True places of `valid` in row-major order: image by image, each
-    # image's objects in order, which is exactly the concatenation of the lists
-    boxes = unit_box(dtype, device).repeat(B, G, 1).masked_scatter_(
-        valid[..., None], torch.cat(gt_boxes).to(device, dtype))  # [B, G, 4]
-    labels = torch.zeros(B, G, dtype=torch.long, device=device).masked_scatter_(
-        valid, torch.cat(gt_labels).to(device, torch.long))  # [B, G]
-    return boxes, labels, valid
+    if not torch.is_tensor(gt_boxes):
+        assert len(gt_boxes) == len(gt_labels), "one gt_boxes and one gt_labels tensor per image"
+        for boxes, labels in zip(gt_boxes, gt_labels):
+            assert boxes.ndim == 2 and boxes.shape[1] == 4 and labels.shape == boxes.shape[:1], \
+                f"gt_boxes [G, 4] and gt_labels [G] expected, got {tuple(boxes.shape)} and {tuple(labels.shape)}"
+        counts = [boxes.shape[0] for boxes in gt_boxes]  # host ints
+        G, N = max([1, *counts]), sum(counts)
+        counts = torch.tensor(counts, dtype=torch.long).to(device, non_blocking=True)  # [B]
+        start = counts.cumsum(0) - counts  # [B]  where each image's objects begin in the concatenation
+        slot = torch.arange(G, device=device)  # [G]
+        # object `slot` of image b is row start_b + slot of the concatenated lists; padding reads
+        # row N, an appended padding object (gathered, not scattered: the same ops for any counts)
+        row = torch.where(slot < counts[:, None], start[:, None] + slot, N)  # [B, G]
+        gt_boxes = F.pad(torch.cat(gt_boxes).to(device, dtype), (0, 0, 0, 1))[row]  # [B, G, 4]
+        gt_labels = F.pad(torch.cat(gt_labels).to(device, torch.long), (0, 1), value=-1)[row]  # [B, G]  -1: padding
+    B, G = gt_labels.shape
+    assert gt_boxes.shape == (B, G, 4), f"padded gt_boxes {tuple(gt_boxes.shape)} != {(B, G, 4)}"
+    # at least one object, a padding one in a batch without objects (the same ops for any G)
+    gt_boxes = F.pad(gt_boxes, (0, 0, 0, max(0, 1 - G)))  # [B, max(G, 1), 4]
+    gt_labels = F.pad(gt_labels, (0, max(0, 1 - G)), value=-1)  # [B, max(G, 1)]
+    valid = (gt_labels >= 0).to(device)  # [B, G]
+    boxes = torch.where(valid[..., None], gt_boxes.to(device, dtype), unit_box(dtype, device))  # [B, G, 4]
+    return boxes, gt_labels.to(device).clamp(min=0), valid
 
 
 def object_blocks(B, G, A):
     """Slices of the object dimension such that each [B, g, A] IoU matrix holds about
-    MAX_IOU_ELEMENTS at most: one slice (all objects) unless images are crowded and large, so
-    memory stays bounded (2^28 float32 = 1 GiB) for datasets with hundreds of objects per image.
-    The objects are split into a power of two of blocks of ceil(G / blocks): under torch.compile,
+    MAX_IOU_ELEMENTS at most: one slice (all objects) unless images are crowded and large, so the
+    matching's memory stays bounded for datasets with hundreds of objects per image (eager, it
+    peaks at about 25 bytes per element of a block: the IoU, box_iou's temporaries and the bag's
+    int64 keys, 6.7 GB at 2^28; measured on a CPU).
+    The objects are split into `blocks` (a power of two) slices of ceil(G / blocks), fewer where
+    the last ones would be empty (G = 20 in 8 blocks: 7 slices of 3): under torch.compile,
     where G and A are symbolic, the graph depends on the number of blocks, so object counts that
     are multiples of it (train.py pads G to a multiple of 8) share one graph, and the loss compiles
     again when B G A crosses 2^28 times a power of two, not for each object count."""

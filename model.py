@@ -71,10 +71,12 @@ def box_iou(boxes1, boxes2):
         boxes2 = boxes2.float()
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])  # [..., N]
     area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])  # [..., M]
-    lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # [..., N, M, 2]
-    rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])  # [..., N, M, 2]
-    wh = (rb - lt).clamp(min=0)  # [..., N, M, 2]
-    inter = wh[..., 0] * wh[..., 1]  # [..., N, M]
+    b1, b2 = boxes1[..., :, None, :], boxes2[..., None, :, :]  # [..., N, 1, 4], [..., 1, M, 4]
+    # width and height of the intersections, one [N, M] coordinate at a time: [N, M, 2] corners
+    # would take twice the memory, which bounds the loss's blocks of objects
+    w = (torch.minimum(b1[..., 2], b2[..., 2]) - torch.maximum(b1[..., 0], b2[..., 0])).clamp(min=0)  # [..., N, M]
+    h = (torch.minimum(b1[..., 3], b2[..., 3]) - torch.maximum(b1[..., 1], b2[..., 1])).clamp(min=0)  # [..., N, M]
+    inter = w * h  # [..., N, M]
     union = area1[..., :, None] + area2[..., None, :] - inter  # [..., N, M]
     return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), 0.0)
 

@@ -549,27 +549,33 @@ class OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 DATA_DEPENDENT = {"aten.nonzero", "aten.unique", "aten._unique2", "aten.unique_dim", "aten.masked_select",
-                  "aten._local_scalar_dense", "aten.item", "aten.repeat_interleave", "aten.unique_consecutive"}
+                  "aten._local_scalar_dense", "aten.item", "aten.repeat_interleave", "aten.unique_consecutive",
+                  "aten.masked_scatter", "aten.masked_scatter_"}
 
 
-def recorded_ops(counts, loss=free_anchor_loss, A=300, K=5):
+def recorded_ops(counts, loss=free_anchor_loss, A=300, K=5, padded=False):
     cls_logits, box_deltas, anchors, gt_boxes, gt_labels = [
         t.float() if torch.is_tensor(t) else [b.float() if b.is_floating_point() else b for b in t]
         for t in make_batch(107, counts, A=A, K=K)]
+    if padded:  # [B, G, 4], [B, G], G = the largest count (0 for a batch without objects)
+        gt_boxes, gt_labels = pad_targets(gt_boxes, gt_labels, 1) if max(counts) else (
+            torch.zeros(len(counts), 0, 4), torch.zeros(len(counts), 0, dtype=torch.long))
     x, d = cls_logits.requires_grad_(), box_deltas.requires_grad_()
     with OpRecorder() as rec:
         sum(loss(x, d, anchors, gt_boxes, gt_labels).values()).backward()
     return rec.ops
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["lists", "padded"])
 @pytest.mark.parametrize("loss", [free_anchor_loss, retinanet_loss], ids=["freeanchor", "retinanet"])
-def test_no_data_dependent_op_and_as_many_ops_for_any_batch(loss):
-    """Forward + backward run the same ops for 2 images of 3 objects as for 6 images of 40: no
+def test_no_data_dependent_op_and_as_many_ops_for_any_batch(loss, padded):
+    """Forward + backward run the same ops for 2 images of 3 objects as for 6 images of 40 and for
+    a batch without objects (padded: G = 0), with the objects given as lists or padded: no
     Python loop over images or objects, no op whose output size depends on the data (no host
     sync on a GPU). Boolean-mask indexing would show up as an index op with a bool index."""
-    small = recorded_ops([3, 1], loss)
+    small = recorded_ops([3, 1], loss, padded=padded)
     for counts in ([0, 0], [40, 2, 17, 5, 0, 9]):
-        assert sorted(recorded_ops(counts, loss)) == sorted(small), counts
+        assert sorted(recorded_ops(counts, loss, padded=padded)) == sorted(small), counts
     names = {name for name, _ in small}
     assert not names & DATA_DEPENDENT, names & DATA_DEPENDENT
     assert not [op for op in small if op[0].startswith("aten.index") and "torch.bool" in op[1]]
