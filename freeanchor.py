@@ -235,9 +235,10 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
     cls_logits [B, A, K] pre-sigmoid; box_deltas [B, A, 4] encoded (model.encode); anchors [A, 4]
     xyxy, shared by the batch; gt_boxes: B tensors [G_b, 4] xyxy; gt_labels: B int64 tensors [G_b]
     in [0, K) (or both padded, see pad_objects). num_objects: ||B|| of Eq. 7 (None: this batch's
-    object count; train.py passes the host's count, averaged over DDP processes). Returns {"positive",
-    "negative"}, weighted and normalised; the training loss is their sum. Always computed in
-    float32 (or float64), even under autocast.
+    object count; train.py passes the host's count, averaged over DDP processes, as a 0-d tensor:
+    torch.compile takes a Python number for a constant and compiles again for each). Returns
+    {"positive", "negative"}, weighted and normalised; the training loss is their sum. Always
+    computed in float32 (or float64), even under autocast.
     """
     B, A, K = _check_inputs(cls_logits, box_deltas, anchors)
     with torch.autocast(cls_logits.device.type, enabled=False):
