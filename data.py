@@ -76,12 +76,12 @@ class DataError(Exception):
     def __init__(self, message):
         # A DataError raised inside a DataLoader worker comes back to the main process rebuilt
         # from "Caught DataError in DataLoader worker ...\nOriginal Traceback ...\n
-        # data.DataError: <message>" (or data.ImageError): keep only our own last line so the
-        # message stays one line.
+        # data.DataError: <message>" (or data.ImageError): keep only the message. A line break in
+        # it (a file name may hold one) is written \n, so that the message stays one line.
         message = str(message)
-        if "\n" in message:
-            message = re.sub(r"^[\w.]*Error: ", "", message.rstrip().splitlines()[-1])
-        super().__init__(message)
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            message = re.split(r"\n(?:\w+\.)*(?:DataError|ImageError): ", message.rstrip("\n"))[-1]
+        super().__init__(message.replace("\n", "\\n"))
 
 
 class ImageError(DataError):
@@ -1177,22 +1177,40 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated
+_stopping = False  # set by the first Ctrl-C or SIGTERM; cleared by catch_stop_signals' restore
+
+
+def _stop(signum, frame):
+    """The handler of Ctrl-C and SIGTERM (catch_stop_signals): the program stops, by a
+    KeyboardInterrupt or Terminated raised where it is. A second signal while it stops is ignored:
+    it would interrupt the stop itself (its message, the DataLoader workers' shutdown) with a
+    traceback."""
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
 
 
 def catch_stop_signals():
     """From here on, in the main thread, Ctrl-C raises KeyboardInterrupt (also where a caller had
     installed another handler) and SIGTERM raises Terminated, unless ignored (as `cmd &` in a script
-    leaves SIGINT) or already handled. Returns a function that puts SIGTERM back as it was."""
+    leaves SIGINT) or already handled; once, a second one is ignored (_stop). Returns a function that
+    puts both back as they were."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return lambda: None
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if previous[signal.SIGINT] is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _stop)
+    if previous[signal.SIGTERM] is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop)
+
+    def restore():
+        global _stopping
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        _stopping = False
+    return restore
 
 
 def stopped_by(interrupt):
@@ -1207,6 +1225,21 @@ def ignore_sigterm(worker_id):
     the stop is the main process's to make (a worker killed by it would turn the stop into "worker
     killed"); the workers end when the loader is shut down, or when their parent is gone."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def loader_batches(loader):
+    """Iterates a DataLoader and, when a worker's error reaches the main process (a DataError: an
+    image that fails at decode), stops the worker processes at once. Left to themselves they would
+    outlive the error: torch re-raises it from a frame that holds it, a reference cycle that keeps
+    the loader's iterator alive up to the interpreter's exit, where multiprocessing ends the
+    workers with SIGTERM, which they ignore (ignore_sigterm), and waits for them forever."""
+    batches = iter(loader)
+    try:
+        yield from batches
+    except Exception:
+        if hasattr(batches, "_shutdown_workers"):  # worker processes: torch's own end-of-loader call
+            batches._shutdown_workers()
+        raise
 
 
 class DeferredInterrupt(KeyboardInterrupt):
@@ -1231,7 +1264,9 @@ def signals_deferred():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if caught:  # the signal held back
+    if caught:  # the signal held back; a second one is ignored from here on, as by _stop
+        global _stopping
+        _stopping = True
         raise DeferredInterrupt(caught[0])
 
 
@@ -1260,9 +1295,11 @@ def write_atomic(path, data):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as e:
+        except BaseException as e:  # a full disk; or an error raised by a handler (torch's, of a killed worker)
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+            if not isinstance(e, OSError):
+                raise
             raise OSError(e.errno, f"cannot be written ({e.strerror}); the previous file, if any, is unchanged",
                           path) from None
         try:
@@ -1313,11 +1350,16 @@ def print_stop(message, own=False):
 
 def stop_on_failure(e):
     """End a run stopped by the machine or by another process of it, with one line and status 1:
-    an OSError (a full disk, a file system gone read-only) names its file; a collective that lost
+    an OSError (a full disk, a file system gone read-only) names its file; a DataLoader worker
+    killed (by the kernel's out-of-memory killer, most likely) says so; a collective that lost
     another process (lost_connection) says so, once. Anything else is raised again: a bug, whose
     traceback is wanted."""
     if isinstance(e, OSError):
         message, own = (f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}"), True
+    elif isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker"):  # from torch's SIGCHLD handler
+        first = str(e).split(". ")[0].rstrip(". ")  # "DataLoader worker (pid 7) is killed by signal: Killed"
+        hint = "out of memory? fewer --workers use less" if "killed by signal" in first else "--workers 0 shows its error"
+        message, own = f"error: {first} ({hint})", True
     elif lost_connection(e):
         message, own = "error: stopped: another process of this run stopped (its message, if any, is above)", False
     else:

@@ -50,19 +50,24 @@ import time
 from dataclasses import dataclass, field
 
 
-def _interrupted_before_main(signum, frame):
-    """Ctrl-C before main() (torch imports for seconds): one line, printed once under torchrun,
-    whose every process gets the Ctrl-C, then os._exit. A SystemExit raised here, in the middle of
-    torch's imports, can abort the process with a C++ trace, or be swallowed by them and leave it
-    running; nothing needs cleaning up yet. (Written here and in the other script, not in data.py:
-    it is installed before anything imports torch, and data.py does.)"""
-    if os.environ.get("RANK", "0") == "0":
-        os.write(2, b"interrupted\n")  # not print: a signal handler may interrupt a print
-    os._exit(130)
+def _stopped_before_main(signum, frame):
+    """Ctrl-C or SIGTERM before main() (torch imports for seconds): one line, printed once under
+    torchrun, whose every process gets the signal, then os._exit with 128 + the signal's number.
+    A SystemExit raised here, in the middle of torch's imports, can abort the process with a C++
+    trace, or be swallowed by them and leave it running; nothing needs cleaning up yet. (Written
+    here and in the other script, not in data.py: it is installed before anything imports torch,
+    and data.py does.)"""
+    if os.environ.get("RANK", "0") == "0":  # not print: a signal handler may interrupt a print
+        os.write(2, b"interrupted\n" if signum == signal.SIGINT else b"terminated\n")
+    os._exit(128 + signum)
 
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-    signal.signal(signal.SIGINT, _interrupted_before_main)  # Ctrl-C while torch imports: one line, no traceback
+if __name__ == "__main__":
+    # Ctrl-C or SIGTERM while torch imports (seconds): one line, as later on, not a traceback or a
+    # silent end (a signal ignored, as `cmd &` in a script leaves SIGINT, stays ignored)
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(_signum) is not signal.SIG_IGN:
+            signal.signal(_signum, _stopped_before_main)
 
 import torch
 import torch.distributed as dist
@@ -72,8 +77,9 @@ from torchvision.ops import batched_nms
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, DeferredInterrupt,
                   HelpFormatter, ImageError, add_config_arguments, available_cpus, catch_stop_signals, config_from_args,
-                  device_defaults, end_progress_line, ignore_sigterm, on_rank0, print_stop, progress_line,
-                  remove_partial_writes, resolve_root_once, setup_processes, stop_on_failure, stopped_by, write_atomic)
+                  device_defaults, end_progress_line, ignore_sigterm, loader_batches, on_rank0,
+                  print_stop, progress_line, remove_partial_writes, resolve_root_once, setup_processes,
+                  stop_on_failure, stopped_by, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -582,7 +588,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
         model._predict = torch.compile(model._predict, dynamic=True)
     records, start, position = [], time.time(), 0
     shares = total / max(len(indices), 1)  # under DDP, rank 0 counts its share for everyone
-    for batch in loader:
+    for batch in loader_batches(loader):
         images = [image.to(device, non_blocking=True) for image, _ in batch]
         with autocast:
             if cfg.nms_recall:
@@ -811,7 +817,7 @@ def _evaluate(cfg, ddp, rank, world, master):
 def main(argv=None):
     """CLI entry: user mistakes (arguments, data, checkpoints) end with one line on stderr and
     exit status 2, never a traceback; Ctrl-C and SIGTERM with one line and status 130 or 143."""
-    restore_sigterm = catch_stop_signals()  # from here Ctrl-C and SIGTERM are the KeyboardInterrupt below
+    restore_signals = catch_stop_signals()  # from here Ctrl-C and SIGTERM are the KeyboardInterrupt below
     try:
         return evaluate(parse_config(argv))
     except (DataError, ValueError) as e:
@@ -826,9 +832,14 @@ def main(argv=None):
         print_stop(f"{word} {e.args[0]}" if e.args else word)  # once under torchrun, whose every process gets the signal
         sys.exit(status)
     finally:
-        restore_sigterm()
+        restore_signals()
 
 
 if __name__ == "__main__":
-    main()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the evaluation is complete: a Ctrl-C during the exit interrupts nothing
+    for _signum, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(_signum) is _stopped_before_main:
+            signal.signal(_signum, _default)  # main() handles them from here on
+    try:
+        main()
+    finally:  # done or stopping: a Ctrl-C during the exit (DataLoader workers ending) interrupts nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

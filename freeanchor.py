@@ -265,8 +265,13 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
         # the backward divides by max(p (1 - p), 1e-12), so for an object that no anchor of its bag
         # fits at all (Mean-max p < 1e-12, a loss above 27.6) the gradient is that of -log p times
         # p / 1e-12, damped rather than exact
-        loss_obj = F.binary_cross_entropy(bag_prob.clamp(max=1), torch.ones_like(bag_prob),
+        # (a NaN Mean-max, from a diverged network's NaN outputs, would make the BCE raise, on a GPU
+        # by a device-side assert that ends the process, before train.py could name the iteration:
+        # the BCE gets 1/2 there, and the loss the NaN)
+        is_nan = bag_prob.isnan()  # [B, G]
+        loss_obj = F.binary_cross_entropy(bag_prob.clamp(max=1).masked_fill(is_nan, 0.5), torch.ones_like(bag_prob),
                                           reduction="none")  # [B, G]
+        loss_obj = torch.where(is_nan, bag_prob, loss_obj)  # [B, G]
         positive = cfg.alpha * torch.where(valid, loss_obj, 0.0).sum() / num_objects.clamp(min=1)  # []
 
         # negative term, precision (Eqs. 6-7): FL(q) = q^gamma (-log(1 - q)) over every anchor and

@@ -42,21 +42,24 @@ import time
 from dataclasses import dataclass, field
 
 
-def _interrupted_before_main(signum, frame):
-    """Ctrl-C before main() (torch imports for seconds): one line, printed once under torchrun,
-    whose every process gets the Ctrl-C, then os._exit. A SystemExit raised here, in the middle of
-    torch's imports, can abort the process with a C++ trace, or be swallowed by them and leave it
-    running; nothing needs cleaning up yet. (Written here and in the other script, not in data.py:
-    it is installed before anything imports torch, and data.py does.)"""
-    if os.environ.get("RANK", "0") == "0":
-        os.write(2, b"interrupted: nothing was started\n")  # not print: a signal handler may interrupt a print
-    os._exit(130)
+def _stopped_before_main(signum, frame):
+    """Ctrl-C or SIGTERM before main() (torch imports for seconds): one line, printed once under
+    torchrun, whose every process gets the signal, then os._exit with 128 + the signal's number.
+    A SystemExit raised here, in the middle of torch's imports, can abort the process with a C++
+    trace, or be swallowed by them and leave it running; nothing needs cleaning up yet. (Written
+    here and in the other script, not in data.py: it is installed before anything imports torch,
+    and data.py does.)"""
+    if os.environ.get("RANK", "0") == "0":  # not print: a signal handler may interrupt a print
+        os.write(2, (b"interrupted" if signum == signal.SIGINT else b"terminated") + b": nothing was started\n")
+    os._exit(128 + signum)
 
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-    # Ctrl-C while torch imports (seconds): one line, as later on, not a traceback (an ignored
-    # SIGINT, as `cmd &` in a script leaves it, stays ignored)
-    signal.signal(signal.SIGINT, _interrupted_before_main)
+if __name__ == "__main__":
+    # Ctrl-C or SIGTERM while torch imports (seconds): one line, as later on, not a traceback or a
+    # silent end (a signal ignored, as `cmd &` in a script leaves SIGINT, stays ignored)
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(_signum) is not signal.SIG_IGN:
+            signal.signal(_signum, _stopped_before_main)
 
 import numpy as np
 import torch
@@ -66,9 +69,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import freeanchor
 from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError,
                   TrainSampler, add_config_arguments, available_cpus, canvas_shapes, catch_stop_signals, collate,
-                  config_from_args, device_defaults, end_progress_line, format_eta, ignore_sigterm, on_rank0,
-                  pad_to_canvas, print_stop, remove_partial_writes, resolve_root_once, setup_processes,
-                  signals_deferred, stop_on_failure, stopped_by, to_device, write_atomic)
+                  config_from_args, device_defaults, end_progress_line, format_eta, ignore_sigterm,
+                  loader_batches, on_rank0, pad_to_canvas, print_stop, remove_partial_writes, resolve_root_once,
+                  setup_processes, signals_deferred, stop_on_failure, stopped_by, to_device, write_atomic)
 from model import BACKBONES, PRIOR_PROB, RETINANET_PRIOR_PROB, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -479,7 +482,7 @@ def train(cfg, loss_cfg):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
     model.train()
     window_start, window_iters = time.time(), 0
-    for it, batch in zip(range(start_iter, cfg.max_iter), loader):
+    for it, batch in zip(range(start_iter, cfg.max_iter), loader_batches(loader)):
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_factor"]
@@ -629,7 +632,7 @@ def main(argv=None):
     line on stderr and exit status 2 (1 for a non-finite loss), never a traceback; Ctrl-C and
     SIGTERM with one line and status 130 or 143."""
     cfg = None
-    restore_sigterm = catch_stop_signals()  # from here Ctrl-C and SIGTERM are the KeyboardInterrupt below
+    restore_signals = catch_stop_signals()  # from here Ctrl-C and SIGTERM are the KeyboardInterrupt below
     try:
         cfg, loss_cfg = parse_config(argv)
         with run_directory_lock(cfg.output):
@@ -656,9 +659,14 @@ def main(argv=None):
     finally:  # also when a run stops on an error (NCCL warns, and may hang at exit, otherwise)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        restore_sigterm()
+        restore_signals()
 
 
 if __name__ == "__main__":
-    main()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is complete: a Ctrl-C during the exit interrupts nothing
+    for _signum, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(_signum) is _stopped_before_main:
+            signal.signal(_signum, _default)  # main() handles them from here on
+    try:
+        main()
+    finally:  # done or stopping: a Ctrl-C during the exit (DataLoader workers ending) interrupts nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

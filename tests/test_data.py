@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 import data
-from data import (CocoDataset, DataError, TrainSampler, canvas_shapes, collate, pad_to_canvas, prepare_shapes, resolve_root,
-                  to_device)
+from data import (CocoDataset, DataError, ImageError, TrainSampler, canvas_shapes, collate, loader_batches, pad_to_canvas,
+                  prepare_shapes, resolve_root, to_device)
 from model import normalize, prepare_image, preprocess, resize_image, resized_size
 
 
@@ -596,6 +596,37 @@ def test_corrupt_image_names_the_file_also_from_a_worker(tiny):
         next(batches)
     assert one_line(e).startswith("cannot read image ") and "a.jpg" in one_line(e)
     batches._shutdown_workers()  # now, rather than whenever the garbage collector gets to it
+
+
+class FailingDataset(torch.utils.data.Dataset):
+    """One image whose decode fails, in a file whose name holds a line break."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        try:
+            raise OSError("broken data stream when reading image file")
+        except OSError as e:
+            raise ImageError(f"cannot read image /data/scan\n2.png: {e}") from e
+
+
+def test_a_workers_error_comes_back_as_its_message_on_one_line():
+    """An error raised in a DataLoader worker reaches the main process as the worker's message
+    alone, without torch's traceback around it and whole, also where it spans lines (a file name
+    with a line break, written \\n); loader_batches stops the workers with it."""
+    import gc
+    import multiprocessing
+    expected = "cannot read image /data/scan\\n2.png: broken data stream when reading image file"
+    assert str(ImageError("cannot read image /data/scan\n2.png: broken data stream when reading image file")) == expected
+    loader = torch.utils.data.DataLoader(FailingDataset(), batch_size=1, num_workers=1, collate_fn=collate)
+    with pytest.raises(ImageError) as e:
+        next(loader_batches(loader))
+    assert str(e.value) == expected
+    del e
+    left = multiprocessing.active_children()
+    gc.collect()  # frees a loader kept by a reference cycle, so that a failure does not hang pytest's exit
+    assert left == []
 
 
 def test_image_size_disagreeing_with_annotations(tiny):

@@ -550,6 +550,27 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
         assert e.value.code == 2 and err.startswith(said) and err.count("\n") == 1, err
 
 
+def test_a_bad_image_met_by_a_worker_stops_the_evaluation_and_its_workers(tiny_data, tiny_ckpt, tmp_path, capsys):
+    """An image that fails at decode in a DataLoader worker: one line, status 2, and the workers
+    end with the evaluation (left alive, they would hang the interpreter's exit)."""
+    import gc
+    import multiprocessing
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_data, data)
+    dataset = CocoDataset(data, "val2017", train=False)
+    Image.new("RGB", (65, 64)).save(dataset.path(0))  # annotated 64x64
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", tiny_ckpt, "--data", data, "--skip-check", "--workers", "1",
+                       "--output", str(tmp_path / "eval")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == \
+        f"error: image {dataset.path(0)} is 65x64 but the annotations say 64x64 ({dataset.ann_file})\n"
+    del e
+    left = multiprocessing.active_children()
+    gc.collect()  # frees a loader kept by a reference cycle, so that a failure does not hang pytest's exit
+    assert left == []
+
+
 def test_each_checkpoint_gets_its_own_default_folder(tiny_ckpt, tmp_path, capsys):
     """last.pt and model_final.pt of one run, evaluated with the defaults, write to eval_last_<split>
     and eval_<split>: neither replaces the other's results."""

@@ -326,6 +326,23 @@ def test_extreme_logits_stay_finite(dtype):
         assert torch.isfinite(x.grad).all() and torch.isfinite(d.grad).all(), fill
 
 
+def test_nan_outputs_of_a_diverged_network_give_a_nan_loss_not_an_error():
+    """A network that diverged outputs NaN: the loss is NaN, for train.py's check to name the
+    iteration, and never an error (the BCE of -log Mean-max raises on a NaN input, on a GPU by a
+    device-side assert that ends the process)."""
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(61, [3, 1], A=200)
+    for nan_logits, nan_deltas in ((True, False), (False, True), (True, True)):
+        x, d = cls_logits.float().clone(), box_deltas.float().clone()
+        if nan_logits:
+            x[0, :50] = float("nan")
+        if nan_deltas:
+            d[:] = float("nan")
+        x.requires_grad_(), d.requires_grad_()
+        out = free_anchor_loss(x, d, anchors.float(), [b.float() for b in gt_boxes], gt_labels)
+        (out["positive"] + out["negative"]).backward()
+        assert out["positive"].isnan() or out["negative"].isnan(), (nan_logits, nan_deltas, out)
+
+
 def test_best_prediction_exactly_at_the_threshold_in_float32():
     """An object's best prediction has IoU exactly t (0.6 = 60 / 100 in float32 too): then
     t2 = max(0.6, t + 1e-12) = t in float32, and the saturated linear must give 0, not 0 / 0."""

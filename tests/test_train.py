@@ -200,6 +200,30 @@ def test_two_processes_stop_on_bad_data_with_one_line_and_no_traceback(tiny_data
     assert err0 == "error: stopped: another process of this run stopped (its message, if any, is above)\n"
 
 
+def test_a_bad_image_met_by_a_worker_stops_the_run_and_its_workers(tiny_data, tmp_path, capsys):
+    """An image that fails at decode in a DataLoader worker stops the run with its one line, and the
+    workers end with it. Left alive (torch re-raises their error from a reference cycle that keeps
+    the loader), they would hang the interpreter's exit: multiprocessing ends them with SIGTERM,
+    which they ignore."""
+    import gc
+    import multiprocessing
+    import shutil
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_data, data)
+    dataset = CocoDataset(data, "train2017", train=True)
+    Image.new("RGB", (65, 64)).save(dataset.path(0))  # annotated 64x64
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, *CPU, "--data", data, "--batch-size", "2", "--max-iter", "4", "--skip-check",
+                    "--workers", "1", "--output", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == \
+        f"error: image {dataset.path(0)} is 65x64 but the annotations say 64x64 ({dataset.ann_file})\n"
+    del e
+    left = multiprocessing.active_children()
+    gc.collect()  # frees a loader kept by a reference cycle, so that a failure does not hang pytest's exit
+    assert left == []
+
+
 def train_single_and_ddp(tiny_data, tmp_path, backbone, *extra):
     """Two SGD steps of 2 images, in 1 process and in 2 gloo processes of 1 image (1 thread each),
     from a local random backbone file (frozen BatchNorm, so nothing else differs); the final
@@ -505,24 +529,25 @@ def test_ctrl_c_before_model_final_is_written_is_a_plain_interruption(tiny_data,
 
 
 @pytest.mark.parametrize("module", ["train", "evaluate"])
-def test_ctrl_c_while_torch_imports_writes_one_line_once_and_exits_at_once(module, monkeypatch):
-    """The handler of a Ctrl-C before main() (torch imports for seconds): os._exit(130), since a
-    SystemExit raised inside torch's imports can abort with a C++ trace or be swallowed; its line
-    on stderr from the first process of a torchrun alone."""
+def test_ctrl_c_or_sigterm_while_torch_imports_writes_one_line_once_and_exits_at_once(module, monkeypatch):
+    """The handler of a Ctrl-C or SIGTERM before main() (torch imports for seconds): os._exit(130 or
+    143), since a SystemExit raised inside torch's imports can abort with a C++ trace or be
+    swallowed; its line on stderr from the first process of a torchrun alone."""
     import importlib
-    handler = importlib.import_module(module)._interrupted_before_main
+    handler = importlib.import_module(module)._stopped_before_main
     written, exits = [], []
     monkeypatch.setattr(os, "write", lambda fd, data: written.append((fd, data)))
     monkeypatch.setattr(os, "_exit", exits.append)
-    for rank, expected in ((None, 1), ("0", 1), ("1", 0)):
-        if rank is None:
-            monkeypatch.delenv("RANK", raising=False)
-        else:
-            monkeypatch.setenv("RANK", rank)
-        written.clear()
-        handler(signal.SIGINT, None)
-        assert exits.pop() == 130 and len(written) == expected
-        assert all(fd == 2 and data.startswith(b"interrupted") and data.endswith(b"\n") for fd, data in written)
+    for signum, word in ((signal.SIGINT, b"interrupted"), (signal.SIGTERM, b"terminated")):
+        for rank, expected in ((None, 1), ("0", 1), ("1", 0)):
+            if rank is None:
+                monkeypatch.delenv("RANK", raising=False)
+            else:
+                monkeypatch.setenv("RANK", rank)
+            written.clear()
+            handler(signum, None)
+            assert exits.pop() == 128 + signum and len(written) == expected
+            assert all(fd == 2 and data.startswith(word) and data.endswith(b"\n") for fd, data in written)
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tiny_data, tmp_path, monkeypatch, capsys):
