@@ -559,6 +559,9 @@ class CocoDataset(torch.utils.data.Dataset):
                                                 | (xywh[:, 1] + xywh[:, 3] > h + 1))).sum())
         self.num_boxes = int((~crowd).sum())
         self.images_without_boxes = int((count == 0).sum())
+        # classes without a usable box here ("id:name"): trained, they only ever learn "not me"
+        seen = set(np.unique(ann_label[usable]).tolist())
+        self.unseen_categories = [f"{c['id']}:{c['name']}" for k, c in enumerate(self.categories) if k not in seen]
         if len(keep) == 0:
             raise DataError(f"{self.ann_file}: no image has a usable box (not crowd, at least "
                             f"1 px wide and high): nothing to train on")

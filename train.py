@@ -319,6 +319,11 @@ def train(cfg, loss_cfg):
         print(f"note: training leaves out {dataset.tiny_boxes} box(es) of {dataset.ann_file} under 1 px wide or "
               f"high once clipped to their image, and {dataset.images_without_boxes} image(s) without a usable box "
               f"(none annotated, or only crowd regions and such boxes)", flush=True)
+    if master and dataset.unseen_categories:
+        print(f"note: {len(dataset.unseen_categories)} of the {len(dataset.categories)} categories of "
+              f"{dataset.ann_file} have no usable box there ({', '.join(dataset.unseen_categories[:8])}"
+              f"{', ...' if len(dataset.unseen_categories) > 8 else ''}): the model gets a class for each, which it "
+              f"never sees an example of", flush=True)
     if master and dataset.boxes_past_border:
         print(f"note: {dataset.boxes_past_border} of the {dataset.num_boxes} boxes of {dataset.ann_file} extend more "
               f"than 1 px past their image and are clipped to it (COCO boxes are [x, y, width, height])", flush=True)
