@@ -452,7 +452,8 @@ class CocoDataset(torch.utils.data.Dataset):
     COCO [x, y, w, h] -> xyxy, clipped to the image; crowd regions and boxes under 1 px wide or
     high after clipping never reach the loss. train=True keeps only images with at least one
     usable box; train=False keeps every image (evaluation); `tiny_boxes` and `images_without_boxes`
-    count what the loss never sees (crowd regions aside). Images are read upright (EXIF
+    count what the loss never sees (crowd regions aside), `unseen_categories` names the classes
+    without a usable box ("id:name"). Images are read upright (EXIF
     orientation applied, as labelling tools show them) unless exif=False.
 
     dataset[i] -> (image [3, h, w] uint8 RGB at the original size, target);
