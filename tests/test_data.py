@@ -1056,6 +1056,8 @@ def test_training_dataset_keeps_only_flat_arrays(tiny):
     for name, value in vars(ds).items():
         if name == "categories":  # K small dicts, the label -> category id table
             assert all(set(c) == {"id", "name"} for c in value)
+        elif name == "unseen_categories":  # at most K "id:name" strings
+            assert all(isinstance(c, str) for c in value)
         else:
             assert value is None or isinstance(value, (np.ndarray, str, bool, int)), name
     assert ds._coco is None  # no pycocotools index until evaluation asks for one
