@@ -27,7 +27,7 @@ Use it as train.py does:
     ds.check_images()
     loader = DataLoader(ds, batch_sampler=TrainSampler(ds, batch_size=8, min_sizes=(320,)),
                         collate_fn=collate, num_workers=2, pin_memory=True)
-    for batch in loader:
+    for batch in loader_batches(loader):  # stops the workers at once on a worker's error
         images, gt_boxes, gt_labels = to_device(batch, "cuda")   # [B, 3, H, W] normalised, padded
 
 Build the shapes dataset by hand with `python data.py`; tests: `python -m pytest tests/test_data.py`;
@@ -1181,28 +1181,35 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
-_stopping = False  # set by the first Ctrl-C or SIGTERM; cleared by catch_stop_signals' restore
+_stops = 0  # Ctrl-C and SIGTERM received while catch_stop_signals is in force
 
 
 def _stop(signum, frame):
-    """The handler of Ctrl-C and SIGTERM (catch_stop_signals): the program stops, by a
-    KeyboardInterrupt or Terminated raised where it is. A second signal while it stops is ignored:
-    it would interrupt the stop itself (its message, the DataLoader workers' shutdown) with a
-    traceback."""
-    global _stopping
-    if _stopping:
-        return
-    _stopping = True
-    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+    """The handler of Ctrl-C and SIGTERM (catch_stop_signals). The first one stops the program, by a
+    KeyboardInterrupt or Terminated raised where it is. A second one is ignored: it would interrupt
+    the stop itself (its message, the DataLoader workers' shutdown) with a traceback. A third one
+    ends the process at once, which stays stoppable even where the first one was lost (raised
+    inside a __del__, where Python only reports it); a checkpoint being written is then lost, the
+    previous one kept (write_atomic)."""
+    global _stops
+    _stops += 1
+    if _stops == 1:
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+    if _stops >= 3:
+        if os.environ.get("RANK", "0") == "0":  # not print: a signal handler may interrupt a print
+            os.write(2, b"stopped at once\n")
+        os._exit(128 + signum)
 
 
 def catch_stop_signals():
     """From here on, in the main thread, Ctrl-C raises KeyboardInterrupt (also where a caller had
     installed another handler) and SIGTERM raises Terminated, unless ignored (as `cmd &` in a script
-    leaves SIGINT) or already handled; once, a second one is ignored (_stop). Returns a function that
-    puts both back as they were."""
+    leaves SIGINT) or already handled; a second one is ignored, a third one ends the process at once
+    (_stop). Returns a function that puts both back as they were."""
+    global _stops
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    _stops = 0
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     if previous[signal.SIGINT] is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _stop)
@@ -1210,10 +1217,10 @@ def catch_stop_signals():
         signal.signal(signal.SIGTERM, _stop)
 
     def restore():
-        global _stopping
+        global _stops
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
-        _stopping = False
+        _stops = 0
     return restore
 
 
@@ -1263,14 +1270,15 @@ def signals_deferred():
     handled = [s for s in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread()
                and signal.getsignal(s) not in (signal.SIG_IGN, signal.SIG_DFL, None)]
     previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in handled}
+    global _stops
     try:
         yield
     finally:
+        if caught:  # the held-back signal counts as _stop's first (catch_stop_signals starts from 0)
+            _stops = max(_stops, 1)
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if caught:  # the signal held back; a second one is ignored from here on, as by _stop
-        global _stopping
-        _stopping = True
+    if caught:  # the signal held back
         raise DeferredInterrupt(caught[0])
 
 
@@ -1362,7 +1370,9 @@ def stop_on_failure(e):
         message, own = (f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}"), True
     elif isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker"):  # from torch's SIGCHLD handler
         first = str(e).split(". ")[0].rstrip(". ")  # "DataLoader worker (pid 7) is killed by signal: Killed"
-        hint = "out of memory? fewer --workers use less" if "killed by signal" in first else "--workers 0 shows its error"
+        hint = ("out of memory? fewer --workers use less" if first.endswith("Killed") else
+                "too little shared memory (/dev/shm)?" if first.endswith("Bus error") else
+                "killed, out of memory? --workers 0 shows an error of its own")  # "exited unexpectedly"
         message, own = f"error: {first} ({hint})", True
     elif lost_connection(e):
         message, own = "error: stopped: another process of this run stopped (its message, if any, is above)", False

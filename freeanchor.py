@@ -84,8 +84,8 @@ def unit_box(dtype, device):
 def pad_objects(gt_boxes, gt_labels, dtype, device):
     """The objects of a batch as dense tensors: boxes [B, G, 4], labels [B, G], valid [B, G].
 
-    gt_boxes, gt_labels: lists of B tensors [G_b, 4] and [G_b]; or already padded, a tensor
-    [B, G, 4] and labels [B, G] that are -1 at the padding (what data.to_device gives train.py, and
+    gt_boxes, gt_labels: lists of B tensors [G_b, 4] and [G_b], labels in [0, K); or already
+    padded, a tensor [B, G, 4] and labels [B, G] that are -1 at the padding (what data.to_device gives train.py, and
     what torch.compile wants: a list's length and which of its images are empty are Python
     structure, which torch.compile specialises on, a graph for each). G is at least 1, so that an empty batch
     needs no special case. Padding is a harmless unit box (finite encode and IoU, so masked-out
@@ -111,9 +111,10 @@ def pad_objects(gt_boxes, gt_labels, dtype, device):
         gt_labels = F.pad(torch.cat(gt_labels).to(device, torch.long), (0, 1), value=-1)[row]  # [B, G]  -1: padding
     B, G = gt_labels.shape
     assert gt_boxes.shape == (B, G, 4), f"padded gt_boxes {tuple(gt_boxes.shape)} != {(B, G, 4)}"
-    # at least one object, a padding one in a batch without objects (the same ops for any G)
-    gt_boxes = F.pad(gt_boxes, (0, 0, 0, max(0, 1 - G)))  # [B, max(G, 1), 4]
-    gt_labels = F.pad(gt_labels, (0, max(0, 1 - G)), value=-1)  # [B, max(G, 1)]
+    # at least one object, a padding one in a batch without objects (the same ops for any G);
+    # G below stands for max(G, 1)
+    gt_boxes = F.pad(gt_boxes, (0, 0, 0, max(0, 1 - G)))  # [B, G, 4]
+    gt_labels = F.pad(gt_labels, (0, max(0, 1 - G)), value=-1)  # [B, G]
     valid = (gt_labels >= 0).to(device)  # [B, G]
     boxes = torch.where(valid[..., None], gt_boxes.to(device, dtype), unit_box(dtype, device))  # [B, G, 4]
     return boxes, gt_labels.to(device).clamp(min=0), valid

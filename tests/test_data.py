@@ -7,6 +7,8 @@ Every dataset here is a handful of tiny images written into tmp_path. Run:
 import io
 import json
 import os
+import re
+import signal
 import struct
 import sys
 import time
@@ -617,6 +619,7 @@ def test_a_workers_error_comes_back_as_its_message_on_one_line():
     with a line break, written \\n); loader_batches stops the workers with it."""
     import gc
     import multiprocessing
+    before = set(multiprocessing.active_children())
     expected = "cannot read image /data/scan\\n2.png: broken data stream when reading image file"
     assert str(ImageError("cannot read image /data/scan\n2.png: broken data stream when reading image file")) == expected
     loader = torch.utils.data.DataLoader(FailingDataset(), batch_size=1, num_workers=1, collate_fn=collate)
@@ -624,9 +627,70 @@ def test_a_workers_error_comes_back_as_its_message_on_one_line():
         next(loader_batches(loader))
     assert str(e.value) == expected
     del e
-    left = multiprocessing.active_children()
+    left = set(multiprocessing.active_children()) - before
     gc.collect()  # frees a loader kept by a reference cycle, so that a failure does not hang pytest's exit
-    assert left == []
+    assert not left
+
+
+class SelfKillingDataset(torch.utils.data.Dataset):
+    """A worker killed from outside, as by the kernel's out-of-memory killer."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_worker_is_one_line(capsys):
+    """torch raises "DataLoader worker (pid N) is killed by signal: Killed." wherever the main
+    process is, or "... exited unexpectedly" where the loader finds it first: stop_on_failure makes
+    it one line with a hint, status 1."""
+    loader = torch.utils.data.DataLoader(SelfKillingDataset(), batch_size=1, num_workers=1, collate_fn=collate)
+    with pytest.raises(RuntimeError) as e:
+        next(iter(loader))
+    with pytest.raises(SystemExit) as stop:
+        data.stop_on_failure(e.value)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1, err
+    assert re.fullmatch(r"error: DataLoader worker \(pid \d+\) is killed by signal: Killed \(out of memory\? fewer "
+                        r"--workers use less\)\n|error: DataLoader worker \(pid\(s\) \d+\) exited unexpectedly "
+                        r"\(killed, out of memory\? --workers 0 shows an error of its own\)\n", err), err
+
+
+def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
+    """catch_stop_signals: the first Ctrl-C or SIGTERM raises; a second one, which would cut the
+    stop short with a traceback, is ignored; a third ends the process at once (the first may have
+    been lost inside a __del__); restore() starts the count again, and so does each call."""
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(os, "write", lambda fd, text: None)
+    for signum, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, data.Terminated)):
+        restore = data.catch_stop_signals()
+        try:
+            with pytest.raises(raised):
+                os.kill(os.getpid(), signum)
+                time.sleep(1)  # the handler runs at the next bytecode
+            os.kill(os.getpid(), signum)  # ignored
+            time.sleep(0.1)
+            assert exits == []
+            os.kill(os.getpid(), signum)
+            time.sleep(0.1)
+            assert exits == [128 + signum]
+            exits.clear()
+        finally:
+            restore()
+    restore = data.catch_stop_signals()
+    try:
+        with pytest.raises(data.DeferredInterrupt):
+            with data.signals_deferred():  # as a checkpoint's write
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: the deferred one counted as the first
+        time.sleep(0.1)
+    finally:
+        restore()
+    assert exits == []
 
 
 def test_image_size_disagreeing_with_annotations(tiny):
