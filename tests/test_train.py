@@ -93,12 +93,15 @@ def assert_same_weights(a, b):
 
 @pytest.mark.slow  # 40 training steps
 def test_overfits_a_fixed_batch(tiny_data):
+    """40 SGD steps on one batch halve the loss. The learning rate is one at which the descent is
+    smooth on every CPU kernel set: at 0.003 it bounced in the last steps, to 2.9-3.3 under
+    ATEN_CPU_CAPABILITY=default against 1.9-2.2 under avx2, above half of the first loss (5.29)."""
     torch.manual_seed(0)
     dataset = CocoDataset(tiny_data, "train2017", train=True, max_size=64)
     batch = collate([dataset[(i, 64, False)] for i in range(4)])
     images, targets = to_device(batch, "cpu")[0], batch[1]  # normalised, resized, padded
     model = RetinaNet(2, backbone="resnet18", weights="none", min_size=64, max_size=64)
-    optimizer = torch.optim.SGD(train.param_groups(model, 1e-4), lr=0.003, momentum=0.9)
+    optimizer = torch.optim.SGD(train.param_groups(model, 1e-4), lr=0.002, momentum=0.9)
     losses = []
     for _ in range(40):
         cls_logits, box_deltas, anchors = model(images)
