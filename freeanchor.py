@@ -85,11 +85,11 @@ def pad_objects(gt_boxes, gt_labels, dtype, device):
     """The objects of a batch as dense tensors: boxes [B, G, 4], labels [B, G], valid [B, G].
 
     gt_boxes, gt_labels: lists of B tensors [G_b, 4] and [G_b], labels in [0, K); or already
-    padded, a tensor [B, G, 4] and labels [B, G] that are -1 at the padding (what data.to_device gives train.py, and
-    what torch.compile wants: a list's length and which of its images are empty are Python
-    structure, which torch.compile specialises on, a graph for each). G is at least 1, so that an empty batch
-    needs no special case. Padding is a harmless unit box (finite encode and IoU, so masked-out
-    entries can't leak NaN into gradients) with label 0.
+    padded, a tensor [B, G, 4] and labels [B, G] that are -1 at the padding (what data.to_device
+    gives train.py, and what torch.compile wants: a list's length and which of its images are
+    empty are Python structure, which torch.compile specialises on, a graph for each). G is at
+    least 1, so that an empty batch needs no special case. Padding is a harmless unit box (finite
+    encode and IoU, so masked-out entries can't leak NaN into gradients) with label 0.
     No host-device synchronisation: the lists' lengths, known on the host, are copied non-blocking;
     the padding box is made on the device. (On a GPU a non-blocking copy from ordinary host memory
     can still wait for the GPU's queue: train.py passes padded tensors, copied from pinned memory.)

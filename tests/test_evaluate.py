@@ -26,7 +26,7 @@ import evaluate
 import freeanchor
 from data import CocoDataset
 from model import RetinaNet
-from test_train import run_two_processes
+from test_train import assert_a_bad_image_stops_it_and_its_workers, run_two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 17, "name": "needle"}, {"id": 42, "name": "blob"}]  # not contiguous
@@ -552,24 +552,10 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
 
 def test_a_bad_image_met_by_a_worker_stops_the_evaluation_and_its_workers(tiny_data, tiny_ckpt, tmp_path, capsys):
     """An image that fails at decode in a DataLoader worker: one line, status 2, and the workers
-    end with the evaluation (left alive, they would hang the interpreter's exit)."""
-    import gc
-    import multiprocessing
-    before = set(multiprocessing.active_children())
-    data = str(tmp_path / "data")
-    shutil.copytree(tiny_data, data)
-    dataset = CocoDataset(data, "val2017", train=False)
-    Image.new("RGB", (65, 64)).save(dataset.path(0))  # annotated 64x64
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", tiny_ckpt, "--data", data, "--skip-check", "--workers", "1",
-                       "--output", str(tmp_path / "eval")])
-    assert e.value.code == 2
-    assert capsys.readouterr().err == \
-        f"error: image {dataset.path(0)} is 65x64 but the annotations say 64x64 ({dataset.ann_file})\n"
-    del e
-    left = set(multiprocessing.active_children()) - before
-    gc.collect()  # frees a loader kept by a reference cycle, so that a failure does not hang pytest's exit
-    assert not left
+    end with the evaluation."""
+    expected = assert_a_bad_image_stops_it_and_its_workers(
+        evaluate.main, ["--ckpt", tiny_ckpt, "--output", str(tmp_path / "eval")], tiny_data, "val2017", train=False)
+    assert capsys.readouterr().err == expected
 
 
 def test_each_checkpoint_gets_its_own_default_folder(tiny_ckpt, tmp_path, capsys):

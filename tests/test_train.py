@@ -203,29 +203,37 @@ def test_two_processes_stop_on_bad_data_with_one_line_and_no_traceback(tiny_data
     assert err0 == "error: stopped: another process of this run stopped (its message, if any, is above)\n"
 
 
-def test_a_bad_image_met_by_a_worker_stops_the_run_and_its_workers(tiny_data, tmp_path, capsys):
-    """An image that fails at decode in a DataLoader worker stops the run with its one line, and the
-    workers end with it. Left alive (torch re-raises their error from a reference cycle that keeps
-    the loader), they would hang the interpreter's exit: multiprocessing ends them with SIGTERM,
-    which they ignore."""
+def assert_a_bad_image_stops_it_and_its_workers(main, argv, data, split, train):
+    """main(argv + ["--data", copy]), on a copy of the dataset at `data` whose first image of `split`
+    fails at decode in a DataLoader worker (--skip-check: the header check would name it first):
+    status 2, the image's one line, and no worker left alive. Left alive (torch re-raises their
+    error from a reference cycle that keeps the loader), they would hang the interpreter's exit:
+    multiprocessing ends them with SIGTERM, which they ignore."""
     import gc
     import multiprocessing
-    before = set(multiprocessing.active_children())
     import shutil
-    data = str(tmp_path / "data")
-    shutil.copytree(tiny_data, data)
-    dataset = CocoDataset(data, "train2017", train=True)
+    before = set(multiprocessing.active_children())
+    copy = os.path.join(os.path.dirname(argv[argv.index("--output") + 1]), "data")
+    shutil.copytree(data, copy)
+    dataset = CocoDataset(copy, split, train=train)
     Image.new("RGB", (65, 64)).save(dataset.path(0))  # annotated 64x64
     with pytest.raises(SystemExit) as e:
-        train.main([*TINY, *CPU, "--data", data, "--batch-size", "2", "--max-iter", "4", "--skip-check",
-                    "--workers", "1", "--output", str(tmp_path / "run")])
+        main([*argv, "--data", copy, "--skip-check", "--workers", "1"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == \
-        f"error: image {dataset.path(0)} is 65x64 but the annotations say 64x64 ({dataset.ann_file})\n"
     del e
     left = set(multiprocessing.active_children()) - before
     gc.collect()  # frees a loader kept by a reference cycle, so that a failure does not hang pytest's exit
     assert not left
+    return f"error: image {dataset.path(0)} is 65x64 but the annotations say 64x64 ({dataset.ann_file})\n"
+
+
+def test_a_bad_image_met_by_a_worker_stops_the_run_and_its_workers(tiny_data, tmp_path, capsys):
+    """An image that fails at decode in a DataLoader worker stops the run with its one line, and the
+    workers end with it."""
+    expected = assert_a_bad_image_stops_it_and_its_workers(
+        train.main, [*TINY, *CPU, "--batch-size", "2", "--max-iter", "4", "--output", str(tmp_path / "run")],
+        tiny_data, "train2017", train=True)
+    assert capsys.readouterr().err == expected
 
 
 def train_single_and_ddp(tiny_data, tmp_path, backbone, *extra):
