@@ -1122,10 +1122,12 @@ def config_from_args(config, args):
 def device_defaults(cfg):
     """The speed settings of a config with `device`, `amp` and `channels_last` (None: default):
     the device defaults to CUDA where there is one; bf16 autocast and channels_last default to on
-    with CUDA only. On a CPU neither pays for certain: channels_last measured within noise of
-    NCHW on the quickstart, and bfloat16 is fast only on CPUs with native bf16 (1.68x on the
-    quickstart), slow elsewhere: there --amp falls back to float32, with a note. Raises ValueError
-    for CUDA asked where there is none."""
+    with CUDA only, bf16 only on GPUs with native bfloat16. On a CPU neither pays for certain:
+    channels_last measured within noise of NCHW on the quickstart, and bfloat16 is fast only on
+    CPUs with native bf16 (1.68x on the quickstart). Where the processor emulates bfloat16 (most
+    CPUs; GPUs before compute capability 8.0, such as the V100 and T4) it is slower than float32:
+    there the default is float32, and --amp falls back to it with a note. Raises ValueError for
+    CUDA asked where there is none."""
     if cfg.device is None:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]*))?", cfg.device):  # what torch.device takes
@@ -1136,14 +1138,30 @@ def device_defaults(cfg):
     if cfg.device.startswith("cuda") and index is not None and index >= torch.cuda.device_count():
         raise ValueError(f"--device {cfg.device}: there are {torch.cuda.device_count()} CUDA devices here")
     on_cuda = cfg.device.startswith("cuda")
-    cfg.amp = on_cuda if cfg.amp is None else cfg.amp
+    if on_cuda and index is None and "LOCAL_RANK" in os.environ:  # torchrun: this process's GPU (setup_processes)
+        index = int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count()
     cfg.channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
-    if cfg.amp and not on_cuda and not cpu_has_native_bf16():
+    if cfg.amp is None:
+        cfg.amp = on_cuda and gpu_has_native_bf16(index)
+    elif cfg.amp and not (gpu_has_native_bf16(index) if on_cuda else cpu_has_native_bf16()):
         cfg.amp = False
         if os.environ.get("RANK", "0") == "0":  # said once under torchrun
-            print("note: --amp ignored: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where float32 "
-                  "is faster", flush=True)
+            if on_cuda:
+                major, minor = torch.cuda.get_device_capability(index)
+                print(f"note: --amp ignored: this GPU ({torch.cuda.get_device_name(index)}, compute capability "
+                      f"{major}.{minor}) has no native bfloat16 (8.0 or later), where float32 is faster", flush=True)
+            else:
+                print("note: --amp ignored: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where float32 "
+                      "is faster", flush=True)
     return cfg
+
+
+def gpu_has_native_bf16(index):
+    """True on GPUs whose tensor cores run bfloat16: NVIDIA's from compute capability 8.0 (A100,
+    H100, RTX 30xx on), and AMD's under ROCm. Older NVIDIA GPUs (V100 7.0, T4 7.5) compute it in
+    float32 with conversions, and inductor does not compile bfloat16 for them. index None: the
+    current device."""
+    return torch.version.hip is not None or torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def cpu_has_native_bf16():

@@ -31,8 +31,8 @@ defines (§4.2-4.3: Table 1, Figs. 5-6).
     torchrun --nproc_per_node=8 evaluate.py --ckpt ...     # images sharded over ranks, rank 0 reports
 
 Speed: images are read by DataLoader workers and go through the network a batch at a time; on
-CUDA the network runs in channels_last with bfloat16 autocast by default (--no-amp,
---no-channels-last), and --compile runs it under torch.compile.
+CUDA the network runs in channels_last with bfloat16 autocast by default (bf16 from compute
+capability 8.0; --no-amp, --no-channels-last), and --compile runs it under torch.compile.
 
 Tests: python -m pytest tests/test_evaluate.py
 """
@@ -110,8 +110,9 @@ class EvalConfig:
                                                       "(at most the CPUs available)"})
     device: str = field(default=None, metadata={"help": "cuda, cuda:N or cpu (default: cuda when available)"})
     amp: bool = field(default=None, metadata={
-        "help": "bfloat16 autocast for the network (default: on with CUDA, off on CPU; on a CPU without "
-                "native bfloat16 (AVX512-BF16 or AMX) --amp falls back to float32, with a note)"})
+        "help": "bfloat16 autocast for the network (default: on with a GPU of compute capability 8.0 or later, "
+                "off on older GPUs and CPUs; where the processor has no native bfloat16, such as a V100 or a CPU "
+                "without AVX512-BF16 or AMX, --amp falls back to float32, with a note)"})
     channels_last: bool = field(default=None, metadata={
         "help": "channels_last memory format for the network (default: on with CUDA, off on CPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})

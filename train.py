@@ -16,8 +16,9 @@ same model, optimizer, schedule, RNG states and data order, so a run killed at a
 resumed ends with the same weights as one that never stopped (bit for bit on CPU).
 At the end DIR/model_final.pt holds what evaluate.py needs.
 
-Speed: on CUDA the network runs in channels_last with bfloat16 autocast by default (--no-amp,
---no-channels-last turn them off; the loss is float32 either way), cudnn picks its kernels per
+Speed: on CUDA the network runs in channels_last with bfloat16 autocast by default (bf16 from
+compute capability 8.0, A100 and H100 on; --no-amp, --no-channels-last turn them off; the loss is
+float32 either way), cudnn picks its kernels per
 padded shape, and --compile runs the network and the loss under torch.compile. A steady-state
 step never waits for the GPU: object counts come from the host, and a non-finite loss is not read
 back each step but turns the optimizer step into a no-op on the device (see `step_unless`); the
@@ -119,8 +120,9 @@ class TrainConfig:
     log_every: int = field(default=20, metadata={"help": "log a line (and log.jsonl) every this many iterations"})
     device: str = field(default=None, metadata={"help": "cuda, cuda:N or cpu (default: cuda when available)"})
     amp: bool = field(default=None, metadata={
-        "help": "bfloat16 autocast for the network; the loss stays float32 (default: on with CUDA, off on CPU; "
-                "on a CPU without native bfloat16 (AVX512-BF16 or AMX) --amp falls back to float32, with a note)"})
+        "help": "bfloat16 autocast for the network; the loss stays float32 (default: on with a GPU of compute "
+                "capability 8.0 or later, off on older GPUs and CPUs; where the processor has no native bfloat16, "
+                "such as a V100 or a CPU without AVX512-BF16 or AMX, --amp falls back to float32, with a note)"})
     channels_last: bool = field(default=None, metadata={
         "help": "channels_last memory format for the network (default: on with CUDA, off on CPU)"})
     compile: bool = field(default=False, metadata={
