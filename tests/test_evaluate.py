@@ -102,8 +102,14 @@ def ground_truth_detections(dataset):
     return dets
 
 
+def evaluate_on_cpu(argv):
+    """evaluate.main pinned to the CPU, so that a GPU machine checks the same numbers (and the
+    CPU's defaults: float32, NCHW); tests/test_cuda.py runs evaluate.py on the GPU there."""
+    return evaluate.main(["--device", "cpu", *argv])
+
+
 def run_main(argv, capsys):
-    metrics = evaluate.main(argv)
+    metrics = evaluate_on_cpu(argv)
     return metrics, capsys.readouterr()
 
 
@@ -502,11 +508,11 @@ def test_multi_scale_caps_are_the_authors():
 
 def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", str(tmp_path / "nope.pt")])
+        evaluate_on_cpu(["--ckpt", str(tmp_path / "nope.pt")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: checkpoint not found") and err.count("\n") == 1
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", os.devnull])
+        evaluate_on_cpu(["--ckpt", os.devnull])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == f"error: --ckpt {os.devnull} is not a file: give its model_final.pt or last.pt\n"
 
@@ -515,7 +521,7 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     other = str(tmp_path / "other.pt")
     torch.save(ckpt, other)
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", other, "--output", str(tmp_path / "x")])
+        evaluate_on_cpu(["--ckpt", other, "--output", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "categories the model was not trained on (3:square, 17:needle, 42:blob)" in err \
         and err.count("\n") == 1
@@ -526,7 +532,7 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
                    {"categories": ckpt["categories"][:2]}):
         torch.save({**ckpt, **broken}, other)
         with pytest.raises(SystemExit) as e:
-            evaluate.main(["--ckpt", other, "--output", str(tmp_path / "x")])
+            evaluate_on_cpu(["--ckpt", other, "--output", str(tmp_path / "x")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f"error: {other}") and err.count("\n") == 1, (broken, err)
 
@@ -536,7 +542,7 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
                           (["--test-scales", "40", "60", "--max-size", "50"], "--test-scales 40 60: above --max-size 50"),
                           (["--max-size", "32"], "--max-size 32: below the shorter side 64 (the checkpoint's;")):
         with pytest.raises(SystemExit) as e:
-            evaluate.main(["--ckpt", tiny_ckpt, *argv])
+            evaluate_on_cpu(["--ckpt", tiny_ckpt, *argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and culprit in err and err.count("\n") == 1, err  # no usage block
 
@@ -545,7 +551,7 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     for output, said in ((afile, f"error: --output {afile} is a file, not a directory"),
                          (below, f"error: --output {below}: cannot write there")):
         with pytest.raises(SystemExit) as e:
-            evaluate.main(["--ckpt", tiny_ckpt, "--output", str(output), "--workers", "0", "--max-images", "1"])
+            evaluate_on_cpu(["--ckpt", tiny_ckpt, "--output", str(output), "--workers", "0", "--max-images", "1"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(said) and err.count("\n") == 1, err
 
@@ -554,7 +560,7 @@ def test_a_bad_image_met_by_a_worker_stops_the_evaluation_and_its_workers(tiny_d
     """An image that fails at decode in a DataLoader worker: one line, status 2, and the workers
     end with the evaluation."""
     expected = assert_a_bad_image_stops_it_and_its_workers(
-        evaluate.main, ["--ckpt", tiny_ckpt, "--output", str(tmp_path / "eval")], tiny_data, "val2017", train=False)
+        evaluate_on_cpu, ["--ckpt", tiny_ckpt, "--output", str(tmp_path / "eval")], tiny_data, "val2017", train=False)
     assert capsys.readouterr().err == expected
 
 

@@ -1,8 +1,11 @@
 """Tests of train.py: learning, the DDP normaliser, exact resume (also after kill -9), the
 non-finite guard, the recipe, and the CLI end to end on tiny data.
 
-Exact resume is a CPU claim within one torch build (the same ops on the same inputs, run twice):
-those tests pin --device cpu, so they check it on every machine, GPU machines included.
+The runs here are pinned to --device cpu, so a GPU machine checks the same claims: exact resume is
+a CPU claim within one torch build (the same ops on the same inputs, run twice), and others rest on
+the CPU's defaults (float32, NCHW). test_cli_end_to_end_on_tiny_shapes alone takes the default
+device: on a GPU machine, train.py's CUDA defaults end to end (bf16 autocast, channels_last, pinned
+memory); tests/test_cuda.py has the GPU's own checks.
 
     python -m pytest tests/test_train.py
 """
@@ -30,8 +33,7 @@ from test_model import OpCounter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--backbone", "resnet18", "--weights", "none", "--min-size", "64", "--max-size", "64",
-        "--workers", "0", "--log-every", "1"]
-CPU = ["--device", "cpu"]  # bit-for-bit claims (CPU only) and the gloo DDP tests
+        "--workers", "0", "--log-every", "1", "--device", "cpu"]
 
 
 def make_dataset(root, num_images=8, size=64):
@@ -134,6 +136,40 @@ def test_amp_falls_back_to_float32_on_a_cpu_without_native_bfloat16(monkeypatch,
     assert "--amp ignored" not in capsys.readouterr().out
 
 
+def test_amp_on_cuda_by_default_only_where_the_gpu_has_native_bfloat16(monkeypatch, capsys):
+    """On CUDA bf16 autocast is the default from compute capability 8.0 (A100, H100); a V100 (7.0)
+    or T4 (7.5) emulates bfloat16, slower than float32: float32 by default there, and --amp falls
+    back to it with a note naming the GPU. The GPU asked about is the one the process will use
+    (under torchrun, LOCAL_RANK's). Checked with torch.cuda's queries replaced, on any machine."""
+    import evaluate
+    monkeypatch.delenv("RANK", raising=False)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for capability, name, native in (((7, 0), "Tesla V100-SXM2-32GB", False), ((7, 5), "Tesla T4", False),
+                                     ((8, 0), "NVIDIA A100-SXM4-40GB", True), ((9, 0), "NVIDIA H100", True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: asked.append(index) or c)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None, n=name: n)
+        for device in ([], ["--device", "cuda"], ["--device", "cuda:1"]):
+            train_cfg, _ = train.parse_config(device)
+            eval_cfg = evaluate.parse_config(["--ckpt", "model_final.pt", *device])
+            assert train_cfg.amp == eval_cfg.amp == native and train_cfg.channels_last and eval_cfg.channels_last
+        assert capsys.readouterr().out == ""  # a default is not a request: no note
+        assert train.parse_config(["--device", "cuda", "--amp"])[0].amp == native
+        out = capsys.readouterr().out
+        if native:
+            assert out == ""
+        else:
+            assert out == (f"note: --amp ignored: this GPU ({name}, compute capability {capability[0]}.{capability[1]}) "
+                           "has no native bfloat16 (8.0 or later), where float32 is faster\n")
+        assert not train.parse_config(["--device", "cuda", "--no-amp"])[0].amp
+    asked.clear()
+    train.parse_config(["--device", "cuda:1"])
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    train.parse_config(["--device", "cuda"])
+    assert asked == [1, 1]
+
+
 def test_lr_schedule_and_weight_decay_groups():
     cfg, _ = train.parse_config(["--batch-size", "8", "--max-iter", "900"])
     assert cfg.lr == pytest.approx(0.005) and cfg.steps == (600, 800)
@@ -191,7 +227,7 @@ def test_two_processes_stop_on_bad_data_with_one_line_and_no_traceback(tiny_data
     (bad, _, _), = next(iter(TrainSampler(dataset, 2, (64,), rank=1, world_size=2, max_iter=4)))  # rank 1's first
     path = dataset.path(bad)
     Image.new("RGB", (65, 64)).save(path)  # annotated 64x64
-    args = [os.path.join(ROOT, "train.py"), *TINY, *CPU, "--data", data, "--batch-size", "2", "--max-iter", "4"]
+    args = [os.path.join(ROOT, "train.py"), *TINY, "--data", data, "--batch-size", "2", "--max-iter", "4"]
     (status0, err0), (status1, err1) = run_two_processes([*args, "--output", str(tmp_path / "a")], check=False,
                                                          OMP_NUM_THREADS="1")
     assert status0 == status1 == 2 and err1 == ""
@@ -231,7 +267,7 @@ def test_a_bad_image_met_by_a_worker_stops_the_run_and_its_workers(tiny_data, tm
     """An image that fails at decode in a DataLoader worker stops the run with its one line, and the
     workers end with it."""
     expected = assert_a_bad_image_stops_it_and_its_workers(
-        train.main, [*TINY, *CPU, "--batch-size", "2", "--max-iter", "4", "--output", str(tmp_path / "run")],
+        train.main, [*TINY, "--batch-size", "2", "--max-iter", "4", "--output", str(tmp_path / "run")],
         tiny_data, "train2017", train=True)
     assert capsys.readouterr().err == expected
 
@@ -246,7 +282,7 @@ def train_single_and_ddp(tiny_data, tmp_path, backbone, *extra):
     import torchvision
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), backbone)
-    args = [*TINY, *CPU, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
+    args = [*TINY, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
             "--lr", "0.05", "--warmup-iters", "0", *extra]
     train.main([*args, "--output", str(tmp_path / "single")])
     run_two_processes([os.path.join(ROOT, "train.py"), *args, "--output", str(tmp_path / "ddp")], OMP_NUM_THREADS="1")
@@ -278,7 +314,7 @@ def test_two_process_ddp_from_scratch_on_cpu(tiny_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "scratch"
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--standalone", os.path.join(ROOT, "train.py"), *TINY, *CPU, "--data", tiny_data,
+                          "--standalone", os.path.join(ROOT, "train.py"), *TINY, "--data", tiny_data,
                           "--batch-size", "2", "--max-iter", "2", "--output", str(out)],
                          capture_output=True, text=True, cwd=ROOT, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -292,7 +328,7 @@ def test_two_process_ddp_from_scratch_on_cpu(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     # bit for bit: the same ops on the same inputs, on CPU (see the file's docstring)
-    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "7", "--ckpt-every", "3",
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "7", "--ckpt-every", "3",
             "--warmup-iters", "2", "--lr", "0.02"]
     train.main([*args, "--output", str(tmp_path / "whole")])
 
@@ -332,7 +368,7 @@ def test_kill_9_then_resume_is_bit_identical(tiny_data, tmp_path):
     """A real SIGKILL in the middle of the run (checkpoints every 2 iterations), then --resume:
     bit for bit on CPU, where both runs are the same ops on the same inputs (the uninterrupted run
     and the resumed one run in this process, the killed one in its own)."""
-    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "10", "--ckpt-every", "2",
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "10", "--ckpt-every", "2",
             "--warmup-iters", "2", "--lr", "0.02", "--seed", "3"]
     train.main([*args, "--output", str(tmp_path / "whole")])
     log = tmp_path / "killed" / "log.jsonl"
@@ -358,7 +394,7 @@ def test_refuses_a_directory_another_run_is_writing(tiny_data, tmp_path, capsys)
     the workers of a torchrun stopped with kill -9 still run: they outlive it). The second is
     refused while the first lives, and kill -9 of the first leaves no stale lock behind, even while
     its DataLoader worker (forked, so holding its open files) lingers."""
-    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "100000", "--ckpt-every", "1",
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "100000", "--ckpt-every", "1",
             "--workers", "1", "--output", str(tmp_path / "r")]
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -389,7 +425,7 @@ def test_output_that_cannot_be_written_or_locked(tiny_data, tmp_path, monkeypatc
     import errno
     import fcntl
     (tmp_path / "afile").write_text("")
-    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1"]
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1"]
     with pytest.raises(SystemExit) as e:
         train.main([*args, "--output", str(tmp_path / "afile" / "run")])
     assert e.value.code == 2
@@ -432,7 +468,7 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_it(tiny_data, tmp_path, monk
             real_fsync(fd)
 
         monkeypatch.setattr(os, "fsync", interrupted_fsync)
-    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--ckpt-every", "1",
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--ckpt-every", "1",
             "--output", str(tmp_path / "r")]
     with pytest.raises(SystemExit) as e:
         train.main(args)
@@ -459,7 +495,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_pa
 
     monkeypatch.setattr(os, "fsync", full_disk)
     out = tmp_path / "r"
-    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--ckpt-every", "1",
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--ckpt-every", "1",
             "--output", str(out)]
     with pytest.raises(SystemExit) as exit_info:
         train.main(args)
@@ -497,7 +533,7 @@ def test_ctrl_c_while_writing_model_final_says_the_run_is_complete(tiny_data, tm
 
     monkeypatch.setattr(torch, "save", interrupted_final)
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1",
+        train.main([*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1",
                     "--output", str(tmp_path / "r")])
     out = capsys.readouterr()
     assert exit_info.value.code == 130 and out.err == "interrupted after the run completed\n"
@@ -516,7 +552,7 @@ def test_ctrl_c_after_done_says_the_run_is_complete(tiny_data, tmp_path, monkeyp
 
     monkeypatch.setattr(train, "train", interrupted_after)
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1",
+        train.main([*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1",
                     "--output", str(tmp_path / "r")])
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted after the run completed\n"
 
@@ -534,7 +570,7 @@ def test_ctrl_c_before_model_final_is_written_is_a_plain_interruption(tiny_data,
 
     monkeypatch.setattr(RetinaNet, "state_dict", interrupted_state_dict)
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1",
+        train.main([*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "1",
                     "--output", str(tmp_path / "r")])
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted: resume with --resume\n"
     assert not (tmp_path / "r" / "model_final.pt").exists()
@@ -567,7 +603,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tiny_data, tm
     last.pt: one line that says there is nothing to resume, on a line of its own; the same command
     then runs the whole run from the start."""
     import data
-    args = [*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--output", str(tmp_path / "r")]
+    args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--output", str(tmp_path / "r")]
     real_check, calls = data._check_chunk, {"n": 0}
 
     def interrupted_check(*a, **k):
@@ -946,7 +982,7 @@ def test_steps_read_nothing_from_the_device(tiny_data, tmp_path, loss):
     reads = {}
     for steps in (2, 5):
         with OpCounter() as counter:
-            train.main([*TINY, *CPU, "--data", tiny_data, "--batch-size", "2", "--max-iter", str(steps),
+            train.main([*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", str(steps),
                         "--log-every", "100", "--ckpt-every", "100", "--loss", loss,
                         "--output", str(tmp_path / f"run{steps}")])
         reads[steps] = sum(counter.counts[name] for name in watched)
