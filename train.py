@@ -229,6 +229,18 @@ def make_optimizer(model, cfg):
     return optimizer
 
 
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict(state), then each momentum buffer laid out like its weight.
+    load_state_dict keeps the strides the buffers were saved with, and the fused step pairs a
+    weight with its momentum by memory position: after a change of --channels-last (a CPU run
+    resumed on a GPU, where it is the default) it would refuse the step on CUDA and, on the CPU,
+    give each element of a weight the momentum of another."""
+    optimizer.load_state_dict(state)
+    for p, p_state in optimizer.state.items():
+        if torch.is_tensor(p_state.get("momentum_buffer")):
+            p_state["momentum_buffer"] = torch.empty_like(p).copy_(p_state["momentum_buffer"])
+
+
 def step_unless(optimizer, skip):
     """optimizer.step(), except that nothing changes (parameters, momentum) where `skip`, a 0-dim
     float tensor on the parameters' device, is non-zero; the host never reads `skip`, so the step
@@ -385,7 +397,7 @@ def train(cfg, loss_cfg):
                   f"but its weights will not be those of an uninterrupted run", flush=True)
         try:
             model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(optimizer, ckpt["optimizer"])
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"{last_path} does not fit this model: {str(e).splitlines()[0]}") from None
         try:

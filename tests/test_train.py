@@ -932,6 +932,42 @@ def test_step_unless_leaves_weights_and_momentum_untouched():
             assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
+def test_resumed_momentum_follows_its_weights_memory_layout():
+    """--resume may change --channels-last (a CPU run resumed on a GPU, where it is the default):
+    the momentum saved in one layout steps its weights in the other exactly as it would have in
+    its own. (optimizer.load_state_dict alone keeps the saved strides; the fused step pairs weights
+    and momentum by memory position, and gave an element of a weight the momentum of another.)"""
+    cfg = train.TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {}
+
+    def net_and_optimizer(memory_format):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3)).to(memory_format=memory_format)
+        shapes.update({name: p.shape for name, p in net.named_parameters()})
+        return net, train.make_optimizer(net, cfg)
+
+    def step(net, optimizer, grads):
+        for p, g in zip(net.parameters(), grads):
+            p.grad = torch.empty_like(p).copy_(g)  # in the weight's layout, as autograd gives it
+        optimizer.step()
+
+    net, optimizer = net_and_optimizer(torch.contiguous_format)
+    step(net, optimizer, [torch.randn(s, generator=gen) for s in shapes.values()])
+    saved_weights, saved_state = copy.deepcopy(net.state_dict()), copy.deepcopy(optimizer.state_dict())
+    grads = [torch.randn(s, generator=gen) for s in shapes.values()]
+    after = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        net, optimizer = net_and_optimizer(memory_format)
+        net.load_state_dict(saved_weights)
+        train.load_optimizer_state(optimizer, saved_state)
+        step(net, optimizer, grads)
+        after.append([p.detach().contiguous() for p in net.parameters()])
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(*after):
+        assert torch.equal(a, b)  # the same elementwise update of the same numbers
+
+
 def test_non_finite_loss_found_at_the_next_log_names_its_iteration(tiny_data, tmp_path, monkeypatch, capsys):
     """No host read per step: a NaN at iteration 5 (0-based) is seen at the log after 8
     iterations, yet the weights after iterations 5, 6 and 7 are those after iteration 4, the
