@@ -1122,7 +1122,8 @@ def config_from_args(config, args):
 def device_defaults(cfg):
     """The speed settings of a config with `device`, `amp` and `channels_last` (None: default):
     the device defaults to CUDA where there is one; bf16 autocast and channels_last default to on
-    with CUDA only, bf16 only on GPUs with native bfloat16. On a CPU neither pays for certain:
+    with CUDA only, on GPUs with native bfloat16 (channels_last pays with tensor-core convolutions,
+    measured on an H200 in bf16; NCHW, torch's default, elsewhere). On a CPU neither pays for certain:
     channels_last measured within noise of NCHW on the quickstart, and bfloat16 is fast only on
     CPUs with native bf16 (1.68x on the quickstart). Where the processor emulates bfloat16 (most
     CPUs; GPUs before compute capability 8.0, such as the V100 and T4) it is slower than float32:
@@ -1138,12 +1139,14 @@ def device_defaults(cfg):
     if cfg.device.startswith("cuda") and index is not None and index >= torch.cuda.device_count():
         raise ValueError(f"--device {cfg.device}: there are {torch.cuda.device_count()} CUDA devices here")
     on_cuda = cfg.device.startswith("cuda")
-    if on_cuda and index is None and "LOCAL_RANK" in os.environ:  # torchrun: this process's GPU (setup_processes)
-        index = int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count()
-    cfg.channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
+    if on_cuda and "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun: the GPU setup_processes picks
+        index = torchrun_gpu(int(os.environ.get("LOCAL_RANK", 0)))
+    native_bf16 = gpu_has_native_bf16(index) if on_cuda else cpu_has_native_bf16()
+    if cfg.channels_last is None:
+        cfg.channels_last = on_cuda and native_bf16
     if cfg.amp is None:
-        cfg.amp = on_cuda and gpu_has_native_bf16(index)
-    elif cfg.amp and not (gpu_has_native_bf16(index) if on_cuda else cpu_has_native_bf16()):
+        cfg.amp = on_cuda and native_bf16
+    elif cfg.amp and not native_bf16:
         cfg.amp = False
         if os.environ.get("RANK", "0") == "0":  # said once under torchrun
             if on_cuda:
@@ -1154,6 +1157,19 @@ def device_defaults(cfg):
                 print("note: --amp ignored: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where float32 "
                       "is faster", flush=True)
     return cfg
+
+
+def torchrun_gpu(local_rank):
+    """The GPU of the torchrun process `local_rank` (LOCAL_RANK) of this machine: that index, or 0
+    where each process sees just one GPU (CUDA_VISIBLE_DEVICES set per process, as cluster
+    schedulers do). ValueError where there are fewer GPUs than processes."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        raise ValueError(f"LOCAL_RANK {local_rank}: {count} GPUs are visible here; run at most {count} processes "
+                         f"per machine (torchrun --nproc_per_node {count})")
+    return local_rank
 
 
 def gpu_has_native_bf16(index):
@@ -1177,7 +1193,7 @@ def cpu_has_native_bf16():
 
 def setup_processes(device):
     """torchrun or plain python -> (ddp, rank, world, device): under torchrun one process per GPU
-    (cuda:LOCAL_RANK, NCCL) or CPU processes sharing the cores (gloo); otherwise (False, 0, 1, device)."""
+    (torchrun_gpu's, NCCL) or CPU processes sharing the cores (gloo); otherwise (False, 0, 1, device)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         if device.startswith("cuda:"):  # pinned memory and the loader's pinning thread use the current GPU
             torch.cuda.set_device(device)
@@ -1185,7 +1201,7 @@ def setup_processes(device):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
+        device = f"cuda:{torchrun_gpu(local_rank)}"
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))

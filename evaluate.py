@@ -31,7 +31,7 @@ defines (§4.2-4.3: Table 1, Figs. 5-6).
     torchrun --nproc_per_node=8 evaluate.py --ckpt ...     # images sharded over ranks, rank 0 reports
 
 Speed: images are read by DataLoader workers and go through the network a batch at a time; on
-CUDA the network runs in channels_last with bfloat16 autocast by default (bf16 from compute
+CUDA the network runs in channels_last with bfloat16 autocast by default (both from compute
 capability 8.0; --no-amp, --no-channels-last), and --compile runs it under torch.compile.
 
 Tests: python -m pytest tests/test_evaluate.py
@@ -114,7 +114,8 @@ class EvalConfig:
                 "off on older GPUs and CPUs; where the processor has no native bfloat16, such as a V100 or a CPU "
                 "without AVX512-BF16 or AMX, --amp falls back to float32, with a note)"})
     channels_last: bool = field(default=None, metadata={
-        "help": "channels_last memory format for the network (default: on with CUDA, off on CPU)"})
+        "help": "channels_last memory format for the network (default: on with a GPU of compute "
+                "capability 8.0 or later, off on older GPUs and CPUs)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     max_images: int = field(default=None, metadata={"help": "evaluate only the first N images of the split (default: all)"})
     output: str = field(default=None, metadata={

@@ -16,7 +16,7 @@ same model, optimizer, schedule, RNG states and data order, so a run killed at a
 resumed ends with the same weights as one that never stopped (bit for bit on CPU).
 At the end DIR/model_final.pt holds what evaluate.py needs.
 
-Speed: on CUDA the network runs in channels_last with bfloat16 autocast by default (bf16 from
+Speed: on CUDA the network runs in channels_last with bfloat16 autocast by default (both from
 compute capability 8.0, A100 and H100 on; --no-amp, --no-channels-last turn them off; the loss is
 float32 either way), cudnn picks its kernels per
 padded shape, and --compile runs the network and the loss under torch.compile. A steady-state
@@ -124,7 +124,8 @@ class TrainConfig:
                 "capability 8.0 or later, off on older GPUs and CPUs; where the processor has no native bfloat16, "
                 "such as a V100 or a CPU without AVX512-BF16 or AMX, --amp falls back to float32, with a note)"})
     channels_last: bool = field(default=None, metadata={
-        "help": "channels_last memory format for the network (default: on with CUDA, off on CPU)"})
+        "help": "channels_last memory format for the network (default: on with a GPU of compute "
+                "capability 8.0 or later, off on older GPUs and CPUs)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the network and the loss, compiled for any image size and object count "
                 "(the log counts the compilations: usually 2)"})

@@ -203,13 +203,13 @@ def device_preprocess(ds, images, targets, device, repeats=50):
                                    for t in targets])
     for _ in range(5):
         to_device(batch, device)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         to_device(batch, device)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     ms = (time.perf_counter() - start) / repeats * 1000
-    print(f"\nto_device on {torch.cuda.get_device_name()}: {ms:.2f} ms per 2-image batch "
+    print(f"\nto_device on {torch.cuda.get_device_name(device)}: {ms:.2f} ms per 2-image batch "
           f"(copy uint8, normalise, resize 640x480 -> 1067x800, pad)")
 
 

@@ -11,17 +11,19 @@ boxes for
                         losses), eager only
 each in the modes
   - eager               NCHW
-  - channels_last       the network's weights and input in channels_last (train.py's CUDA default)
+  - channels_last       the network's weights and input in channels_last (train.py's default on
+                        GPUs from compute capability 8.0)
   - compiled            channels_last, network and loss each under torch.compile (train.py --compile),
                         image size, object and anchor counts marked dynamic as train.py marks them
   - compiled_static     the network compiled for this one padded shape, static, the loss as above:
                         train.py --compile --fixed-shapes, which pads every batch to one of a few
                         fixed shapes (the alternative to dynamic image sizes)
 with the same backbone, weights initialised identically, frozen BatchNorm as with pretrained
-weights. On CUDA the network runs under bfloat16 autocast by default (--no-amp: float32), the
-loss in float32. Each row runs in its own subprocess, so that its peak memory is its own (CPU:
-peak resident memory; CUDA: torch.cuda.max_memory_allocated); "first step" is the first step's
-time, compilation included for compiled rows.
+weights. On CUDA the network runs under bfloat16 autocast by default where the GPU has native
+bfloat16, compute capability 8.0 on, as in train.py (--no-amp: float32), the loss in float32.
+Each row runs in its own subprocess, so that its peak memory is its own (CPU: peak resident
+memory; CUDA: torch.cuda.max_memory_allocated); "first step" is the first step's time,
+compilation included for compiled rows.
 
     python benchmarks/train_step.py --backbone resnet18 --size 128 160 --batch 2      # CPU smoke test
     python benchmarks/train_step.py --device cuda --size 800 1333 --batch 2 8 16      # every row
@@ -43,7 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import freeanchor  # noqa: E402
-from data import pad_targets  # noqa: E402
+from data import gpu_has_native_bf16, pad_targets  # noqa: E402
 from model import RetinaNet, batch_images, host_to_device, normalize, to_torchvision  # noqa: E402
 
 MODES = ("eager", "channels_last", "compiled", "compiled_static")
@@ -152,7 +154,8 @@ def main():
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                    help="bfloat16 autocast for the network, the loss stays float32 (default: on with CUDA)")
+                    help="bfloat16 autocast for the network, the loss stays float32 (default: on with a GPU "
+                         "of compute capability 8.0 or later, as train.py)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed steps first (default: 1, compiled rows 3: compilation and a recompilation)")
@@ -161,7 +164,7 @@ def main():
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
-    amp = args.device == "cuda" if args.amp is None else args.amp
+    amp = (args.device == "cuda" and gpu_has_native_bf16(None)) if args.amp is None else args.amp
     H, W = args.size
     if args._one:
         mode, method, B = args._one

@@ -137,10 +137,11 @@ def test_amp_falls_back_to_float32_on_a_cpu_without_native_bfloat16(monkeypatch,
 
 
 def test_amp_on_cuda_by_default_only_where_the_gpu_has_native_bfloat16(monkeypatch, capsys):
-    """On CUDA bf16 autocast is the default from compute capability 8.0 (A100, H100); a V100 (7.0)
-    or T4 (7.5) emulates bfloat16, slower than float32: float32 by default there, and --amp falls
-    back to it with a note naming the GPU. The GPU asked about is the one the process will use
-    (under torchrun, LOCAL_RANK's). Checked with torch.cuda's queries replaced, on any machine."""
+    """On CUDA bf16 autocast and channels_last are the defaults from compute capability 8.0 (A100,
+    H100); a V100 (7.0) or T4 (7.5) emulates bfloat16, slower than float32: float32 and NCHW by
+    default there, and --amp falls back to float32 with a note naming the GPU. The GPU asked about
+    is the one the process will use (under torchrun, LOCAL_RANK's, or the only one it sees).
+    Checked with torch.cuda's queries replaced, on any machine."""
     import evaluate
     monkeypatch.delenv("RANK", raising=False)
     asked = []
@@ -153,7 +154,7 @@ def test_amp_on_cuda_by_default_only_where_the_gpu_has_native_bfloat16(monkeypat
         for device in ([], ["--device", "cuda"], ["--device", "cuda:1"]):
             train_cfg, _ = train.parse_config(device)
             eval_cfg = evaluate.parse_config(["--ckpt", "model_final.pt", *device])
-            assert train_cfg.amp == eval_cfg.amp == native and train_cfg.channels_last and eval_cfg.channels_last
+            assert train_cfg.amp == eval_cfg.amp == train_cfg.channels_last == eval_cfg.channels_last == native
         assert capsys.readouterr().out == ""  # a default is not a request: no note
         assert train.parse_config(["--device", "cuda", "--amp"])[0].amp == native
         out = capsys.readouterr().out
@@ -165,9 +166,16 @@ def test_amp_on_cuda_by_default_only_where_the_gpu_has_native_bfloat16(monkeypat
         assert not train.parse_config(["--device", "cuda", "--no-amp"])[0].amp
     asked.clear()
     train.parse_config(["--device", "cuda:1"])
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")):  # torchrun's second process
+        monkeypatch.setenv(name, value)
     train.parse_config(["--device", "cuda"])
-    assert asked == [1, 1]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # each process sees one GPU (a scheduler's
+    train.parse_config(["--device", "cuda"])                     # CUDA_VISIBLE_DEVICES), whatever its LOCAL_RANK
+    assert asked == [1, 1, 0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # more processes than GPUs on this machine
+    with pytest.raises(ValueError, match=r"^LOCAL_RANK 3: 2 GPUs are visible here; run at most 2 processes per machine"):
+        train.parse_config(["--device", "cuda"])
 
 
 def test_lr_schedule_and_weight_decay_groups():
