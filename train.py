@@ -250,12 +250,28 @@ def step_unless(optimizer, skip):
     optimizer.step()
 
 
+def on_cpu(obj):
+    """obj with every tensor in it (through dicts, lists and tuples) copied to the CPU; a state
+    dict keeps its type and its _metadata (the modules' versions, which load_state_dict reads)."""
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, on_cpu(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def save_atomic(obj, path):
-    """torch.save(obj) to `path` atomically (data.write_atomic). Serialised in memory first, so that
-    a full disk is the OSError of a plain write, not torch's stream error."""
+    """torch.save(obj) to `path` atomically (data.write_atomic), its tensors on the CPU, so that a
+    plain torch.load reads it on any machine, with a GPU or without. Serialised in memory first, so
+    that a full disk is the OSError of a plain write, not torch's stream error."""
     with signals_deferred():  # Ctrl-C and SIGTERM wait for the whole checkpoint
         buffer = io.BytesIO()
-        torch.save(obj, buffer)
+        torch.save(on_cpu(obj), buffer)
         write_atomic(path, buffer.getbuffer())
 
 

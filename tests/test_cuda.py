@@ -1,7 +1,8 @@
 """Checks of the CUDA paths, run where torch sees a GPU and skipped elsewhere: the loss on the GPU
 against the float64 numpy oracle, its gradients against the CPU's, no host-device synchronisation
-in either loss, and evaluate.py end to end with its GPU defaults (bf16 autocast where the GPU has
-native bfloat16, channels_last, pinned memory). train.py's GPU defaults run end to end in
+in either loss, a train.py run on the GPU resumed in another memory layout with its checkpoints on
+the CPU, and evaluate.py end to end with its GPU defaults (bf16 autocast and channels_last where
+the GPU has native bfloat16, pinned memory). train.py's GPU defaults run end to end in
 test_train.py's test_cli_end_to_end_on_tiny_shapes, which takes the default device; the rest of
 the suite pins the CPU, so a GPU machine checks the same numbers as any other. Speed is measured by
 benchmarks/gpu_check.sh, never here.
@@ -79,6 +80,42 @@ def test_losses_on_cuda_never_wait_for_the_gpu():
             torch.cuda.set_sync_debug_mode(0)
 
 
+def test_a_cuda_run_saves_cpu_checkpoints_and_resumes_in_another_layout(tmp_path, monkeypatch, capsys):
+    """train.py on the default device, the GPU here, stopped after its checkpoint at iteration 2:
+    last.pt loads with a plain torch.load, every tensor on the CPU (on a machine without a GPU
+    too), and the run resumes with --no-channels-last, another memory layout than the GPU's
+    default where that is channels_last: the momentum follows its weights' layout (the fused SGD
+    step refuses other strides on CUDA), and the run completes."""
+    import train
+    from test_train import make_dataset
+    data = make_dataset(str(tmp_path / "data"))
+    args = ["--data", data, "--backbone", "resnet18", "--weights", "none", "--min-size", "64", "--max-size", "64",
+            "--workers", "0", "--batch-size", "2", "--max-iter", "4", "--ckpt-every", "2", "--log-every", "1",
+            "--output", str(tmp_path / "run")]
+    real, calls = freeanchor.free_anchor_loss, {"n": 0}
+
+    def stop_at_3rd(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as a Ctrl-C during iteration 3
+        return real(*a, **k)
+
+    monkeypatch.setattr(freeanchor, "free_anchor_loss", stop_at_3rd)
+    with pytest.raises(SystemExit):
+        train.main(args)
+    monkeypatch.setattr(freeanchor, "free_anchor_loss", real)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    tensors = [*last["model"].values(), *(t for s in last["optimizer"]["state"].values() for t in s.values()
+                                          if torch.is_tensor(t))]
+    assert last["iteration"] == 2 and tensors and all(t.device.type == "cpu" for t in tensors)
+    train.main([*args, "--resume", "--no-channels-last"])
+    capsys.readouterr()
+    log = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["iter"] for r in log] == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    final = torch.load(tmp_path / "run" / "model_final.pt", weights_only=False)
+    assert all(t.device.type == "cpu" for t in final["model"].values())
+
+
 def test_evaluate_on_cuda_with_its_defaults(tmp_path, capsys):
     """evaluate.py on the default device, the GPU here, with a DataLoader worker (pinned memory) and
     batches of 2: it completes, records the GPU's defaults, and its results name the dataset's own
@@ -95,7 +132,7 @@ def test_evaluate_on_cuda_with_its_defaults(tmp_path, capsys):
     capsys.readouterr()
     with open(os.path.join(out, "metrics.json")) as f:
         saved = json.load(f)
-    assert saved["amp"] == gpu_has_native_bf16(None) and saved["channels_last"] is True
+    assert saved["amp"] == saved["channels_last"] == gpu_has_native_bf16(None)
     assert saved["coco"] == pytest.approx(metrics["coco"]) and saved["nms_recall"]["objects"] == sum(OBJECTS_PER_IMAGE)
     with open(os.path.join(out, "detections.json")) as f:
         detections = json.load(f)
