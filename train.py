@@ -18,12 +18,11 @@ At the end DIR/model_final.pt holds what evaluate.py needs.
 
 Speed: on CUDA the network runs in channels_last with bfloat16 autocast by default (both from
 compute capability 8.0, A100 and H100 on; --no-amp, --no-channels-last turn them off; the loss is
-float32 either way), cudnn picks its kernels per
-padded shape, and --compile runs the network and the loss under torch.compile. A steady-state
-step never waits for the GPU: object counts come from the host, and a non-finite loss is not read
-back each step but turns the optimizer step into a no-op on the device (see `step_unless`); the
-flag is read where a log line or checkpoint needs the host anyway, and the run stops there,
-naming the first bad iteration, before writing anything.
+float32 either way), cudnn picks its kernels per padded shape, and --compile runs the network
+and the loss under torch.compile. A steady-state step never waits for the GPU: object counts come
+from the host, and a non-finite loss is not read back each step but turns the optimizer step into
+a no-op on the device (see `step_unless`); the flag is read where a log line or checkpoint needs
+the host anyway, and the run stops there, naming the first bad iteration, before writing anything.
 
 Tests: python -m pytest tests/test_train.py
 """
