@@ -1140,7 +1140,7 @@ def device_defaults(cfg):
         raise ValueError(f"--device {cfg.device}: there are {torch.cuda.device_count()} CUDA devices here")
     on_cuda = cfg.device.startswith("cuda")
     if on_cuda and "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun: the GPU setup_processes picks
-        index = torchrun_gpu(int(os.environ.get("LOCAL_RANK", 0)))
+        index = torchrun_gpu(int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     native_bf16 = gpu_has_native_bf16(index) if on_cuda else cpu_has_native_bf16()
     if cfg.channels_last is None:
         cfg.channels_last = on_cuda and native_bf16
@@ -1159,22 +1159,25 @@ def device_defaults(cfg):
     return cfg
 
 
-def torchrun_gpu(local_rank):
-    """The GPU of the torchrun process `local_rank` (LOCAL_RANK) of this machine: that index, or 0
-    where each process sees just one GPU (CUDA_VISIBLE_DEVICES set per process, as cluster
-    schedulers do). ValueError where there are fewer GPUs than processes."""
+def torchrun_gpu(local_rank, local_world):
+    """The GPU of torchrun's process `local_rank` of the `local_world` on this machine (LOCAL_RANK,
+    LOCAL_WORLD_SIZE): that index, or 0 where CUDA_VISIBLE_DEVICES shows each process one GPU of
+    its own (as cluster schedulers do). ValueError where the machine has fewer GPUs than processes:
+    the same error in every process, so that the first one prints it."""
     count = torch.cuda.device_count()
-    if count == 1:
+    if count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES"):
         return 0
-    if local_rank >= count:
-        raise ValueError(f"LOCAL_RANK {local_rank}: {count} GPUs are visible here; run at most {count} processes "
-                         f"per machine (torchrun --nproc_per_node {count})")
+    processes = max(local_world, local_rank + 1)
+    if processes > count:
+        raise ValueError(f"{processes} processes on this machine but {count} GPU(s) visible to each: run one "
+                         f"process per GPU (torchrun --nproc_per_node {count})")
     return local_rank
 
 
 def gpu_has_native_bf16(index):
     """True on GPUs whose tensor cores run bfloat16: NVIDIA's from compute capability 8.0 (A100,
-    H100, RTX 30xx on), and AMD's under ROCm. Older NVIDIA GPUs (V100 7.0, T4 7.5) compute it in
+    H100, RTX 30xx on); under ROCm every AMD GPU, as torch.cuda.is_bf16_supported counts them
+    (older ones, such as the MI50, emulate it). Older NVIDIA GPUs (V100 7.0, T4 7.5) compute it in
     float32 with conversions, and inductor does not compile bfloat16 for them. index None: the
     current device."""
     return torch.version.hip is not None or torch.cuda.get_device_capability(index) >= (8, 0)
@@ -1201,7 +1204,7 @@ def setup_processes(device):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if device.startswith("cuda"):
-        device = f"cuda:{torchrun_gpu(local_rank)}"
+        device = f"cuda:{torchrun_gpu(local_rank, local_world)}"
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))

@@ -4,8 +4,8 @@ non-finite guard, the recipe, and the CLI end to end on tiny data.
 The runs here are pinned to --device cpu, so a GPU machine checks the same claims: exact resume is
 a CPU claim within one torch build (the same ops on the same inputs, run twice), and others rest on
 the CPU's defaults (float32, NCHW). test_cli_end_to_end_on_tiny_shapes alone takes the default
-device: on a GPU machine, train.py's CUDA defaults end to end (bf16 autocast, channels_last, pinned
-memory); tests/test_cuda.py has the GPU's own checks.
+device: on a GPU machine, train.py's CUDA defaults end to end (bf16 autocast and channels_last
+from compute capability 8.0, pinned memory); tests/test_cuda.py has the GPU's own checks.
 
     python -m pytest tests/test_train.py
 """
@@ -136,12 +136,13 @@ def test_amp_falls_back_to_float32_on_a_cpu_without_native_bfloat16(monkeypatch,
     assert "--amp ignored" not in capsys.readouterr().out
 
 
-def test_amp_on_cuda_by_default_only_where_the_gpu_has_native_bfloat16(monkeypatch, capsys):
+def test_cuda_defaults_follow_the_gpu_and_torchrun_takes_a_gpu_per_process(monkeypatch, capsys, tmp_path):
     """On CUDA bf16 autocast and channels_last are the defaults from compute capability 8.0 (A100,
     H100); a V100 (7.0) or T4 (7.5) emulates bfloat16, slower than float32: float32 and NCHW by
     default there, and --amp falls back to float32 with a note naming the GPU. The GPU asked about
-    is the one the process will use (under torchrun, LOCAL_RANK's, or the only one it sees).
-    Checked with torch.cuda's queries replaced, on any machine."""
+    is the one the process will use (under torchrun, LOCAL_RANK's, or the only one it sees), and
+    torchrun with more processes than GPUs is refused in one line. Checked with torch.cuda's
+    queries replaced, on any machine."""
     import evaluate
     monkeypatch.delenv("RANK", raising=False)
     asked = []
@@ -166,16 +167,28 @@ def test_amp_on_cuda_by_default_only_where_the_gpu_has_native_bfloat16(monkeypat
         assert not train.parse_config(["--device", "cuda", "--no-amp"])[0].amp
     asked.clear()
     train.parse_config(["--device", "cuda:1"])
-    for name, value in (("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")):  # torchrun's second process
-        monkeypatch.setenv(name, value)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)  # torchrun's second process on a machine of 2 GPUs
     train.parse_config(["--device", "cuda"])
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # each process sees one GPU (a scheduler's
-    train.parse_config(["--device", "cuda"])                     # CUDA_VISIBLE_DEVICES), whatever its LOCAL_RANK
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # each process shown its own GPU by a
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")            # scheduler, whatever its LOCAL_RANK
+    train.parse_config(["--device", "cuda"])
     assert asked == [1, 1, 0]
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setenv("LOCAL_RANK", "3")  # more processes than GPUs on this machine
-    with pytest.raises(ValueError, match=r"^LOCAL_RANK 3: 2 GPUs are visible here; run at most 2 processes per machine"):
-        train.parse_config(["--device", "cuda"])
+    # more processes than GPUs: the same line from every process, printed by the first alone
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    for count in (2, 1):  # 2 GPUs; 1 GPU, the same for all processes
+        monkeypatch.setattr(torch.cuda, "device_count", lambda c=count: c)
+        for rank in ("1", "0"):
+            monkeypatch.setenv("RANK", rank)
+            monkeypatch.setenv("LOCAL_RANK", rank)
+            with pytest.raises(SystemExit) as e:
+                train.main(["--device", "cuda", "--output", str(tmp_path / "never")])
+            assert e.value.code == 2
+            assert capsys.readouterr().err == ("" if rank == "1" else
+                                               f"error: 4 processes on this machine but {count} GPU(s) visible to "
+                                               f"each: run one process per GPU (torchrun --nproc_per_node {count})\n")
+    assert not (tmp_path / "never").exists()
 
 
 def test_lr_schedule_and_weight_decay_groups():
