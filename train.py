@@ -265,9 +265,9 @@ def on_cpu(obj):
 
 
 def save_atomic(obj, path):
-    """torch.save(obj) to `path` atomically (data.write_atomic), its tensors on the CPU, so that a
-    plain torch.load reads it on any machine, with a GPU or without. Serialised in memory first, so
-    that a full disk is the OSError of a plain write, not torch's stream error."""
+    """torch.save(obj) to `path` atomically (data.write_atomic), its tensors on the CPU, so that it
+    loads on any machine, with a GPU or without. Serialised in memory first, so that a full disk is
+    the OSError of a plain write, not torch's stream error."""
     with signals_deferred():  # Ctrl-C and SIGTERM wait for the whole checkpoint
         buffer = io.BytesIO()
         torch.save(on_cpu(obj), buffer)

@@ -3,7 +3,7 @@
 #   1. the loss on CUDA against the float64 numpy oracle: values (float64 and float32) and gradients
 #      (against finite differences of the oracle); and no host-device synchronisation in a loss call;
 #   2. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
-#      with the FreeAnchor loss, eager (channels_last, the CUDA default);
+#      with the FreeAnchor loss, eager (channels_last, the default on H100/H200);
 #   3. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
 #   4. synchronisations of train.py's steady-state step, eager, --compile and --compile --fixed-shapes
 #      (with the number of graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py);

@@ -10,8 +10,8 @@ each image sends thousands of candidates to NMS, as a trained detector does. The
 600x1000 pictures, which both models resize to 800x1333 (padded to 800x1344); each batch is timed
 on one model then the other, after a warm-up. With --batch N, ours detects N images per call (one
 forward pass, as evaluate.py does) while torchvision's gets them one by one (its batched forward
-is the same network); --channels-last and --compile apply to ours (evaluate.py's CUDA defaults:
---amp --channels-last --batch 8). "Same detections" compares the two; under --amp they differ by
+is the same network); --channels-last and --compile apply to ours (evaluate.py's defaults on a
+GPU of compute capability 8.0 or later: --amp --channels-last --batch 8). "Same detections" compares the two; under --amp they differ by
 more than rounding (our frozen BatchNorm runs in bfloat16, torchvision's in float32), so fewer
 images match there.
 
