@@ -1123,12 +1123,12 @@ def device_defaults(cfg):
     """The speed settings of a config with `device`, `amp` and `channels_last` (None: default):
     the device defaults to CUDA where there is one; bf16 autocast and channels_last default to on
     with CUDA only, on GPUs with native bfloat16 (channels_last pays with tensor-core convolutions,
-    measured on an H200 in bf16; NCHW, torch's default, elsewhere). On a CPU neither pays for certain:
-    channels_last measured within noise of NCHW on the quickstart, and bfloat16 is fast only on
-    CPUs with native bf16 (1.68x on the quickstart). Where the processor emulates bfloat16 (most
-    CPUs; GPUs before compute capability 8.0, such as the V100 and T4) it is slower than float32:
-    there the default is float32, and --amp falls back to it with a note. Raises ValueError for
-    CUDA asked where there is none."""
+    measured on an H200 in bf16; NCHW, torch's default, elsewhere). On a CPU neither pays for
+    certain: channels_last measured within noise of NCHW on the quickstart, and bfloat16 is fast
+    only on CPUs with native bf16 (1.68x on the quickstart). Where the processor emulates bfloat16
+    (most CPUs; GPUs before compute capability 8.0, such as the V100 and T4) it is slower than
+    float32: there the default is float32, and --amp falls back to it with a note. Raises
+    ValueError for CUDA asked where there is none, or torchrun with more processes than GPUs."""
     if cfg.device is None:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]*))?", cfg.device):  # what torch.device takes
