@@ -10,7 +10,6 @@ benchmarks/gpu_check.sh, never here.
     python -m pytest tests/test_cuda.py
 """
 
-import dataclasses
 import json
 import os
 
@@ -21,7 +20,7 @@ import evaluate
 import freeanchor
 from data import gpu_has_native_bf16
 from freeanchor import free_anchor_loss, retinanet_loss
-from test_evaluate import CATEGORIES, OBJECTS_PER_IMAGE, make_dataset, make_model
+from test_evaluate import CATEGORIES, OBJECTS_PER_IMAGE, make_dataset, save_tiny_ckpt
 from test_freeanchor import TERMS, make_batch, oracle_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
@@ -121,12 +120,7 @@ def test_evaluate_on_cuda_with_its_defaults(tmp_path, capsys):
     batches of 2: it completes, records the GPU's defaults, and its results name the dataset's own
     category ids (no comparison of AP with the CPU's: bf16, TF32 and another reduction order move
     the scores, and an AP of 6 images can change with them)."""
-    data = make_dataset(str(tmp_path / "data"))
-    model = make_model()
-    ckpt = str(tmp_path / "model_final.pt")
-    torch.save({"model": model.state_dict(), "model_config": model.config, "categories": CATEGORIES,
-                "config": {"data": data, "val_split": "val2017", "min_size": (64,), "max_size": 64},
-                "loss_config": dataclasses.asdict(freeanchor.FreeAnchorConfig()), "iteration": 0}, ckpt)
+    ckpt = save_tiny_ckpt(make_dataset(str(tmp_path / "data")), str(tmp_path / "model_final.pt"))
     out = str(tmp_path / "eval")
     metrics = evaluate.main(["--ckpt", ckpt, "--workers", "1", "--batch-size", "2", "--nms-recall", "--output", out])
     capsys.readouterr()

@@ -85,11 +85,14 @@ def dataset(tiny_data):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tiny_data, tmp_path_factory):
-    """A checkpoint in train.py's model_final.pt format."""
+    return save_tiny_ckpt(tiny_data, str(tmp_path_factory.mktemp("run") / "model_final.pt"))
+
+
+def save_tiny_ckpt(data, path):
+    """make_model() saved at `path` in train.py's model_final.pt format, for the dataset at `data`."""
     model = make_model()
-    path = str(tmp_path_factory.mktemp("run") / "model_final.pt")
     torch.save({"model": model.state_dict(), "model_config": model.config, "categories": CATEGORIES,
-                "config": {"data": tiny_data, "val_split": "val2017", "min_size": (64,), "max_size": 64},
+                "config": {"data": data, "val_split": "val2017", "min_size": (64,), "max_size": 64},
                 "loss_config": dataclasses.asdict(freeanchor.FreeAnchorConfig()), "iteration": 0}, path)
     return path
 
