@@ -61,16 +61,6 @@ def make_dataset(root, num_images=8, size=64):
     return root
 
 
-@pytest.fixture(autouse=True)
-def ctrl_c_as_in_a_terminal():
-    """Ctrl-C raises KeyboardInterrupt in this process and in the programs the tests start, as in a
-    terminal, also where the suite itself runs with SIGINT ignored (started with `&` from a script):
-    the interruption tests would otherwise send their Ctrl-C into the void."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return make_dataset(str(tmp_path_factory.mktemp("tiny") / "data"))
