@@ -372,10 +372,14 @@ def coco_summary(E, img_ids=None, cat_ids=None):
 
 
 def shape_groups(categories):
-    """Fig. 5's categories present in the dataset: (square, slender) lists of {"id", "name"}."""
-    by_name = {c["name"]: c for c in categories}
-    square = [by_name[n] for n in COCO_SQUARE + tuple(SHAPES_SQUARE) if n in by_name]
-    slender = [by_name[n] for n in COCO_SLENDER + tuple(SHAPES_SLENDER) if n in by_name]
+    """Fig. 5's categories present in the dataset, by name: (square, slender) dicts of name -> the ids
+    of the categories of that name (a dataset may give one name to several ids: their AP is then
+    the mean over them, as COCO's summary averages over categories)."""
+    ids = {}
+    for c in categories:
+        ids.setdefault(c["name"], []).append(c["id"])
+    square = {n: ids[n] for n in COCO_SQUARE + tuple(SHAPES_SQUARE) if n in ids}
+    slender = {n: ids[n] for n in COCO_SLENDER + tuple(SHAPES_SLENDER) if n in ids}
     return square, slender
 
 
@@ -761,25 +765,25 @@ def _evaluate(cfg, ddp, rank, world, master):
     # ------------------------------------------------------------------ Fig. 5 and Fig. 6
     if cfg.breakdown:
         square, slender = shape_groups([c for c in dataset.categories if c["id"] in dataset.coco.cats])
-        shapes = {c["name"]: coco_summary(E, cat_ids=[c["id"]])[0]["AP"] for c in square + slender}
+        shapes = {n: coco_summary(E, cat_ids=ids)[0]["AP"] for n, ids in (square | slender).items()}
         crowd = [(label, len(ids), coco_summary(E, img_ids=ids)[0]["AP"]) for label, ids in crowd_groups(dataset.coco, img_ids)]
-        metrics["breakdown"] = {"square": {c["name"]: shapes[c["name"]] for c in square},
-                                "slender": {c["name"]: shapes[c["name"]] for c in slender},
+        metrics["breakdown"] = {"square": {n: shapes[n] for n in square},
+                                "slender": {n: shapes[n] for n in slender},
                                 "crowdedness": {label: {"images": n, "AP": ap} for label, n, ap in crowd}}
         print("\nAP by object shape (Fig. 5):")
         if not square and not slender:
             print("  none of Fig. 5's categories is in this dataset")
         for group, cats in (("square", square), ("slender", slender)):
             if cats:
-                print(f"  {group:>8}: " + "   ".join(f"{c['name']} {_fmt(shapes[c['name']])}" for c in cats))
+                print(f"  {group:>8}: " + "   ".join(f"{n} {_fmt(shapes[n])}" for n in cats))
         print("AP by objects per image (Fig. 6):")
         print(f"  {'objects':>8} {'images':>7} {'AP':>6}")
         for label, n, ap in crowd:
             print(f"  {label:>8} {n:>7} {_fmt(ap):>6}")
         if square or slender:
-            cats = square + slender
+            cats = [*square, *slender]
             bar_chart(os.path.join(cfg.output, "ap_by_shape.png"), "AP of square and slender categories (Fig. 5)",
-                      [c["name"].replace(" ", "\n") for c in cats], [shapes[c["name"]] for c in cats],
+                      [n.replace(" ", "\n") for n in cats], [shapes[n] for n in cats],
                       [(70, 120, 220)] * len(square) + [(240, 140, 40)] * len(slender), "category",
                       legend=(("square", (70, 120, 220)), ("slender", (240, 140, 40))))
         bar_chart(os.path.join(cfg.output, "ap_by_crowdedness.png"), "AP by objects per image (Fig. 6)",

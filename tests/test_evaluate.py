@@ -789,3 +789,13 @@ def test_compiled_evaluation_equals_eager(tiny_ckpt, tmp_path, capsys, monkeypat
         else:
             assert compiled["coco"][name] == pytest.approx(eager["coco"][name], abs=1e-3)
     assert compiled["nms_recall"]["NR"] == pytest.approx(eager["nms_recall"]["NR"], abs=1e-3)
+
+
+def test_shape_groups_keep_every_id_of_a_name():
+    """Fig. 5's breakdown goes by category name; a dataset that gives one name to several ids has all
+    of them in that name's AP (COCO's mean over categories), not only the last one listed."""
+    cats = [{"id": 40, "name": "tie"}, {"id": 7, "name": "clock"}, {"id": 2, "name": "cat"}, {"id": 90, "name": "clock"},
+            {"id": 5, "name": "needle"}]
+    square, slender = evaluate.shape_groups(cats)
+    assert square == {"clock": [7, 90]} and slender == {"tie": [40], "needle": [5]}
+    assert evaluate.shape_groups([{"id": 1, "name": "cat"}]) == ({}, {})
