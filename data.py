@@ -47,6 +47,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import struct
 import sys
 import tempfile
@@ -120,6 +121,16 @@ def _duplicates(values):
     return [v for v, n in Counter(values).items() if n > 1]
 
 
+def _is_unicode(text):
+    """Whether a string holds only valid characters: JSON's escapes can spell an unpaired UTF-16
+    surrogate ("\\ud800"), which Python reads into a str that no encoding accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_number(x):
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return False
@@ -152,6 +163,10 @@ def _image_problem(im):
         return "no integer 'id'"
     if not isinstance(im.get("file_name"), str) or not im["file_name"]:
         return "no 'file_name'"
+    try:  # a byte of a non-UTF-8 name on disk, as json.dump(os.listdir()) writes it, is a surrogate
+        os.fsencode(im["file_name"])  # of U+DC80-U+DCFF, which this turns back into that byte
+    except UnicodeEncodeError:
+        return "a 'file_name' that is no file name (an unpaired surrogate such as \\ud800)"
     for key in ("width", "height"):  # a whole-number float (96.0) is accepted: some tools write sizes that way
         if not _is_number(im.get(key)) or not 1 <= im[key] < 2**31 or im[key] % 1:
             return f"{im['file_name']}: no positive whole '{key}' below 2^31 ({im.get(key)!r})"
@@ -166,7 +181,8 @@ def _load_annotations(ann_file):
     try:
         with open(ann_file, "rb") as f:
             coco = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError;
+        # RecursionError: values nested about a thousand deep, which json.load cannot read
         raise DataError(f"{ann_file}: not valid JSON ({e})") from None
     except OSError as e:
         raise DataError(f"{ann_file}: cannot be read ({e.strerror})") from None
@@ -191,6 +207,12 @@ def _load_annotations(ann_file):
     if broken:
         bad("categories at list positions", broken, "need an integer 'id' and a string 'name'")
     cat_ids = [c["id"] for c in cats]
+    broken = [c["id"] for c in cats if not _is_unicode(c["name"])]
+    if broken:  # it could not be printed, nor written to a file
+        bad("category ids", broken, "have a 'name' that is not valid Unicode (an unpaired surrogate such as \\ud800)")
+    broken = [i for i in cat_ids if not -2**63 <= i < 2**63]
+    if broken:  # pycocotools' np.unique would turn them into float64, merging neighbouring ids
+        bad("category ids", broken, "do not fit in 64 bits (signed)")
     if _duplicates(cat_ids):
         bad("category ids", _duplicates(cat_ids), "appear more than once")
 
@@ -295,7 +317,11 @@ def _open_image(path):
     """Image.open without PIL's UserWarnings on malformed EXIF ("Corrupt EXIF data", "Tag data
     larger than file"): two lines on stderr that name no file, from every loader worker, about
     images that read fine. PIL reads what it can of the EXIF; a lost orientation tag of a turned
-    image is still caught by the header check, as a size that does not fit the annotations."""
+    image is still caught by the header check, as a size that does not fit the annotations.
+    A named pipe, socket or device is refused before it is opened, which would wait forever."""
+    kind = os.stat(path).st_mode  # FileNotFoundError for a missing file, as Image.open would raise
+    if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):  # a directory: PIL's IsADirectoryError
+        raise OSError("not a regular file (a named pipe, socket or device)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         with Image.open(path) as img:
@@ -490,6 +516,7 @@ class CocoDataset(torch.utils.data.Dataset):
         if not os.path.isdir(self.img_dir):
             raise DataError(f"image folder not found: {self.img_dir} (images of {self.ann_file})")
         present = set(os.listdir(self.img_dir))
+        listed = [im["file_name"] for im in coco["images"]]
         missing = []
         for im in coco["images"]:
             name = im["file_name"]
@@ -507,6 +534,17 @@ class CocoDataset(torch.utils.data.Dataset):
         if missing:
             raise DataError(f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
                             f"{self.img_dir}: {_name_some(missing)}")
+        # One file under two spellings ("a.jpg" and "./a.jpg", or its name in both Unicode forms) is
+        # one image listed twice, as two entries of the same name are (_load_annotations)
+        spellings = {}
+        for im, name in zip(coco["images"], listed):
+            spellings.setdefault(os.path.normpath(im["file_name"]), []).append(name)
+        twice = [" and ".join(names) + (" (one name in two Unicode forms)"
+                                        if len({unicodedata.normalize("NFC", n) for n in names}) == 1 else "")
+                 for names in spellings.values() if len(names) > 1]
+        if twice:
+            raise DataError(f"{self.ann_file}: file names {_name_some(twice)} name the same file under more "
+                            f"than one image id (one entry per image, holding all its annotations)")
 
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(coco["categories"], key=lambda c: c["id"])]

@@ -448,6 +448,7 @@ def test_missing_annotation_file(tiny):
     ("{not json", "not valid JSON"),
     ('{"images": [], "annotations": []}', "'categories'"),
     ('[1, 2]', "expected a JSON object"),
+    ('{"images": ' + "[" * 100000 + "]" * 100000 + "}", "not valid JSON"),  # too deep for json.load
 ])
 def test_malformed_annotation_file(tiny, content, culprit):
     path = os.path.join(tiny, "annotations", "instances_val.json")
@@ -468,6 +469,10 @@ def test_malformed_annotation_file(tiny, content, culprit):
                                                                "image id"),
     (lambda d: [d["images"][4].update(id=2**64), d["images"][3].update(id=-2**63)],
      f"image ids {2**64} do not fit in 64 bits"),
+    (lambda d: [d["categories"][1].update(id=2**63 + 1), d["categories"][0].update(id=-1)],
+     f"category ids {2**63 + 1} do not fit in 64 bits"),  # pycocotools would merge them as float64
+    (lambda d: d["categories"][2].update(name="c\ud80010"), "category ids 10 have a 'name' that is not valid Unicode"),
+    (lambda d: d["images"][1].update(file_name="\udfffb.png"), "positions 1 (a 'file_name' that is no file name"),
     (lambda d: d["annotations"][2].update(bbox=[1, 2, 3]), "annotation ids 13 need a 'bbox'"),
     (lambda d: d["annotations"][1].update(bbox=[1, 2, "3", None]), "annotation ids 12 need a 'bbox'"),
     (lambda d: d["annotations"][3].pop("id"), "annotations at list positions 3 need"),
@@ -547,6 +552,29 @@ def test_file_names_in_the_other_unicode_form_on_disk(tmp_path):
     ds.check_images(show_progress=False)
     assert [ds.file_name(i) for i in range(2)] == [nfd, "x" + nfc]  # as on disk
     assert ds[0][0][0].min() == 255 and ds[1][0][2].min() == 255
+
+
+def test_one_file_under_two_spellings_is_refused(tmp_path):
+    """Two image entries whose names are spelled apart but name one file ("./a.png", "s/../a.png",
+    or "café" in both Unicode forms with one of them on disk): one image listed twice, as with two
+    entries of the same name, each entry's objects the other's background. Refused, naming them."""
+    import unicodedata
+    root = str(tmp_path / "alias")
+    os.makedirs(os.path.join(root, "s", "sub"))
+    nfc, nfd = unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "café.png")
+    for name in ("a.png", nfd, "b.png"):
+        Image.new("RGB", (20, 10)).save(os.path.join(root, "s", name))
+    for names, culprit in ((["a.png", "./a.png"], "file names a.png and ./a.png name the same file"),
+                           (["sub/../a.png", "b.png", "a.png"], "file names sub/../a.png and a.png name the same file"),
+                           ([nfc, "b.png", nfd], f"file names {nfc} and {nfd} (one name in two Unicode forms) name")):
+        write_coco(root, "s", [image_entry(i + 1, n, 20, 10) for i, n in enumerate(names)],
+                   [ann(1, 1, 5, [2, 2, 6, 4])], [{"id": 5, "name": "box"}])
+        with pytest.raises(DataError) as e:
+            CocoDataset(root, "s", train=False)
+        assert culprit in one_line(e) and "more than one image id" in one_line(e)
+    write_coco(root, "s", [image_entry(1, "./a.png", 20, 10), image_entry(2, "sub/../b.png", 20, 10)],
+               [ann(1, 1, 5, [2, 2, 6, 4])], [{"id": 5, "name": "box"}])
+    assert len(CocoDataset(root, "s", train=False)) == 2  # other files, however spelled
 
 
 def test_unknown_category_names_the_annotation(tiny):
@@ -1032,15 +1060,19 @@ def test_header_check_names_every_kind_of_unusable_image(tiny, capsys):
     os.remove(os.path.join(tiny, "val", "e.png"))
     os.remove(os.path.join(tiny, "val", "d.png"))
     os.mkdir(os.path.join(tiny, "val", "d.png"))  # unreadable
+    os.remove(os.path.join(tiny, "val", "c.png"))
+    os.mkfifo(os.path.join(tiny, "val", "c.png"))  # opening it would wait for a writer forever
     with pytest.raises(DataError) as e:
         ds.check_images(show_progress=False)
     message = one_line(e)
-    assert message.startswith("4 of 5 images cannot be used: ")  # in file order
+    assert message.startswith("5 of 5 images cannot be used: ")  # in file order
     assert os.path.join(tiny, "val", "a.jpg") + " (is 65x48 but the annotations say 64x48)" in message
     assert os.path.join(tiny, "val", "b.png") + " (not an image)" in message
     assert os.path.join(tiny, "val", "e.png") + " (missing)" in message
     assert os.path.join(tiny, "val", "d.png") + " (unreadable: IsADirectoryError" in message
-    assert "c.png" not in message
+    assert os.path.join(tiny, "val", "c.png") + " (unreadable: OSError: not a regular file" in message
+    with pytest.raises(ImageError, match="c.png: OSError: not a regular file"):
+        ds[2]  # what the loader meets with --skip-check
 
 
 def test_header_check_in_parallel_names_the_first_few_and_counts_all(tiny):
