@@ -364,6 +364,12 @@ def _check_one(path, size, exif):
     Opens the file and parses its header (size, mode, EXIF) and reads its last bytes; decodes
     only a JPEG or PNG that does not end as a complete file does (cut short, or with data after
     its end)."""
+    return _inspect(path, size, exif)[0]
+
+
+def _inspect(path, size, exif):
+    """_check_one's answer and the image's EXIF orientation (1 where it has none or is unreadable)."""
+    orientation = 1
     try:
         with _open_image(path) as img:
             w, h = img.size
@@ -371,26 +377,26 @@ def _check_one(path, size, exif):
             if not _ends_as_it_should(img, path):
                 img.load()  # raises for a file cut short
     except FileNotFoundError:
-        return "missing"
+        return "missing", orientation
     except UnidentifiedImageError:
-        return "not an image"
+        return "not an image", orientation
     except Exception as e:  # permissions, a directory, a header PIL cannot parse
-        return f"unreadable: {type(e).__name__}: {' '.join(str(e).split())}"  # one line
+        return f"unreadable: {type(e).__name__}: {' '.join(str(e).split())}", orientation  # one line
     upright = (w, h) if orientation < 5 else (h, w)  # EXIF 5-8 swap width and height
     read, other = (upright, (w, h)) if exif else ((w, h), upright)
     H, W = size
     if read == (W, H):
-        return None
+        return None, orientation
     if other == (W, H):  # the annotations fit the other reading
         hint = ("annotated as stored, ignoring its EXIF orientation? use --raw-orientation" if exif else
                 "annotated upright (EXIF orientation applied)? use --no-raw-orientation")
-        return f"is {read[0]}x{read[1]} with EXIF orientation {orientation} {'applied' if exif else 'ignored'}, " \
-               f"the annotations say {W}x{H}: {hint}"
-    return f"is {read[0]}x{read[1]} but the annotations say {W}x{H}"
+        return (f"is {read[0]}x{read[1]} with EXIF orientation {orientation} {'applied' if exif else 'ignored'}, "
+                f"the annotations say {W}x{H}: {hint}"), orientation
+    return f"is {read[0]}x{read[1]} but the annotations say {W}x{H}", orientation
 
 
 def _check_chunk(paths, sizes, exif):
-    return [_check_one(path, size, exif) for path, size in zip(paths, sizes)]
+    return [_inspect(path, size, exif) for path, size in zip(paths, sizes)]
 
 
 def format_eta(seconds):
@@ -444,11 +450,11 @@ def check_images(paths, sizes, exif=True, workers=None, show_progress=True, what
     n = len(paths)
     workers = min(workers or available_cpus(), max(1, n // 500))  # a pool only pays from ~1000 images
     chunk = max(1, min(1000, math.ceil(n / (workers * 8))))  # several chunks per process: a live progress line
-    reasons, start = [None] * n, time.time()
+    checked, start = [None] * n, time.time()  # (reason or None, EXIF orientation) of each image
     pieces = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     if workers == 1:
         for lo, hi in pieces:
-            reasons[lo:hi] = _check_chunk(paths[lo:hi], sizes[lo:hi], exif)
+            checked[lo:hi] = _check_chunk(paths[lo:hi], sizes[lo:hi], exif)
             if show_progress:
                 progress_line(what, hi, n, start)
     else:
@@ -457,16 +463,23 @@ def check_images(paths, sizes, exif=True, workers=None, show_progress=True, what
             done = 0
             for job in concurrent.futures.as_completed(jobs):
                 lo, hi = jobs[job]
-                reasons[lo:hi] = job.result()
+                checked[lo:hi] = job.result()
                 done += hi - lo
                 if show_progress:
                     progress_line(what, done, n, start)
     end_progress_line(f" done in {time.time() - start:.1f} s")
-    bad = [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+    bad = [(path, reason) for path, (reason, _) in zip(paths, checked) if reason is not None]
     if bad:
         shown = ", ".join(f"{path} ({reason})" for path, reason in bad[:5])
         more = f", ... and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise DataError(f"{len(bad)} of {n} images cannot be used: {shown}{more}")
+    # A mirrored or upside-down image (EXIF 2-4), or a square one turned by 90 degrees, has the
+    # same size either way: the check cannot tell which way it was annotated, so say they exist
+    turned = sum(orientation != 1 for _, orientation in checked)
+    if turned and exif:
+        print(f"note: {turned} of {n} images are stored turned or mirrored (an EXIF orientation) and are read "
+              f"upright, as labelling tools show them; if their boxes were drawn on the stored pixels, use "
+              f"--raw-orientation", flush=True)
 
 
 class CocoDataset(torch.utils.data.Dataset):
