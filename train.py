@@ -185,13 +185,25 @@ def parse_config(argv):
                         f"on the longer side")
     if cfg.steps is not None and any(s < 1 for s in cfg.steps):
         problems.append(f"--steps {' '.join(map(str, cfg.steps))}: iterations must be positive")
+    if not 0 <= cfg.seed < 2**32:  # numpy's seeds
+        problems.append(f"--seed {cfg.seed}: must be in [0, 2^32)")
     if problems:
         raise ValueError(problems[0])
     if cfg.lr is None:
         cfg.lr = 0.01 * cfg.batch_size / 16  # linear scaling rule (Goyal et al.), paper: 0.01 @ 16
+    steps_given = cfg.steps is not None
     if cfg.steps is None:  # the paper's 60k/80k of 90k, kept in proportion
         cfg.steps = (round(cfg.max_iter * 60000 / 90000), round(cfg.max_iter * 80000 / 90000))
     cfg.steps, cfg.min_size = tuple(cfg.steps), tuple(cfg.min_size)
+    if os.environ.get("RANK", "0") == "0":  # a schedule that cannot be what was meant (said once under torchrun)
+        late = [s for s in cfg.steps if s >= cfg.max_iter]  # iterations count from 0 to max_iter - 1
+        if late and steps_given:
+            print(f"note: --steps {' '.join(map(str, late))} at or past --max-iter {cfg.max_iter}: "
+                  f"{'that lr step never comes' if len(late) == 1 else 'those lr steps never come'}", flush=True)
+        if cfg.warmup_iters >= min(cfg.steps[0], cfg.max_iter):  # full lr from warmup_iters to the first step
+            until = f"first lr step (--steps {cfg.steps[0]})" if cfg.steps[0] < cfg.max_iter else f"run (--max-iter {cfg.max_iter})"
+            print(f"note: --warmup-iters {cfg.warmup_iters} outlasts the {until}: the lr never reaches --lr {cfg.lr:g}",
+                  flush=True)
     if cfg.output is None:
         data_name = os.path.basename(os.path.normpath(cfg.data))
         cfg.output = os.path.join("runs", f"{cfg.loss}_{cfg.backbone}_{data_name}")
@@ -392,6 +404,10 @@ def train(cfg, loss_cfg):
         try:
             # on the CPU: the RNG states must stay CPU tensors; the optimizer moves its own state
             ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+            missing = [k for k in ("config", "categories", "iteration", "model", "optimizer", "rng")
+                       if not isinstance(ckpt, dict) or k not in ckpt]
+            if missing:  # a plain state dict, say, saved over last.pt
+                raise TypeError(f"not a last.pt of train.py (no {', '.join(missing)})")
             saved, ckpt_categories, start_iter = ckpt["config"], ckpt["categories"], ckpt["iteration"]
             if not isinstance(start_iter, int) or start_iter < 0:
                 raise TypeError(f"iteration {start_iter!r} is not a count")

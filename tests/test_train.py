@@ -702,6 +702,11 @@ def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
             train.main([*args, "--resume"])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "last.pt" in err, (k, err)
+    torch.save(good["model"], tmp_path / "r" / "last.pt")  # a plain state dict saved over it
+    with pytest.raises(SystemExit):
+        train.main([*args, "--resume"])
+    assert capsys.readouterr().err == (f"error: cannot read checkpoint {tmp_path / 'r' / 'last.pt'}: TypeError: not a "
+                                       f"last.pt of train.py (no config, categories, iteration, model, optimizer, rng)\n")
 
 
 # ----------------------------------------------------------------------------- failures
@@ -729,6 +734,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path
     assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_a_schedule_that_cannot_be_meant_gets_a_note(monkeypatch, capsys):
+    """A warmup that outlasts the first lr step or the run (the default 500 iterations with a short
+    --max-iter) and --steps at or past --max-iter are allowed, with a note: the lr would never be
+    the one asked for, or a step never come. The default steps, scaled with --max-iter, get none."""
+    monkeypatch.delenv("RANK", raising=False)
+    for args, note in (
+            (["--max-iter", "1000", "--warmup-iters", "100"], ""),
+            (["--max-iter", "300"], "note: --warmup-iters 500 outlasts the first lr step (--steps 200): the lr never "
+                                    "reaches --lr 0.01\n"),
+            (["--max-iter", "30", "--warmup-iters", "30", "--steps", "30", "45"],
+             "note: --steps 30 45 at or past --max-iter 30: those lr steps never come\n"
+             "note: --warmup-iters 30 outlasts the run (--max-iter 30): the lr never reaches --lr 0.01\n"),
+            (["--max-iter", "30", "--warmup-iters", "0", "--steps", "20", "30"],
+             "note: --steps 30 at or past --max-iter 30: that lr step never comes\n"),
+            (["--max-iter", "3", "--warmup-iters", "0"], "")):  # default steps 2 and 3: no note
+        train.parse_config([*args, "--device", "cpu"])
+        assert capsys.readouterr().out == note, args
+
+
 @pytest.mark.slow
 def test_a_bad_argument_gives_one_line_from_the_command_line(tiny_data, tmp_path):
     res = run_cli([*TINY, "--data", tiny_data, "--output", str(tmp_path / "x"), "--data", "/nonexistent/data"])
@@ -752,6 +776,7 @@ def test_a_bad_argument_gives_one_line_from_the_command_line(tiny_data, tmp_path
     (["--steps", "-3", "1"], "--steps -3 1: iterations must be positive"),
     (["--min-size", "64", "96"], "--min-size 64 96: above --max-size 64, the cap on the longer side"),
     (["--device", "cuda:x"], "--device cuda:x: use cpu, cuda or cuda:N"),
+    (["--seed", "-1"], "--seed -1: must be in [0, 2^32)"),
 ])
 def test_bad_arguments_give_one_line(args, message, tiny_data, tmp_path, capsys):
     """train.main, as the command line runs it (the test above runs one case as a real command)."""
