@@ -162,6 +162,8 @@ def parse_config(argv):
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     if not 0 <= cfg.score_thresh < 1:
         raise ValueError(f"--score-thresh {cfg.score_thresh}: must be in [0, 1)")
+    if not 0 <= cfg.vis_score <= 1:  # (also refuses nan, which would draw nothing)
+        raise ValueError(f"--vis-score {cfg.vis_score}: must be in [0, 1]")
     for name in ("workers", "visualize"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} {getattr(cfg, name)}: must be >= 0")

@@ -541,6 +541,7 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
 
     for argv, culprit in ((["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "x"], "--batch-size: invalid int"),
                           (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+                          (["--vis-score", "nan"], "--vis-score nan: must be in [0, 1]"),
                           (["--min-size", "100", "--max-size", "50"], "--min-size 100: above --max-size 50"),
                           (["--test-scales", "40", "60", "--max-size", "50"], "--test-scales 40 60: above --max-size 50"),
                           (["--max-size", "32"], "--max-size 32: below the shorter side 64 (the checkpoint's;")):
