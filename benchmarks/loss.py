@@ -79,8 +79,8 @@ def per_image_loop(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Fre
             t2 = iou.max(dim=1, keepdim=True).values.clamp(min=cfg.iou_threshold + 1e-12)
             prob = ((iou - cfg.iou_threshold) / (t2 - cfg.iou_threshold)).clamp(0, 1)
             box_prob = torch.zeros(A, K, device=cls_logits.device)
-            for i in range(len(boxes)):
-                box_prob[:, labels[i]] = torch.maximum(box_prob[:, labels[i]], prob[i])
+            for i, c in enumerate(labels.tolist()):  # one read of the classes per image, not one per object
+                box_prob[:, c] = torch.maximum(box_prob[:, c], prob[i])
             box_probs.append(box_prob)
         if len(boxes) == 0:
             continue
