@@ -713,6 +713,8 @@ def _evaluate(cfg, ddp, rank, world, master):
         print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {classes}, "
               f"shorter/longer side {tta}{', flip' if cfg.flip else ''}, {world} process(es) on {cfg.device}, "
               f"output {cfg.output}", flush=True)
+        if cfg.workers > available_cpus():  # as train.py says it
+            print(f"note: --workers {cfg.workers} lowered to {available_cpus()}, the CPUs available here", flush=True)
 
     # ------------------------------------------------------------------ detect, gather on rank 0
     start = time.time()

@@ -479,6 +479,15 @@ def test_orientation_follows_the_checkpoint_unless_given(tiny_ckpt, tmp_path, ca
         assert seen.pop() is exif, (path, flags)
 
 
+def test_more_workers_than_cpus_are_lowered_with_a_note(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "available_cpus", lambda: 1)
+    args = ["--ckpt", tiny_ckpt, "--output", str(tmp_path / "eval"), "--max-images", "1"]
+    _, printed = run_main([*args, "--workers", "3"], capsys)
+    assert "note: --workers 3 lowered to 1, the CPUs available here\n" in printed.out
+    _, printed = run_main([*args, "--workers", "1"], capsys)
+    assert "lowered" not in printed.out
+
+
 def test_cli_subset_scales_and_flip(tiny_ckpt, tmp_path, capsys):
     out = str(tmp_path / "eval")
     metrics, _ = run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--max-images", "2",
