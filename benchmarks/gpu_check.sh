@@ -18,7 +18,7 @@
 #      marks them dynamic (its compilation did not end within 142 s on an H200, so it gets a call
 #      of its own); with part 6 and part 4's count of graphs, it decides between dynamic shapes and
 #      --fixed-shapes.
-# Everything printed is also appended to DIR/gpu_check.txt (default: runs/gpu_check), line by line,
+# Everything printed is also appended to DIR/gpu_check.txt (default: $OUT if set, else runs/gpu_check), line by line,
 # so a call stopped early keeps what it had. The whole call keeps to BUDGET seconds (default 290: one
 # 5-minute device call): every command's timeout is cut to the time left, and a part that has less
 # than its minimum left is skipped with a line saying so. Parts run in the order PARTS gives, most
@@ -31,7 +31,7 @@
 #     PARTS="6 4" BUDGET=290 bash benchmarks/gpu_check.sh      # only some of the parts, in this order
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-runs/gpu_check}
+out=${1:-${OUT:-runs/gpu_check}}
 mkdir -p "$out"
 log="$out/gpu_check.txt"
 echo "==== $(date -u '+%Y-%m-%d %H:%M UTC'), PARTS=\"${PARTS:-1 2 3 5 6 4 7}\", BUDGET=${BUDGET:-290}" >> "$log"  # appended: pieces run one by one add up
