@@ -584,8 +584,11 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     # puts them back in dataset order.
     aspect_ratios = dataset.aspect_ratios
     indices = sorted(indices, key=lambda i: aspect_ratios[i])
+    workers = min(cfg.workers, available_cpus())
+    if show_progress and workers < cfg.workers:  # as train.py says it
+        print(f"note: --workers {cfg.workers} lowered to {workers}, the CPUs available here", flush=True)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
-                                         num_workers=min(cfg.workers, available_cpus()), collate_fn=list,
+                                         num_workers=workers, collate_fn=list,
                                          pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
     if cfg.channels_last:  # convolutions in NHWC follow the weights' layout
@@ -713,8 +716,6 @@ def _evaluate(cfg, ddp, rank, world, master):
         print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {classes}, "
               f"shorter/longer side {tta}{', flip' if cfg.flip else ''}, {world} process(es) on {cfg.device}, "
               f"output {cfg.output}", flush=True)
-        if cfg.workers > available_cpus():  # as train.py says it
-            print(f"note: --workers {cfg.workers} lowered to {available_cpus()}, the CPUs available here", flush=True)
 
     # ------------------------------------------------------------------ detect, gather on rank 0
     start = time.time()
