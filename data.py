@@ -490,7 +490,8 @@ class CocoDataset(torch.utils.data.Dataset):
     `categories` when given (evaluation: the model's, of which the file may hold a part). Boxes are
     COCO [x, y, w, h] -> xyxy, clipped to the image; crowd regions and boxes under 1 px wide or
     high after clipping never reach the loss. train=True keeps only images with at least one
-    usable box; train=False keeps every image (evaluation); `tiny_boxes` and `images_without_boxes`
+    usable box (its header check, check_images, still opens every image listed); train=False
+    keeps every image (evaluation); `tiny_boxes` and `images_without_boxes`
     count what the loss never sees (crowd regions aside), `unseen_categories` names the classes
     without a usable box ("id:name"). Images are read upright (EXIF
     orientation applied, as labelling tools show them) unless exif=False.
@@ -625,13 +626,17 @@ class CocoDataset(torch.utils.data.Dataset):
         starts = np.concatenate(([0], np.cumsum(count)))  # [N + 1] over all images
         self._first, self._count = starts[keep], count[keep]  # [N'], [N']
         self._image_ids = image_id[keep]  # [N']
-        self._sizes = np.ascontiguousarray(wh[keep][:, ::-1])  # [N', 2] (h, w)
+        # every listed image, in file order, also those that training leaves out: the header check
+        # opens them all (a size other than annotated may be why an image has no usable box)
+        self._rows = keep  # [N'] the row of each of the dataset's images among the listed ones
+        self._listed_sizes = np.ascontiguousarray(wh[:, ::-1])  # [N, 2] (h, w)
+        self._sizes = self._listed_sizes[keep]  # [N', 2]
         # file names: one utf-8 buffer and offsets (a numpy array of Python strings would hold
         # objects); surrogateescape keeps names that are not utf-8 on disk, as json.dump(os.listdir())
         # writes them, byte for byte
-        encoded = [names[k].encode("utf-8", "surrogateescape") for k in keep]
+        encoded = [name.encode("utf-8", "surrogateescape") for name in names]
         self._name_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)  # [total bytes]
-        self._name_ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)  # [N']
+        self._name_ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)  # [N]
         del names, encoded
 
     def __len__(self):
@@ -655,19 +660,24 @@ class CocoDataset(torch.utils.data.Dataset):
             self._coco = coco_ground_truth(self.ann_file)
         return self._coco
 
+    def _listed_name(self, row):
+        """The file name of the image in row `row` of the file's list of images."""
+        lo = self._name_ends[row - 1] if row > 0 else 0
+        return self._name_bytes[lo:self._name_ends[row]].tobytes().decode("utf-8", "surrogateescape")
+
     def file_name(self, i):
-        lo = self._name_ends[i - 1] if i > 0 else 0
-        return self._name_bytes[lo:self._name_ends[i]].tobytes().decode("utf-8", "surrogateescape")
+        return self._listed_name(self._rows[i])
 
     def path(self, i):
         return os.path.join(self.img_dir, self.file_name(i))
 
     def check_images(self, workers=None, show_progress=True, count=None):
-        """Header check of every image (or of the first `count`) before training or evaluation (see
-        check_images)."""
-        count = len(self) if count is None else min(count, len(self))
-        check_images([self.path(i) for i in range(count)], self._sizes[:count].tolist(), self.exif,
-                     workers, show_progress)
+        """Header check (see check_images) before training or evaluation of every image the file
+        lists, those that training leaves out for want of a usable box included, or of the
+        dataset's first `count` images."""
+        rows = np.arange(len(self._listed_sizes)) if count is None else self._rows[:count]
+        paths = [os.path.join(self.img_dir, self._listed_name(row)) for row in rows]
+        check_images(paths, self._listed_sizes[rows].tolist(), self.exif, workers, show_progress)
 
     def read_image(self, i):
         """The i-th image as uint8 [3, h, w] RGB, upright unless exif=False; any PIL mode becomes RGB."""

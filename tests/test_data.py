@@ -1168,6 +1168,21 @@ def test_training_dataset_keeps_only_flat_arrays(tiny):
     assert len(ds.coco.getAnnIds()) == 8 and ds._coco is not None
 
 
+def test_training_checks_the_images_it_leaves_out(tiny):
+    """Images without a usable box never reach training, but the header check opens them too: a
+    size other than annotated may be why their boxes were clipped away."""
+    Image.new("RGB", (300, 200)).save(os.path.join(tiny, "val", "d.png"))  # listed as 30x20: box 42 clipped away
+    open(os.path.join(tiny, "val", "e.png"), "wb").close()  # no annotation at all
+    ds = CocoDataset(tiny, "val", train=True)
+    assert ds.image_ids == [1, 2]
+    with pytest.raises(DataError) as e:
+        ds.check_images(show_progress=False)
+    val = os.path.join(tiny, "val")
+    assert one_line(e) == (f"2 of 5 images cannot be used: {os.path.join(val, 'd.png')} (is 300x200 but the "
+                           f"annotations say 30x20), {os.path.join(val, 'e.png')} (not an image)")
+    ds.check_images(show_progress=False, count=2)  # the dataset's first two: fine
+
+
 def test_training_stops_before_iteration_0_on_an_image_it_would_never_draw(tmp_path, capsys):
     # one iteration of 2 images draws 2 of the 8; the corrupt one is named before anything runs
     import train
