@@ -1294,9 +1294,13 @@ def _stop(signum, frame):
     if _stops == 1:
         raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
     if _stops >= 3:
-        if os.environ.get("RANK", "0") == "0":  # not print: a signal handler may interrupt a print
-            os.write(2, b"stopped at once\n")
-        os._exit(128 + signum)
+        _stop_at_once(signum)
+
+
+def _stop_at_once(signum):
+    if os.environ.get("RANK", "0") == "0":  # not print: a signal handler may interrupt a print
+        os.write(2, b"stopped at once\n")
+    os._exit(128 + signum)
 
 
 def catch_stop_signals():
@@ -1362,12 +1366,20 @@ class DeferredInterrupt(KeyboardInterrupt):
 @contextlib.contextmanager
 def signals_deferred():
     """Ctrl-C, or SIGTERM where the program handles it (catch_stop_signals), inside the block waits for the
-    block's end, then stops the program as anywhere else, as a DeferredInterrupt. A signal that is
-    ignored or left to the system's default stays so; signals are handled in the main thread only."""
+    block's end, then stops the program as anywhere else, as a DeferredInterrupt. As anywhere else, a
+    second one is ignored and a third ends the process at once (a checkpoint being written is then
+    lost, the previous one kept: write_atomic). A signal that is ignored or left to the system's
+    default stays so; signals are handled in the main thread only."""
     caught = []
+
+    def hold_back(signum, frame):
+        caught.append(signum)
+        if _stops + len(caught) >= 3:
+            _stop_at_once(signum)
+
     handled = [s for s in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread()
                and signal.getsignal(s) not in (signal.SIG_IGN, signal.SIG_DFL, None)]
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in handled}
+    previous = {s: signal.signal(s, hold_back) for s in handled}
     global _stops
     try:
         yield

@@ -719,6 +719,16 @@ def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
     finally:
         restore()
     assert exits == []
+    restore = data.catch_stop_signals()
+    try:
+        with pytest.raises(data.DeferredInterrupt):
+            with data.signals_deferred():  # a write that hangs: the third signal ends the process
+                for _ in range(3):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.1)
+                assert exits == [128 + signal.SIGTERM]
+    finally:
+        restore()
 
 
 def test_image_size_disagreeing_with_annotations(tiny):
