@@ -55,6 +55,7 @@ import threading
 import time
 import unicodedata
 import warnings
+import zipfile
 from collections import Counter
 
 import numpy as np
@@ -1432,6 +1433,21 @@ def write_atomic(path, data):
                 os.close(directory)
         except OSError:  # some network file systems refuse to flush a directory: durability only
             pass
+
+
+def load_checkpoint_file(path):
+    """torch.load of a checkpoint of train.py, on the CPU, after checking every part of the file
+    (torch.save writes a zip archive) against the CRC-32 stored with it: torch.load reads a file
+    damaged in its middle (a failing disk, a bad copy) without noticing, and a run would go on
+    from, or an evaluation report, weights that no training made. Reads the file twice (the
+    second time from the page cache). weights_only=False: last.pt holds numpy's RNG state; load
+    only checkpoints you trust."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"its part {damaged} does not match its checksum: the file is damaged")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def on_rank0(fn, ddp, master):

@@ -77,7 +77,7 @@ from torchvision.ops import batched_nms
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, DeferredInterrupt,
                   HelpFormatter, ImageError, add_config_arguments, available_cpus, catch_stop_signals, config_from_args,
-                  device_defaults, end_progress_line, ignore_sigterm, loader_batches, on_rank0,
+                  device_defaults, end_progress_line, ignore_sigterm, load_checkpoint_file, loader_batches, on_rank0,
                   print_stop, progress_line, remove_partial_writes, resolve_root_once, setup_processes,
                   stop_on_failure, stopped_by, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
@@ -188,8 +188,7 @@ def load_checkpoint(path, device):
     if not os.path.isfile(path):  # /dev/null, a pipe
         raise ValueError(f"--ckpt {path} is not a file: give its model_final.pt or last.pt")
     try:
-        # weights_only=False: last.pt carries numpy RNG states; only load checkpoints you trust
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint_file(path)  # checksums checked
     except Exception as e:  # whatever torch.load chokes on, the user needs the file name
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     missing = [k for k in ("model", "model_config", "categories") if not isinstance(ckpt, dict) or k not in ckpt]

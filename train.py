@@ -69,7 +69,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import freeanchor
 from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError,
                   TrainSampler, add_config_arguments, available_cpus, canvas_shapes, catch_stop_signals, collate,
-                  config_from_args, device_defaults, end_progress_line, format_eta, ignore_sigterm,
+                  config_from_args, device_defaults, end_progress_line, format_eta, ignore_sigterm, load_checkpoint_file,
                   loader_batches, on_rank0, pad_to_canvas, print_stop, remove_partial_writes, resolve_root_once,
                   setup_processes, signals_deferred, stop_on_failure, stopped_by, to_device, write_atomic)
 from model import BACKBONES, PRIOR_PROB, RETINANET_PRIOR_PROB, RetinaNet
@@ -403,16 +403,16 @@ def train(cfg, loss_cfg):
     if cfg.resume and os.path.exists(last_path):
         try:
             # on the CPU: the RNG states must stay CPU tensors; the optimizer moves its own state
-            ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint_file(last_path)
             missing = [k for k in ("config", "categories", "iteration", "model", "optimizer", "rng")
                        if not isinstance(ckpt, dict) or k not in ckpt]
             if missing:  # a plain state dict, say, saved over last.pt
                 raise TypeError(f"not a last.pt of train.py (no {', '.join(missing)})")
             saved, ckpt_categories, start_iter = ckpt["config"], ckpt["categories"], ckpt["iteration"]
-            if not isinstance(start_iter, int) or start_iter < 0:
-                raise TypeError(f"iteration {start_iter!r} is not a count")
             if not isinstance(saved, dict) or not isinstance(ckpt.get("loss_config") or {}, dict):
                 raise TypeError("its settings are not a dict")
+            if not isinstance(start_iter, int) or not 0 <= start_iter <= saved.get("max_iter", start_iter):
+                raise TypeError(f"iteration {start_iter!r} is not a count from 0 to its --max-iter {saved.get('max_iter')}")
         except Exception as e:
             raise ValueError(f"cannot read checkpoint {last_path}: {type(e).__name__}: {e}") from None
         if ckpt_categories != dataset.categories:
@@ -430,7 +430,7 @@ def train(cfg, loss_cfg):
         try:
             model.load_state_dict(ckpt["model"])
             load_optimizer_state(optimizer, ckpt["optimizer"])
-        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"{last_path} does not fit this model: {str(e).splitlines()[0]}") from None
         try:
             set_rng_state(ckpt["rng"], device)

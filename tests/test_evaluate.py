@@ -548,6 +548,16 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f"error: {other}") and err.count("\n") == 1, (broken, err)
 
+    damaged = bytearray(open(tiny_ckpt, "rb").read())  # a byte changed in its middle, where torch.load would not notice
+    damaged[len(damaged) // 2] ^= 0xFF
+    with open(other, "wb") as f:
+        f.write(damaged)
+    with pytest.raises(SystemExit) as e:
+        evaluate_on_cpu(["--ckpt", other, "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: cannot read checkpoint {other}: ValueError: its part ") \
+        and err.endswith(" does not match its checksum: the file is damaged\n"), err
+
     for argv, culprit in ((["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "x"], "--batch-size: invalid int"),
                           (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
                           (["--vis-score", "nan"], "--vis-score nan: must be in [0, 1]"),

@@ -689,7 +689,8 @@ def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
     good = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
     broken = [lambda c: c.pop("rng"), lambda c: c.pop("iteration"), lambda c: c.update(iteration="1"),
               lambda c: c["rng"].pop("numpy"), lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
-              lambda c: c.update(config=None), lambda c: c.update(model=None)]
+              lambda c: c.update(config=None), lambda c: c.update(model=None), lambda c: c.update(optimizer="x"),
+              lambda c: c.update(iteration=10**6)]
     for k, break_it in enumerate([None, *broken]):
         if break_it is None:
             with open(tmp_path / "r" / "last.pt", "wb") as f:
@@ -702,6 +703,17 @@ def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
             train.main([*args, "--resume"])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "last.pt" in err, (k, err)
+    torch.save(good, tmp_path / "r" / "last.pt")  # damaged in its middle, where torch.load alone would not notice
+    with open(tmp_path / "r" / "last.pt", "r+b") as f:
+        f.seek(os.path.getsize(tmp_path / "r" / "last.pt") // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(SystemExit):
+        train.main([*args, "--resume"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read checkpoint {tmp_path / 'r' / 'last.pt'}: ValueError: its part ") \
+        and err.endswith(" does not match its checksum: the file is damaged\n"), err
     torch.save(good["model"], tmp_path / "r" / "last.pt")  # a plain state dict saved over it
     with pytest.raises(SystemExit):
         train.main([*args, "--resume"])
