@@ -423,10 +423,6 @@ def train(cfg, loss_cfg):
         if changed:
             raise ValueError(f"{last_path} belongs to a different run ({'; '.join(changed)}): "
                              f"resume with the run's own settings, or use another --output")
-        changed = resume_changes(RESUME_MAY_CHANGE, saved, given)
-        if changed and master:
-            print(f"note: resuming with other settings than {last_path}'s ({'; '.join(changed)}): the run goes on, "
-                  f"but its weights will not be those of an uninterrupted run", flush=True)
         try:
             model.load_state_dict(ckpt["model"])
             load_optimizer_state(optimizer, ckpt["optimizer"])
@@ -437,6 +433,14 @@ def train(cfg, loss_cfg):
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"cannot read checkpoint {last_path}: its random number generator states: "
                              f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+        if start_iter == cfg.max_iter and os.path.exists(final_path):  # nothing left to do: touch nothing
+            if master:
+                print(f"the run in {cfg.output} is complete ({final_path}): nothing to resume", flush=True)
+            return final_path
+        changed = resume_changes(RESUME_MAY_CHANGE, saved, given)
+        if changed and master:
+            print(f"note: resuming with other settings than {last_path}'s ({'; '.join(changed)}): the run goes on, "
+                  f"but its weights will not be those of an uninterrupted run", flush=True)
         if master:
             print(f"resuming {last_path} at iteration {start_iter}/{cfg.max_iter}", flush=True)
             if ckpt.get("world_size", world) != world:
@@ -526,7 +530,8 @@ def train(cfg, loss_cfg):
         values = ", ".join(f"{k} {v:.4g}" for k, v in zip(terms, bad_terms.tolist()))
         what = "loss" if not math.isfinite(sum(bad_terms.tolist())) else "gradient"
         kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else "no checkpoint was written"
-        raise FloatingPointError(f"non-finite {what} at iteration {first_bad.item()}: {values}; weights not updated "
+        # counted from 1, as the log's "iter N" (the N-th iteration done)
+        raise FloatingPointError(f"non-finite {what} at iteration {first_bad.item() + 1}: {values}; weights not updated "
                                  f"from it on; stopped, {kept} (try a lower --lr or longer --warmup-iters)")
 
     # ------------------------------------------------------------------ the loop

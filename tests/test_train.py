@@ -683,6 +683,12 @@ def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
             train.main([*args, "--resume", *change])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and culprit in err, err
+    run = tmp_path / "r"
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "model_final.pt", "config.json", "log.jsonl")}
+    train.main([*args, "--resume", "--channels-last"])  # a complete run is left as it is
+    assert capsys.readouterr().out.endswith(f"\nthe run in {run} is complete ({run / 'model_final.pt'}): nothing to resume\n")
+    assert before == {name: (run / name).read_bytes() for name in before}
+    os.remove(run / "model_final.pt")  # as if stopped between its last checkpoint and the final model
     train.main([*args, "--resume", "--channels-last"])
     out = capsys.readouterr().out
     assert "note: resuming with other settings than " in out and "(--channels-last False -> True)" in out, out
@@ -740,7 +746,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, tmp_path
                     "--output", str(tmp_path / "run")])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "non-finite loss at iteration 3" in err and "positive nan" in err
+    # the 4th iteration, as the log would call it (its "iter 4" line)
+    assert len(err.splitlines()) == 1 and "non-finite loss at iteration 4:" in err and "positive nan" in err
     assert "last.pt" in err
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -1017,9 +1024,9 @@ def test_resumed_momentum_follows_its_weights_memory_layout():
 
 
 def test_non_finite_loss_found_at_the_next_log_names_its_iteration(tiny_data, tmp_path, monkeypatch, capsys):
-    """No host read per step: a NaN at iteration 5 (0-based) is seen at the log after 8
-    iterations, yet the weights after iterations 5, 6 and 7 are those after iteration 4, the
-    error names iteration 5, and last.pt is the checkpoint written after 4 iterations."""
+    """No host read per step: a NaN at the 6th iteration is seen at the log after 8 iterations,
+    yet the weights after iterations 6, 7 and 8 are those after iteration 5, the error names
+    iteration 6, as the log counts, and last.pt is the checkpoint written after 4 iterations."""
     real_loss, real_step = freeanchor.free_anchor_loss, train.step_unless
     calls, after_step = {"n": 0}, []
 
@@ -1041,7 +1048,7 @@ def test_non_finite_loss_found_at_the_next_log_names_its_iteration(tiny_data, tm
                     "--log-every", "8", "--lr", "0.02", "--output", str(tmp_path / "run")])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "non-finite loss at iteration 5" in err and "negative nan" in err, err
+    assert len(err.splitlines()) == 1 and "non-finite loss at iteration 6:" in err and "negative nan" in err, err
     assert len(after_step) == 8  # the run went on to the log of iteration 8 without reading the flag
     assert any(not torch.equal(a, b) for a, b in zip(after_step[3], after_step[4]))  # good steps do move
     for later in after_step[5:]:
