@@ -78,12 +78,13 @@ class DataError(Exception):
     def __init__(self, message):
         # A DataError raised inside a DataLoader worker comes back to the main process rebuilt
         # from "Caught DataError in DataLoader worker ...\nOriginal Traceback ...\n
-        # data.DataError: <message>" (or data.ImageError): keep only the message. A line break in
-        # it (a file name may hold one) is written \n, so that the message stays one line.
+        # data.DataError: <message>" (or data.ImageError): keep only the message. A line break or
+        # other control character in it (a file name may hold one) is written as Python escapes it
+        # (\n, \r, \x00), so that the message stays one visible line.
         message = str(message)
         if message.startswith("Caught ") and "\nOriginal Traceback" in message:
             message = re.split(r"\n(?:\w+\.)*(?:DataError|ImageError): ", message.rstrip("\n"))[-1]
-        super().__init__(message.replace("\n", "\\n"))
+        super().__init__(re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], message))
 
 
 class ImageError(DataError):

@@ -650,6 +650,7 @@ def test_a_workers_error_comes_back_as_its_message_on_one_line():
     before = set(multiprocessing.active_children())
     expected = "cannot read image /data/scan\\n2.png: broken data stream when reading image file"
     assert str(ImageError("cannot read image /data/scan\n2.png: broken data stream when reading image file")) == expected
+    assert str(DataError("missing: a\rb\x00c.png\t")) == "missing: a\\rb\\x00c.png\\t"  # any control character
     loader = torch.utils.data.DataLoader(FailingDataset(), batch_size=1, num_workers=1, collate_fn=collate)
     with pytest.raises(ImageError) as e:
         next(loader_batches(loader))
