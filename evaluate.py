@@ -83,6 +83,7 @@ from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, Da
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
+COCO_RECALLS = ("AR1", "AR10", "AR100", "ARS", "ARM", "ARL")  # COCOeval.stats[6:], the rest of its table
 NR_THRESHOLDS = tuple(round(0.50 + 0.05 * i, 2) for i in range(9))  # Table 1: IoU 0.50:0.05:0.90
 COCO_SQUARE = ("clock", "traffic light", "sports ball")  # Fig. 5
 COCO_SLENDER = ("toothbrush", "skis", "couch", "tie")  # Fig. 5
@@ -349,13 +350,14 @@ def coco_summary(E, img_ids=None, cat_ids=None):
     `cat_ids` (None = all), without evaluating again: per-image results do not depend on other
     images, so this equals a COCOeval run with params.imgIds / catIds set to the subset. (Passing
     a subset to COCOeval.accumulate itself indexes evalImgs wrongly.) Returns ({name: % or None
-    where there is no ground truth}, pycocotools' printed table)."""
+    where there is no ground truth, for the names of COCO_STATS and COCO_RECALLS: every number of
+    the table}, pycocotools' printed table)."""
     pe = E._paramsEval
     wanted = None if img_ids is None else set(img_ids)
     keep_i = [n for n, i in enumerate(pe.imgIds) if wanted is None or i in wanted]
     keep_k = [n for n, k in enumerate(pe.catIds) if cat_ids is None or k in cat_ids]
     if not keep_i or not keep_k:
-        return {name: None for name in COCO_STATS}, ""
+        return {name: None for name in COCO_STATS + COCO_RECALLS}, ""
     I, A = len(pe.imgIds), len(pe.areaRng)
     sub = copy.copy(E)
     sub.params = copy.deepcopy(pe)
@@ -369,7 +371,8 @@ def coco_summary(E, img_ids=None, cat_ids=None):
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         sub.summarize()
-    return {name: (100 * float(v) if v >= 0 else None) for name, v in zip(COCO_STATS, sub.stats)}, table.getvalue()
+    stats = {name: (100 * float(v) if v >= 0 else None) for name, v in zip(COCO_STATS + COCO_RECALLS, sub.stats)}
+    return stats, table.getvalue()
 
 
 def shape_groups(categories):

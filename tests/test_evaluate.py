@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -375,7 +376,7 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
     assert len(results) == sum(OBJECTS_PER_IMAGE) and {r["image_id"] for r in results} == set(dataset.image_ids) - {121}
     with open(os.path.join(out, "metrics.json")) as f:
         saved = json.load(f)
-    assert saved["images"] == len(dataset) and set(saved["coco"]) == set(evaluate.COCO_STATS)
+    assert saved["images"] == len(dataset) and set(saved["coco"]) == {*evaluate.COCO_STATS, *evaluate.COCO_RECALLS}
     assert (saved["score_thresh"], saved["batch_size"], saved["amp"], saved["raw_orientation"]) == (0.05, 4, False, False)
     assert saved["coco"]["AP"] == pytest.approx(80.0) and saved["coco"]["AP50"] == pytest.approx(100.0)
     assert saved["coco"]["AP75"] == pytest.approx(200 / 3)
@@ -392,6 +393,11 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
     assert {k: (v["images"], v["AP"]) for k, v in crowd.items()} == {
         "0-10": (5, pytest.approx(80.0)), "11-20": (1, pytest.approx(80.0)), "21-30": (0, None), "31+": (0, None)}
     assert metrics["coco"] == pytest.approx(saved["coco"])
+    # metrics.json holds every number of pycocotools' printed table, its Average Recall lines too
+    table = re.findall(r"^ Average (?:Precision|Recall) .* = (-?[0-9.]+)$", printed.out, re.M)[:12]
+    assert [float(v) for v in table] == pytest.approx(
+        [-1 if saved["coco"][k] is None else saved["coco"][k] / 100  # -1: no object of that size
+         for k in (*evaluate.COCO_STATS, *evaluate.COCO_RECALLS)], abs=6e-4)
     assert "AP50" in printed.out and "83.3" in printed.out and "Fig. 5" in printed.out and "Fig. 6" in printed.out
     assert "evaluated images: done in" in printed.out  # off a terminal, a task of less than a second
 
