@@ -673,6 +673,14 @@ class CocoDataset(torch.utils.data.Dataset):
     def path(self, i):
         return os.path.join(self.img_dir, self.file_name(i))
 
+    def padded_shape(self, keys):
+        """(H, W) of a batch of these TrainSampler keys (index, min_size, flip) once collate and
+        to_device have padded it: its largest resized image, rounded up to a multiple of 32.
+        From the annotated sizes, without reading an image."""
+        sizes = [resized_size(tuple(self._sizes[i].tolist()), min_size, self.max_size) for i, min_size, _ in keys]
+        up = lambda x: -(-x // SIZE_DIVISIBLE) * SIZE_DIVISIBLE  # noqa: E731
+        return up(max(h for h, _ in sizes)), up(max(w for _, w in sizes))
+
     def check_images(self, workers=None, show_progress=True, count=None):
         """Header check (see check_images) before training or evaluation of every image the file
         lists, those that training leaves out for want of a usable box included, or of the
@@ -867,15 +875,15 @@ class TrainSampler:
         n_land = sum(self._landscape)
         # Group sizes are fixed, so the batch count of an epoch does not depend on the shuffle.
         self.epoch_length = sum(math.ceil(n / batch_size) for n in (n_land, len(dataset) - n_land))
-        self._cached = (None, None)
+        self._cached = {}  # the last two epochs: the loader draws ahead of the step, which reads global_batch
 
     def __len__(self):
         return self.max_iter - self.start_iter
 
     def _epoch(self, epoch):
         """All global batches of `epoch`: [epoch_length][batch_size] keys (index, min_size, flip)."""
-        if self._cached[0] == epoch:
-            return self._cached[1]
+        if epoch in self._cached:
+            return self._cached[epoch]
         bs = self.batch_size
         order = torch.randperm(len(self._landscape), generator=_generator(self.seed, epoch, "order"))
         buckets, seen, batches = [[], []], [[], []], []
@@ -895,7 +903,8 @@ class TrainSampler:
         flips = (torch.rand((len(batches), bs), generator=aug) < 0.5) & self.flip  # [L, bs]
         keys = [[(i, self.min_sizes[s], f) for i, s, f in zip(b, size_idx[t].tolist(), flips[t].tolist())]
                 for t, b in enumerate(batches)]
-        self._cached = (epoch, keys)
+        self._cached = {e: k for e, k in self._cached.items() if e == epoch - 1}
+        self._cached[epoch] = keys
         return keys
 
     def global_batch(self, it):

@@ -546,6 +546,8 @@ def train(cfg, loss_cfg):
         images, gt_boxes, gt_labels = to_device(batch, device, pad_to=8)
         if canvases:
             images = pad_to_canvas(images, canvases)  # [B, 3, H, W]  one of a few fixed shapes
+        elif ddp:  # this process's share padded as the whole batch is in one process: the same anchors
+            images = pad_to_canvas(images, [dataset.padded_shape(sampler.global_batch(it))])  # [B, 3, H, W]
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 

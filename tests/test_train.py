@@ -286,7 +286,9 @@ def test_a_bad_image_met_by_a_worker_stops_the_run_and_its_workers(tiny_data, tm
 def train_single_and_ddp(tiny_data, tmp_path, backbone, *extra):
     """Two SGD steps of 2 images, in 1 process and in 2 gloo processes of 1 image (1 thread each),
     from a local random backbone file (frozen BatchNorm, so nothing else differs); the final
-    weights of both runs. The backbone is seeded: with a random one, one run in ten moved a weight
+    weights of both runs. Multi-scale, so that the images of a batch differ in size: each process
+    pads its image as the whole batch is padded in one process (padding adds anchors, which the
+    negative term sees). The backbone is seeded: with a random one, one run in ten moved a weight
     of one layer by a few percent of its update, where a ReLU input within float32 rounding of 0
     (the batch of 2 and the batches of 1 go through different convolution kernels) falls on the
     other side of it. (test_two_process_ddp_from_scratch_on_cpu runs torchrun itself.)"""
@@ -294,7 +296,7 @@ def train_single_and_ddp(tiny_data, tmp_path, backbone, *extra):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), backbone)
     args = [*TINY, "--weights", str(backbone), "--data", tiny_data, "--batch-size", "2", "--max-iter", "2",
-            "--lr", "0.05", "--warmup-iters", "0", *extra]
+            "--lr", "0.05", "--warmup-iters", "0", "--min-size", "64", "96", "--max-size", "96", *extra]
     train.main([*args, "--output", str(tmp_path / "single")])
     run_two_processes([os.path.join(ROOT, "train.py"), *args, "--output", str(tmp_path / "ddp")], OMP_NUM_THREADS="1")
     return weights(tmp_path / "single" / "model_final.pt"), weights(tmp_path / "ddp" / "model_final.pt")
