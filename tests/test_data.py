@@ -266,6 +266,17 @@ def test_resize_in_worker_or_on_device_gives_the_same_batches(tiny):
         assert all(torch.equal(a, b) for a, b in zip(on_device[1], in_worker[1]))
 
 
+def test_padded_shape_is_the_shape_of_the_padded_batch(tiny):
+    """CocoDataset.padded_shape, from the annotated sizes alone, is the (H, W) that collate and
+    to_device pad a batch to (train.py pads each DDP process's share to its whole batch's)."""
+    ds = CocoDataset(tiny, "val", train=False, max_size=100)
+    for in_worker in (False, True):
+        ds.resize_in_worker = in_worker
+        for keys in ([(0, 40, False)], [(0, 40, False), (4, 70, True)], [(1, 33, False), (2, 50, False), (3, 90, True)]):
+            images = to_device(collate([ds[k] for k in keys]), "cpu")[0]
+            assert tuple(images.shape[-2:]) == ds.padded_shape(keys), (in_worker, keys)
+
+
 def test_resize_in_worker_does_not_depend_on_the_thread_count(tmp_path):
     """Bilinear resizing on a CPU rounds differently with the number of threads: --workers 0 (the
     main process's threads) and DataLoader workers (1 thread each) must still give the same batches,
