@@ -678,8 +678,7 @@ class CocoDataset(torch.utils.data.Dataset):
         to_device have padded it: its largest resized image, rounded up to a multiple of 32.
         From the annotated sizes, without reading an image."""
         sizes = [resized_size(tuple(self._sizes[i].tolist()), min_size, self.max_size) for i, min_size, _ in keys]
-        up = lambda x: -(-x // SIZE_DIVISIBLE) * SIZE_DIVISIBLE  # noqa: E731
-        return up(max(h for h, _ in sizes)), up(max(w for _, w in sizes))
+        return _padded(max(h for h, _ in sizes)), _padded(max(w for _, w in sizes))
 
     def check_images(self, workers=None, show_progress=True, count=None):
         """Header check (see check_images) before training or evaluation of every image the file
@@ -807,6 +806,11 @@ def to_device(batch, device, pad_to=None):
     return images, gt_boxes, gt_labels
 
 
+def _padded(side):
+    """An image side once padded, as model.batch_images pads: rounded up to a multiple of 32."""
+    return -(-side // SIZE_DIVISIBLE) * SIZE_DIVISIBLE
+
+
 def canvas_shapes(min_sizes, max_size):
     """The padded shapes of train.py --fixed-shapes, smallest first: for each training scale s,
     (s', max_size) for landscape batches and (max_size, s') for portrait ones, s' = min(s,
@@ -814,9 +818,8 @@ def canvas_shapes(min_sizes, max_size):
     <= s' and its longer <= max_size (model.resized_size), and TrainSampler never mixes
     orientations in a batch, so every batch fits its canvas: the network sees at most two shapes
     per scale."""
-    up = lambda x: -(-x // SIZE_DIVISIBLE) * SIZE_DIVISIBLE  # noqa: E731
-    shapes = {shape for s in min_sizes for shape in ((up(min(s, max_size)), up(max_size)),
-                                                      (up(max_size), up(min(s, max_size))))}
+    shapes = {shape for s in min_sizes for shape in ((_padded(min(s, max_size)), _padded(max_size)),
+                                                      (_padded(max_size), _padded(min(s, max_size))))}
     return sorted(shapes, key=lambda hw: (hw[0] * hw[1], hw))
 
 
