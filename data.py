@@ -831,6 +831,8 @@ def pad_to_canvas(images, canvases):
     if not fits:
         return images
     h, w = fits[0]
+    if (h, w) == (H, W):  # already that shape: no copy
+        return images
     return torch.nn.functional.pad(images, (0, w - W, 0, h - H))  # [B, 3, h, w]
 
 
