@@ -544,10 +544,11 @@ def train(cfg, loss_cfg):
             group["lr"] = lr * group["lr_factor"]
         # images [B, 3, H, W] normalised and padded; objects padded: gt_boxes [B, G, 4], gt_labels [B, G]
         images, gt_boxes, gt_labels = to_device(batch, device, pad_to=8)
+        if ddp:  # this process's share padded as the whole batch is in one process: the same anchors,
+            # and with --fixed-shapes the same canvas
+            images = pad_to_canvas(images, [dataset.padded_shape(sampler.global_batch(it))])  # [B, 3, H, W]
         if canvases:
             images = pad_to_canvas(images, canvases)  # [B, 3, H, W]  one of a few fixed shapes
-        elif ddp:  # this process's share padded as the whole batch is in one process: the same anchors
-            images = pad_to_canvas(images, [dataset.padded_shape(sampler.global_batch(it))])  # [B, 3, H, W]
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 

@@ -307,9 +307,11 @@ def test_two_process_ddp_step_equals_one_process(tiny_data, tmp_path):
     """2 gloo processes x 1 image == 1 process x 2 images, one SGD step: the gradients are averaged
     over processes and the loss normaliser ||B|| is all-reduced. Pretrained (here: a local random
     backbone file) so BatchNorm is frozen and nothing else differs. Different computations (batch
-    split, thread counts): compared to float32 tolerances."""
+    split, thread counts): compared to float32 tolerances. With --fixed-shapes, each process pads to
+    the canvas of the whole batch, not to the smallest that holds its own image (the RetinaNet test
+    below runs without it)."""
     backbone = tmp_path / "resnet18.pt"
-    a, b = train_single_and_ddp(tiny_data, tmp_path, backbone)
+    a, b = train_single_and_ddp(tiny_data, tmp_path, backbone, "--fixed-shapes")
     moved = 0
     start = RetinaNet(2, backbone="resnet18", weights=str(backbone), min_size=64, max_size=64).state_dict()
     for k in a:
