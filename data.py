@@ -279,35 +279,49 @@ EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_
                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
-def _png_exif_after_pixels(path):
-    """The eXIf chunk of a PNG file that stores it after its pixels, prefixed as PIL keeps it
-    (with "Exif" and two zero bytes), or None. Reads chunk headers and seeks past their data: PIL
-    itself finds such a chunk only by decoding the pixels, and then turns the picture by it."""
+# PNG text chunks that PIL reads an EXIF orientation from: XMP (tiff:Orientation) and ImageMagick's
+# copy of the EXIF block
+ORIENTATION_TEXT = (b"XML:com.adobe.xmp", b"Raw profile type exif")
+
+
+def _png_orientation_after_pixels(path):
+    """Whether a PNG file stores, after its pixels, a chunk that PIL reads an EXIF orientation from:
+    an eXIf chunk or an ORIENTATION_TEXT text chunk (the PNG format allows them there). PIL reads
+    those only when it decodes the pixels. Reads the chunk headers and text keywords, and seeks past
+    the rest."""
+    after_pixels = False
     with open(path, "rb") as f:
         f.seek(8)  # the PNG signature
         while True:
             head = f.read(8)
             if len(head) < 8:
-                return None
+                return False
             length, kind = struct.unpack(">I4s", head)
-            if kind == b"eXIf":
-                return b"Exif\x00\x00" + f.read(length)
             if kind == b"IEND":
-                return None
-            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+                return False
+            read = 0
+            if after_pixels and kind == b"eXIf":
+                return True
+            if after_pixels and kind in (b"tEXt", b"zTXt", b"iTXt"):
+                read = min(length, 80)  # a keyword of at most 79 bytes, then a zero byte
+                if f.read(read).split(b"\0")[0] in ORIENTATION_TEXT:
+                    return True
+            after_pixels |= kind == b"IDAT"
+            f.seek(length - read + 4, os.SEEK_CUR)  # the (rest of the) data and its CRC
 
 
 def _orientation(img, loaded=False):
     """The EXIF orientation (1-8, 1 = as stored) of an opened PIL image, as exif_transpose reads
     it: from the EXIF block, else from XMP or (PNG) an ImageMagick "Raw profile type exif" text
-    chunk. Without decoding: PIL's PNG reader decodes the pixels to look for an eXIf chunk stored
-    after them, which is found here by the chunk headers instead (once the image is `loaded`, PIL
-    has read it itself)."""
-    if img.format == "PNG" and "exif" not in img.info and not loaded:
-        data = _png_exif_after_pixels(img.filename) if img.filename else None
-        if data is not None:
-            img.info["exif"] = data  # where PIL's decoding would put it
-        exif = Image.Image.getexif(img)  # PIL's own reading of img.info, without the PNG reader's decoding
+    chunk. Decodes only a PNG that stores such a chunk after its pixels, where PIL finds it only by
+    decoding (PIL's PNG reader would decode every PNG without an EXIF block before its pixels to
+    look; once the image is `loaded`, PIL has read them all)."""
+    if img.format == "PNG" and not loaded:
+        if img.filename and _png_orientation_after_pixels(img.filename):
+            img.load()  # PIL reads the chunks after the pixels, as read_image does
+            exif = img.getexif()
+        else:
+            exif = Image.Image.getexif(img)  # PIL's own reading of img.info, without the PNG reader's decoding
     else:
         exif = img.getexif()
     orientation = exif.get(ExifTags.Base.Orientation, 1)

@@ -928,21 +928,27 @@ def test_unchecked_image_of_another_size_is_named_at_decode_in_the_checks_words(
     assert one_line(e) == f"image {ds.path(0)} is 51x80 but the annotations say 50x80 ({ds.ann_file})"
 
 
-def png_with_exif_after_pixels(path, picture, orientation):
-    """Save `picture` as a PNG whose eXIf chunk (EXIF orientation tag) follows the pixels, which
-    the PNG format allows; PIL writes it before them."""
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buffer = io.BytesIO()
-    picture.save(buffer, "PNG", exif=exif)
-    raw, chunks, pos = buffer.getvalue(), [], 8
+def move_chunks_after_pixels(path, kinds):
+    """Rewrite the PNG file at `path` with its chunks of `kinds` (e.g. b"eXIf") moved after its
+    pixels, just before IEND, which the PNG format allows; PIL writes them before the pixels."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    chunks, pos = [], 8
     while pos < len(raw):
         length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
         chunks.append((kind, raw[pos:pos + 12 + length]))
         pos += 12 + length
-    late = [c for kind, c in chunks if kind not in (b"eXIf", b"IEND")] + [c for kind, c in chunks if kind == b"eXIf"]
+    late = [c for kind, c in chunks if kind not in (*kinds, b"IEND")] + [c for kind, c in chunks if kind in kinds]
     with open(path, "wb") as f:
         f.write(raw[:8] + b"".join(late) + chunks[-1][1])
+
+
+def png_with_exif_after_pixels(path, picture, orientation):
+    """Save `picture` as a PNG whose eXIf chunk (EXIF orientation tag) follows the pixels."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    picture.save(path, "PNG", exif=exif)
+    move_chunks_after_pixels(path, (b"eXIf",))
 
 
 def test_png_with_exif_after_its_pixels_is_checked_as_it_is_read(tmp_path):
@@ -1015,11 +1021,13 @@ def test_images_above_pils_decompression_bomb_limit_are_used(tmp_path):
     assert data._check_one(path, (12000, 15000), True) is None
 
 
+@pytest.mark.parametrize("after_pixels", [False, True])
 @pytest.mark.parametrize("where", ["text chunk", "xmp"])
-def test_png_orientation_outside_an_exif_chunk_is_checked_as_it_is_read(tmp_path, where):
+def test_png_orientation_outside_an_exif_chunk_is_checked_as_it_is_read(tmp_path, where, after_pixels):
     """A PNG may carry its orientation in ImageMagick's "Raw profile type exif" text chunk or as XMP
-    tiff:Orientation instead of an eXIf chunk; exif_transpose (and read_image) turn the picture by
-    it, and so must the header check, or it refuses images that read fine."""
+    tiff:Orientation instead of an eXIf chunk, before or after its pixels; exif_transpose (and
+    read_image) turn the picture by it, and so must the header check, or it refuses images that
+    read fine and passes images that don't."""
     from PIL import ImageOps, PngImagePlugin
     root = str(tmp_path / "png")
     os.makedirs(os.path.join(root, "s"))
@@ -1037,7 +1045,11 @@ def test_png_orientation_outside_an_exif_chunk_is_checked_as_it_is_read(tmp_path
     stored[2:6, 30:38] = 255
     path = os.path.join(root, "s", "turned.png")
     Image.fromarray(stored).save(path, pnginfo=info)
+    if after_pixels:
+        move_chunks_after_pixels(path, (b"zTXt", b"iTXt"))
     with Image.open(path) as img:
+        if after_pixels:  # not in the header: PIL finds it only by decoding
+            assert "XML:com.adobe.xmp" not in img.info and "Raw profile type exif" not in img.info
         upright = np.array(ImageOps.exif_transpose(img).convert("RGB"))
     assert upright.shape == (40, 20, 3)  # PIL turns it
     write_coco(root, "s", [image_entry(1, "turned.png", 20, 40)], [ann(1, 1, 5, [14, 30, 4, 8])],
