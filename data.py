@@ -352,7 +352,7 @@ def read_image(path, exif=True):
         with _open_image(path) as img:
             img.load()
             method = EXIF_TRANSPOSE.get(_orientation(img, loaded=True)) if exif else None
-            array = _to_rgb(img if method is None else img.transpose(method))
+            array = _to_rgb(img if method is None else img.transpose(method), img.format)
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, EOFError, struct.error, ...)
         raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     return array  # [h, w, 3]
@@ -758,12 +758,18 @@ def coco_ground_truth(ann_file):
     return coco
 
 
-def _to_rgb(img):
-    """PIL image of any mode -> uint8 numpy [h, w, 3]."""
+def _to_rgb(img, file_format=None):
+    """PIL image of any mode -> uint8 numpy [h, w, 3]. file_format: the format of the file it was
+    read from (img.format, which a transposed image has lost)."""
     if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        # 16-bit / integer / float grey: PIL's convert("RGB") would clip at 255, so rescale.
+        # 16-bit / integer / float grey: PIL's convert("RGB") would clip at 255, so rescale by the
+        # value of white. 65535 where the file says 16 bits: modes I;16..., and mode I from PNG or
+        # PGM/PPM (which PIL reads as mode I, scaled to 16 bits), whatever the pixels are. Where it
+        # does not (32-bit integers, floats, as in TIFF), a guess from the pixels: 65535 above 255,
+        # 1 for floats within [0, 1], else 255.
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        sixteen_bit = img.mode.startswith("I;16") or (img.mode == "I" and (file_format or img.format) in ("PNG", "PPM"))
+        top = 65535.0 if sixteen_bit or a.max(initial=0) > 255 else 255.0
         if img.mode == "F" and a.max(initial=0) <= 1:  # float images in [0, 1]
             top = 1.0
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)

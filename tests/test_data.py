@@ -139,6 +139,22 @@ def test_float_images_in_0_1_and_in_0_255_keep_their_brightness():
         assert rgb.shape == (4, 6, 3) and (rgb == grey).all(), (values, rgb[0, 0])
 
 
+def test_16_bit_images_keep_their_brightness_whatever_their_pixels(tmp_path):
+    """A 16-bit grey PNG or PGM is scaled by 65535, also where no pixel is above 255 (a dark one):
+    PIL reads 16-bit PGM, and older versions 16-bit PNG, as 32-bit integers (mode I), where the
+    format, not the pixels, says the range."""
+    for name in ("a.png", "a.pgm"):
+        for brightest in (255, 256):
+            pixels = np.full((4, 6), 200, dtype=np.uint16)
+            pixels[0, 0] = brightest
+            path = str(tmp_path / name)
+            Image.fromarray(pixels).save(path)
+            with Image.open(path) as img:
+                assert img.mode in ("I", "I;16", "I;16B"), img.mode
+            rgb = data.read_image(path)  # [4, 6, 3]
+            assert (rgb[1:] == round(200 / 65535 * 255)).all(), (name, brightest, rgb[1, 0])
+
+
 def box_image(tmp_path, w=80, h=60, box=(10, 20, 40, 30)):
     """A black image with one white box, and its dataset."""
     root = str(tmp_path / "box")
