@@ -664,6 +664,16 @@ class CocoDataset(torch.utils.data.Dataset):
         return self._image_ids.tolist()
 
     @property
+    def fingerprint(self):
+        """A digest of what training reads of the annotation file (image ids, sizes and file names,
+        the usable boxes and their labels): last.pt keeps it, so that --resume can tell that the
+        annotations changed under the same path."""
+        digest = hashlib.sha256()
+        for a in (self._image_ids, self._sizes, self._count, self._boxes, self._labels, self._name_bytes, self._name_ends):
+            digest.update(np.ascontiguousarray(a).tobytes())
+        return digest.hexdigest()[:16]
+
+    @property
     def aspect_ratios(self):
         """Width / height of every image, in index order (a fresh list)."""
         return (self._sizes[:, 1] / self._sizes[:, 0]).tolist()

@@ -441,6 +441,9 @@ def train(cfg, loss_cfg):
         if changed and master:
             print(f"note: resuming with other settings than {last_path}'s ({'; '.join(changed)}): the run goes on, "
                   f"but its weights will not be those of an uninterrupted run", flush=True)
+        if ckpt.get("dataset", dataset.fingerprint) != dataset.fingerprint and master:
+            print(f"note: {dataset.ann_file} has changed since {last_path} was written (its images or boxes): the run "
+                  f"goes on, but its batches and weights will not be those of an uninterrupted run", flush=True)
         if master:
             print(f"resuming {last_path} at iteration {start_iter}/{cfg.max_iter}", flush=True)
             if ckpt.get("world_size", world) != world:
@@ -505,6 +508,7 @@ def train(cfg, loss_cfg):
     def checkpoint(iteration):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "iteration": iteration, "rng": rng_state(device), "categories": dataset.categories, "world_size": world,
+                     "dataset": dataset.fingerprint,
                      "model_config": raw_model.config, "config": dataclasses.asdict(cfg),
                      "loss_config": dataclasses.asdict(loss_cfg)}, last_path)
 

@@ -693,9 +693,16 @@ def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
     assert capsys.readouterr().out.endswith(f"\nthe run in {run} is complete ({run / 'model_final.pt'}): nothing to resume\n")
     assert before == {name: (run / name).read_bytes() for name in before}
     os.remove(run / "model_final.pt")  # as if stopped between its last checkpoint and the final model
+    ann_file = os.path.join(data, "annotations", "instances_train2017.json")
+    with open(ann_file) as f:
+        coco = json.load(f)
+    coco["annotations"][0]["bbox"][0] += 1  # the annotations changed under the same path
+    with open(ann_file, "w") as f:
+        json.dump(coco, f)
     train.main([*args, "--resume", "--channels-last"])
     out = capsys.readouterr().out
     assert "note: resuming with other settings than " in out and "(--channels-last False -> True)" in out, out
+    assert f"note: {ann_file} has changed since " in out, out
     good = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
     broken = [lambda c: c.pop("rng"), lambda c: c.pop("iteration"), lambda c: c.update(iteration="1"),
               lambda c: c["rng"].pop("numpy"), lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
