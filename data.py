@@ -564,11 +564,11 @@ class CocoDataset(torch.utils.data.Dataset):
         if missing:
             raise DataError(f"{len(missing)} image(s) listed in {self.ann_file} are missing from "
                             f"{self.img_dir}: {_name_some(missing)}")
-        # One file under two spellings ("a.jpg" and "./a.jpg", or its name in both Unicode forms) is
+        # One file under two spellings ("a.jpg", "./a.jpg" and "../<split>/a.jpg", or its name in both Unicode forms) is
         # one image listed twice, as two entries of the same name are (_load_annotations)
         spellings = {}
         for im, name in zip(coco["images"], listed):
-            spellings.setdefault(os.path.normpath(im["file_name"]), []).append(name)
+            spellings.setdefault(os.path.normpath(os.path.join(self.img_dir, im["file_name"])), []).append(name)
         twice = [" and ".join(names) + (" (one name in two Unicode forms)"
                                         if len({unicodedata.normalize("NFC", n) for n in names}) == 1 else "")
                  for names in spellings.values() if len(names) > 1]
@@ -601,6 +601,7 @@ class CocoDataset(torch.utils.data.Dataset):
         # Usable boxes of every image in flat arrays: image i owns rows offsets[i]:offsets[i+1].
         images, anns = coco.pop("images"), coco.pop("annotations")
         del coco
+        ann_id = np.array([a["id"] for a in anns], dtype=np.int64)  # [M]
         ann_image = np.array([a["image_id"] for a in anns], dtype=np.int64)  # [M]
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)  # [M, 4]
         crowd = np.array([a["iscrowd"] for a in anns], dtype=bool)  # [M]
@@ -627,6 +628,9 @@ class CocoDataset(torch.utils.data.Dataset):
         self.boxes_past_border = int((~crowd & ((xywh[:, 0] < -1) | (xywh[:, 1] < -1) | (xywh[:, 0] + xywh[:, 2] > w + 1)
                                                 | (xywh[:, 1] + xywh[:, 3] > h + 1))).sum())
         self.num_boxes = int((~crowd).sum())
+        # objects of zero width or height as annotated: COCOeval's IoU of such a box is 0, it can
+        # never be matched (evaluate.py says so)
+        self.zero_area_ids = ann_id[~crowd & ((xywh[:, 2] == 0) | (xywh[:, 3] == 0))]  # [Z]
         self.images_without_boxes = int((count == 0).sum())
         # classes without a usable box here ("id:name"): trained, they only ever learn "not me"
         seen = set(np.unique(ann_label[usable]).tolist())

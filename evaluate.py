@@ -200,6 +200,7 @@ def load_checkpoint(path, device):
                 isinstance(c, dict) and {"id", "name"} <= set(c) for c in ckpt["categories"]):
             raise TypeError("its config or categories are not what train.py writes")
         model = RetinaNet(**{**ckpt["model_config"], "weights": "none"})
+        freeanchor.FreeAnchorConfig(**(ckpt.get("loss_config") or {}))  # for --show-matching
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ValueError(f"{path} is not a checkpoint of this version of train.py: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
@@ -209,6 +210,10 @@ def load_checkpoint(path, device):
         raise ValueError(f"{path}: the weights do not fit its model_config ({str(e).splitlines()[0]})") from None
     if len(ckpt["categories"]) != model.num_classes:
         raise ValueError(f"{path} names {len(ckpt['categories'])} categories for a model of {model.num_classes} classes")
+    bad = [name for name, w in model.state_dict().items() if w.is_floating_point() and not torch.isfinite(w).all()]
+    if bad:  # train.py never writes them (it stops at a non-finite loss); its detections would be NaN
+        raise ValueError(f"{path} holds weights that are not finite (NaN or inf), in {bad[0]}"
+                         f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}: the weights of a diverged run?")
     return model.to(device).eval(), ckpt
 
 
@@ -621,6 +626,9 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
             on_host["after_any"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"], any_class=True)
                                                   for gt, d in zip(targets, after_nms)])
         for b, (_, target) in enumerate(batch):
+            if not (on_host["boxes"][b].isfinite().all() and on_host["scores"][b].isfinite().all()):
+                raise ValueError(f"{cfg.ckpt}: the network's detections on image id {target['image_id']} are not finite "
+                                 f"(NaN or inf){' (try without --amp)' if cfg.amp else ''}")
             records.append({"index": indices[position], "image_id": target["image_id"],
                             **{k: v[b] for k, v in on_host.items()}})
             position += 1
@@ -631,13 +639,20 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     return records
 
 
-def make_output_folder(path):
+def make_output_folder(path, subfolders=()):
+    """--output and the `subfolders` the pictures go to, made before the first detection: a
+    name taken by a file is said then, not once the metrics are computed."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         if os.path.isfile(path):
             raise ValueError(f"--output {path} is a file, not a directory") from None
         raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
+    for name in subfolders:
+        try:
+            os.makedirs(os.path.join(path, name), exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--output {path}: cannot make the folder {os.path.join(path, name)} ({e.strerror})") from None
     remove_partial_writes(path, ("detections.json", "metrics.json"))
     # what an earlier evaluation drew here, which this one may not draw again (other options, another
     # checkpoint): charts and pictures never sit beside results they were not made from
@@ -706,11 +721,17 @@ def _evaluate(cfg, ddp, rank, world, master):
                           categories=ckpt["categories"])
     if dataset.category_note and master:
         print(f"note: {dataset.category_note}", flush=True)
+    if len(dataset.zero_area_ids) and master:
+        ids = dataset.zero_area_ids.tolist()
+        print(f"note: {len(ids)} object(s) of {dataset.ann_file} have a box of zero width or height (annotation "
+              f"ids {', '.join(map(str, ids[:8]))}{', ...' if len(ids) > 8 else ''}): COCOeval can never match "
+              f"them, AP counts them as missed, and NMS recall leaves them out", flush=True)
     num_images = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     if not cfg.skip_check:  # the header of every image to evaluate before the first detection; the other ranks wait
         on_rank0(lambda: dataset.check_images(count=num_images), ddp, master)
     shard = [i for i in range(num_images) if i % world == rank]
-    on_rank0(lambda: make_output_folder(cfg.output), ddp, master)
+    subfolders = ["pictures"] * bool(cfg.visualize) + ["matching"] * cfg.show_matching
+    on_rank0(lambda: make_output_folder(cfg.output, subfolders), ddp, master)
     if master:
         K = len(dataset.categories)
         classes = f"{K} classes" if dataset.listed == K else f"{dataset.listed} of the model's {K} classes"
@@ -742,7 +763,7 @@ def _evaluate(cfg, ddp, rank, world, master):
     # each file whole or not at all; the metrics.json of the detections about to be replaced goes first
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(cfg.output, "metrics.json"))
-    write_atomic(os.path.join(cfg.output, "detections.json"), json.dumps(results).encode())
+    write_atomic(os.path.join(cfg.output, "detections.json"), json.dumps(results, allow_nan=False).encode())
     E = coco_evaluate(dataset.coco, results, img_ids)
     metrics["coco"], table = coco_summary(E)
     print(f"COCO box AP (Table 2), {num_images} images:\n{table}", end="")
@@ -812,7 +833,7 @@ def _evaluate(cfg, ddp, rank, world, master):
             draw_detections(image, target["boxes"], target["labels"], records[i], names, cfg.vis_score).save(path)
         print(f"\n{min(cfg.visualize, num_images)} pictures in {folder}")
     if cfg.show_matching:
-        loss_config = freeanchor.FreeAnchorConfig(**ckpt.get("loss_config", {}))
+        loss_config = freeanchor.FreeAnchorConfig(**(ckpt.get("loss_config") or {}))
         paths = show_matching(model, dataset, order, loss_config, scales[0], os.path.join(cfg.output, "matching"))
         print(f"{len(paths)} matching pictures (Fig. 4) in {os.path.join(cfg.output, 'matching')}")
 

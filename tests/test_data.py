@@ -583,7 +583,7 @@ def test_file_names_in_the_other_unicode_form_on_disk(tmp_path):
 
 def test_one_file_under_two_spellings_is_refused(tmp_path):
     """Two image entries whose names are spelled apart but name one file ("./a.png", "s/../a.png",
-    or "café" in both Unicode forms with one of them on disk): one image listed twice, as with two
+    "../<split>/a.png", or "café" in both Unicode forms with one of them on disk): one image listed twice, as with two
     entries of the same name, each entry's objects the other's background. Refused, naming them."""
     import unicodedata
     root = str(tmp_path / "alias")
@@ -593,6 +593,7 @@ def test_one_file_under_two_spellings_is_refused(tmp_path):
         Image.new("RGB", (20, 10)).save(os.path.join(root, "s", name))
     for names, culprit in ((["a.png", "./a.png"], "file names a.png and ./a.png name the same file"),
                            (["sub/../a.png", "b.png", "a.png"], "file names sub/../a.png and a.png name the same file"),
+                           (["a.png", "../s/a.png"], "file names a.png and ../s/a.png name the same file"),
                            ([nfc, "b.png", nfd], f"file names {nfc} and {nfd} (one name in two Unicode forms) name")):
         write_coco(root, "s", [image_entry(i + 1, n, 20, 10) for i, n in enumerate(names)],
                    [ann(1, 1, 5, [2, 2, 6, 4])], [{"id": 5, "name": "box"}])

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -547,12 +548,22 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     # checkpoints of another version of train.py, or of another program
     for broken in ({"model_config": {**ckpt["model_config"], "new_option": 1}}, {"model_config": None},
                    {"model": None}, {"config": [1, 2]}, {"categories": ["square", "needle"]},
-                   {"categories": ckpt["categories"][:2]}):
+                   {"categories": ckpt["categories"][:2]}, {"loss_config": {**ckpt["loss_config"], "old_knob": 1}},
+                   {"loss_config": "x"}):
         torch.save({**ckpt, **broken}, other)
         with pytest.raises(SystemExit) as e:
             evaluate_on_cpu(["--ckpt", other, "--output", str(tmp_path / "x")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f"error: {other}") and err.count("\n") == 1, (broken, err)
+
+    # weights that are not finite (a diverged run's): refused, not scored (COCOeval matches a NaN box)
+    torch.save({**ckpt, "model": {**ckpt["model"], "box_head.8.bias": torch.full_like(ckpt["model"]["box_head.8.bias"], math.nan)}},
+               other)
+    with pytest.raises(SystemExit) as e:
+        evaluate_on_cpu(["--ckpt", other, "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (f"error: {other} holds weights that are not finite (NaN or inf), in "
+                                         f"box_head.8.bias: the weights of a diverged run?\n"), err
 
     damaged = bytearray(open(tiny_ckpt, "rb").read())  # a byte changed in its middle, where torch.load would not notice
     damaged[len(damaged) // 2] ^= 0xFF
@@ -583,6 +594,49 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
             evaluate_on_cpu(["--ckpt", tiny_ckpt, "--output", str(output), "--workers", "0", "--max-images", "1"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(said) and err.count("\n") == 1, err
+    # a file where the pictures go: said before the first detection, not once the metrics are computed
+    os.makedirs(tmp_path / "blocked")
+    (tmp_path / "blocked" / "pictures").write_text("")
+    with pytest.raises(SystemExit) as e:
+        evaluate_on_cpu(["--ckpt", tiny_ckpt, "--output", str(tmp_path / "blocked"), "--workers", "0", "--visualize", "1"])
+    err = capsys.readouterr()
+    assert e.value.code == 2 and err.err.startswith(f"error: --output {tmp_path / 'blocked'}: cannot make the folder ") \
+        and err.err.count("\n") == 1 and "evaluating" not in err.out, err
+
+
+def test_detections_that_are_not_finite_stop_the_evaluation(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
+    """Finite weights whose detections overflow (NaN or inf boxes): one line naming the image, and
+    no detections.json (json would hold NaN, and COCOeval counts a NaN box as a match)."""
+    real = RetinaNet.detect
+
+    def nan_boxes(self, *args, **kwargs):
+        dets = real(self, *args, **kwargs)
+        return [{**d, "boxes": d["boxes"] * math.nan} if k == 1 else d for k, d in enumerate(dets)]
+
+    monkeypatch.setattr(RetinaNet, "detect", nan_boxes)
+    with pytest.raises(SystemExit) as e:
+        evaluate_on_cpu(["--ckpt", tiny_ckpt, "--output", str(tmp_path / "e"), "--workers", "0", "--score-thresh", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {tiny_ckpt}: the network's detections on image id ") \
+        and err.endswith(" are not finite (NaN or inf)\n"), err
+    assert not os.path.exists(tmp_path / "e" / "detections.json")
+
+
+def test_objects_of_zero_width_or_height_get_a_note(tiny_data, tmp_path, capsys):
+    """COCOeval gives a box of zero width or height IoU 0 with anything: such an object is always
+    missed. The evaluation says so, naming its annotation id."""
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_data, data)
+    path = os.path.join(data, "annotations", "instances_val2017.json")
+    with open(path) as f:
+        coco = json.load(f)
+    coco["annotations"][1]["bbox"][3] = 0
+    with open(path, "w") as f:
+        json.dump(coco, f)
+    ckpt = save_tiny_ckpt(data, str(tmp_path / "model_final.pt"))
+    _, out = run_main(["--ckpt", ckpt, "--workers", "0", "--max-images", "1"], capsys)
+    assert (f"note: 1 object(s) of {path} have a box of zero width or height (annotation ids "
+            f"{coco['annotations'][1]['id']}): COCOeval can never match them") in out.out, out.out
 
 
 def test_a_bad_image_met_by_a_worker_stops_the_evaluation_and_its_workers(tiny_data, tiny_ckpt, tmp_path, capsys):
