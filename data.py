@@ -254,7 +254,10 @@ def _load_annotations(ann_file):
     if _duplicates(ann_ids):
         bad("annotation ids", _duplicates(ann_ids), "appear more than once")
     known_images = set(image_ids)
-    broken = [a["id"] for a in anns if not _is_id(a.get("image_id")) or a["image_id"] not in known_images]
+    broken = [f"{a['id']} (image_id {a.get('image_id')!r})" for a in anns if not _is_id(a.get("image_id"))]
+    if broken:
+        bad("annotation ids", broken, "need an integer 'image_id'")
+    broken = [a["id"] for a in anns if a["image_id"] not in known_images]
     if broken:
         bad("annotation ids", broken, "refer to an image_id that is not in 'images'")
     known_cats = set(cat_ids)

@@ -504,6 +504,7 @@ def test_malformed_annotation_file(tiny, content, culprit):
     (lambda d: d["annotations"][1].update(bbox=[1, 2, "3", None]), "annotation ids 12 need a 'bbox'"),
     (lambda d: d["annotations"][3].pop("id"), "annotations at list positions 3 need"),
     (lambda d: d["annotations"][4].update(image_id=99), "annotation ids 21 refer to an image_id"),
+    (lambda d: d["annotations"][4].update(image_id="1"), "annotation ids 21 (image_id '1') need an integer 'image_id'"),
     (lambda d: d["categories"][0].pop("name"), "categories at list positions 0 need"),
     (lambda d: d["annotations"].append(dict(d["annotations"][0])), "annotation ids 11 appear more"),
     (lambda d: d["annotations"][0].update(bbox=[24, 6, -20, 10]), "annotation ids 11 have a 'bbox' [x, y, w, h] "
