@@ -223,6 +223,9 @@ def main():
     parser.add_argument("--baseline-code", default=None, help="a checkout whose CocoDataset to measure too")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory rows (they need pycocotools)")
     args = parser.parse_args()
+    if args.device is not None and (not args.device.startswith("cuda") or not torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: a CUDA device (cuda, cuda:1), and torch sees none here"
+                     if args.device.startswith("cuda") else f"--device {args.device}: a CUDA device (cuda, cuda:1)")
     print(f"{platform.processor() or platform.machine()}, {data.available_cpus()} CPUs, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "jpegs")

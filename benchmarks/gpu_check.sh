@@ -29,6 +29,7 @@
 #
 #     bash benchmarks/gpu_check.sh [DIR]
 #     PARTS="6 4" BUDGET=290 bash benchmarks/gpu_check.sh      # only some of the parts, in this order
+#     DEVICE=cpu PARTS=1 bash benchmarks/gpu_check.sh           # a dry run of part 1 on the CPU (~20 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu_check}}

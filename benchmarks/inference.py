@@ -68,7 +68,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast, as evaluate.py on CUDA (on a CPU it uses it only with native bfloat16)")
-    parser.add_argument("--images", type=int, default=5, help="timed images (one per call)")
+    parser.add_argument("--images", type=int, default=5, help="timed images (in calls of --batch images)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches per model first")
     parser.add_argument("--batch", type=int, default=1, help="images per detect call of ours")
     parser.add_argument("--channels-last", action="store_true", help="ours in channels_last")

@@ -30,9 +30,10 @@ import warnings
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
 import train  # noqa: E402
 from evaluate import batch_to_host  # noqa: E402
+from inference import confident_heads  # noqa: E402
 from model import RetinaNet  # noqa: E402
 from test_train import make_dataset  # noqa: E402
 
@@ -110,7 +111,8 @@ class SyncCounter:
 def training_step_syncs(device, steps, compile, fixed_shapes=False):
     """Synchronisations in each of train.main's steps after the first two (warm-up, and the first
     step's caches)."""
-    root = make_dataset(os.path.join(tempfile.mkdtemp(), "data"), num_images=16, size=256)
+    work = tempfile.TemporaryDirectory()  # the dataset and the run's checkpoints (~230 MB), removed after
+    root = make_dataset(os.path.join(work.name, "data"), num_images=16, size=256)
     real_step, per_step = train.step_unless, []
     counter = SyncCounter(device)
 
@@ -122,7 +124,7 @@ def training_step_syncs(device, steps, compile, fixed_shapes=False):
     args = ["--data", root, "--backbone", "resnet18", "--weights", "none", "--min-size", "224", "256",
             "--max-size", "320", "--batch-size", "4", "--max-iter", str(steps), "--log-every", "1000",
             "--ckpt-every", "1000", "--workers", "2", "--device", device,
-            "--output", os.path.join(tempfile.mkdtemp(), "run")] + (["--compile"] if compile else []) \
+            "--output", os.path.join(work.name, "run")] + (["--compile"] if compile else []) \
         + (["--fixed-shapes"] if fixed_shapes else [])
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     try:
@@ -130,13 +132,17 @@ def training_step_syncs(device, steps, compile, fixed_shapes=False):
             train.main(args)
     finally:
         train.step_unless = real_step
+        work.cleanup()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     return [b - a for a, b in zip(per_step[1:], per_step[2:])], graphs
 
 
 def detect_syncs(device, batch):
-    """Synchronisations of detect before NMS, with NMS, and of evaluate.py's copy to the host."""
+    """Synchronisations of detect before NMS, with NMS, and of evaluate.py's copy to the host; and
+    the detections per image (at the prior's scores, below the threshold, there would be none, and
+    NMS and the copies, which skip empty tensors, would count nothing)."""
     model = RetinaNet(80, backbone="resnet18", weights="none").to(device)
+    confident_heads(model)
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g).to(device) for _ in range(batch)]
     model.detect(images)  # warm-up: cuDNN, caches
@@ -148,7 +154,7 @@ def detect_syncs(device, batch):
     with SyncCounter(device) as counter:
         for k in ("boxes", "scores", "labels"):
             batch_to_host([d[k] for d in dets])
-    return counts[False], counts[True] - counts[False], counter.count
+    return counts[False], counts[True] - counts[False], counter.count, [len(d["boxes"]) for d in dets]
 
 
 def main():
@@ -167,8 +173,12 @@ def main():
     with SyncCounter(args.device) as counter:  # the counter's own check: two known reads of a value
         x.item(), torch.ops.aten._local_scalar_dense(x)
     print(f"| control: a .item() and the same read through torch.ops | {counter.count} (expected: 2) |")
-    before_nms, nms, copies = detect_syncs(args.device, 8)
-    print(f"| RetinaNet.detect, 8 images, up to NMS | {before_nms} (target on CUDA: 2, the compaction of the batch) |")
+    before_nms, nms, copies, detections = detect_syncs(args.device, 8)
+    if min(detections) == 0:
+        sys.exit(f"detect found no detection in some images ({detections}): its counts would be empty")
+    print(f"| RetinaNet.detect, 8 images ({min(detections)}-{max(detections)} detections each), up to NMS | "
+          f"{before_nms} (target on CUDA: 2, the compaction of the batch; the CPU dry run sees 1, a .tolist() "
+          f"is no op there) |")
     print(f"| its NMS, one batched_nms per image | {nms} |")
     print(f"| evaluate.py's copy of the 8 images' detections to the host | {copies} (target on CUDA: 3, one per field) |",
           flush=True)
