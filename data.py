@@ -20,6 +20,9 @@ sampling, and the built-in synthetic `shapes` dataset.
 - `prepare_shapes()` builds `datasets/shapes` once: rendered squares, disks, triangles, bars (1:5)
   and needles (1:8 and thinner) on textured, noisy backgrounds, with a share of crowded images, to
   probe offline the paper's claims about slender (Fig. 5) and crowded (Fig. 6) objects.
+- What train.py and evaluate.py share around the data, written once here: their flags built from
+  the config dataclasses, device defaults, DDP setup, Ctrl-C and SIGTERM, atomic file writes and
+  checkpoint reading (the end of this file).
 
 Use it as train.py does:
 

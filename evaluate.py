@@ -22,7 +22,7 @@ defines (§4.2-4.3: Table 1, Figs. 5-6).
   the authors' multi-scale test, without flip): the candidates of every scale and flip, mapped
   back to the image, go through one class-wise NMS together.
 - --visualize N: pictures of detections and ground truth; --show-matching: Fig. 4, the anchors
-  of a few objects' bags coloured by their Mean-max weight (Eq. 5) under this checkpoint, beside
+  of a few objects' bags coloured by their Mean-max weight (Eq. 6) under this checkpoint, beside
   the same anchors coloured by IoU, the hand-crafted criterion FreeAnchor replaces.
 
     python evaluate.py --ckpt runs/freeanchor_resnet50_coco/model_final.pt
@@ -512,7 +512,7 @@ def draw_matching(image, box, anchors, weights, ious, caption):
     panel_w, panel_h = crop.width, crop.height + 56
     out = Image.new("RGB", (2 * panel_w + 30, panel_h + 30), "white")
     ImageDraw.Draw(out).text((10, 6), " ".join(caption.split()), fill="black", font=font)  # one line
-    for p, (values, title) in enumerate(((weights, "Mean-max weight (FreeAnchor, Eq. 5)"),
+    for p, (values, title) in enumerate(((weights, "Mean-max weight (FreeAnchor, Eq. 6)"),
                                          (ious, "IoU with the object (hand-crafted)"))):
         panel = crop.copy()
         d = ImageDraw.Draw(panel)

@@ -3,13 +3,14 @@ Detection", NeurIPS 2019, §3, Eqs. 3-7) and the hand-crafted RetinaNet loss it 
 
 Instead of assigning each anchor to an object by an IoU threshold, FreeAnchor lets every object
 b_i pick its anchors from a bag A_i of candidates (the n anchors that overlap it most) by
-maximising a likelihood that rewards both classification and localisation (recall, Eqs. 3-5),
+maximising a likelihood that rewards both classification and localisation (recall, Eq. 3),
 while every anchor that does not clearly predict an object is pushed towards background
-(precision, Eq. 6). The Mean-max function (Eq. 5) turns "the best anchor of the bag" into
-something smooth enough to train.
+(precision, Eq. 4). The Mean-max function (Eq. 6) turns "the best anchor of the bag" into
+something smooth enough to train, and Eq. 7 is the loss: -log of the product of the two.
 
 Letters of the shape comments: B images, A anchors, K classes, G objects per image (padded to at
-least the largest count in the batch), n bag size.
+least the largest count in the batch), n bag size; g the objects of one block (object_blocks),
+m = min(n, number of anchor chunks) (bag_indices).
 
     free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels) -> {"positive", "negative"}
     retinanet_loss(same arguments) -> {"classification", "regression"}
@@ -34,7 +35,7 @@ EPS = 1e-12  # the clamp of the authors' code: Mean-max weights, t2, and q of th
 # 1 - q once q is clamped to 1 - EPS: 9.99978e-13 in float64, not 1e-12 (see the negative term)
 ONE_MINUS_Q_MIN = 1.0 - (1.0 - EPS)
 MAX_IOU_ELEMENTS = 1 << 28  # IoU matrices [B, G, A] larger than this are built in blocks of objects
-BAG_CHUNK = 64  # anchors per chunk of the bag's two-stage top-n (bag_indices)
+BAG_CHUNK = 64  # anchors per chunk of the bag's two-stage top-n (bag_indices): any size gives the same bag
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class FreeAnchorConfig:
     gamma: float = field(default=2.0, metadata={"help": "focal exponent of the negative term (paper §4.3: 2.0)"})
     loc_weight: float = field(default=0.75, metadata={
         "help": "beta of Eq. 1, in P_loc = exp(-beta L_loc) (paper §4.3: 0.75)"})
-    smooth_l1_beta: float = field(default=0.11, metadata={"help": "SmoothL1 beta of L_loc (authors' code: 0.11)"})
+    smooth_l1_beta: float = field(default=0.11, metadata={"help": "SmoothL1's transition point in L_loc, not the paper's beta (authors' code: 0.11)"})
 
 
 @dataclass(frozen=True)
@@ -62,17 +63,21 @@ class RetinaNetLossConfig:
 
 # ----------------------------------------------------------------------------- inputs
 
-def _check_inputs(cls_logits, box_deltas, anchors):
+def _inputs(cls_logits, box_deltas, anchors, gt_boxes, gt_labels):
+    """The losses' inputs checked and made dense, under autocast(enabled=False): the predictions
+    lifted to float32 where an autocast forward gave half or bfloat16 (the loss is always
+    computed in float32, or float64), the anchors in their dtype, the objects padded
+    (pad_objects). -> cls_logits [B, A, K], box_deltas [B, A, 4], anchors [A, 4], boxes [B, G, 4],
+    labels [B, G], valid [B, G]."""
     B, A, K = cls_logits.shape
     assert box_deltas.shape == (B, A, 4), f"box_deltas {tuple(box_deltas.shape)} != {(B, A, 4)}"
     assert anchors.shape == (A, 4), f"anchors {tuple(anchors.shape)} != {(A, 4)}"
-    return B, A, K
-
-
-def _as_float(t):
-    """Half and bfloat16 outputs of an autocast forward are lifted to float32: the loss is always
-    computed in float32 (or float64)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    cls_logits, box_deltas = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+                              for t in (cls_logits, box_deltas)]  # [B, A, K], [B, A, 4]
+    anchors = anchors.to(box_deltas.dtype)  # [A, 4]
+    boxes, labels, valid = pad_objects(gt_boxes, gt_labels, box_deltas.dtype, box_deltas.device)  # [B, G, 4], [B, G], [B, G]
+    assert boxes.shape[0] == B, f"{boxes.shape[0]} images of objects for a batch of {B}"
+    return cls_logits, box_deltas, anchors, boxes, labels, valid
 
 
 def unit_box(dtype, device):
@@ -176,7 +181,7 @@ def bag_indices(iou, n):
 @torch.no_grad()
 def match(anchors, pred_boxes, boxes, labels, valid, n, t, K):
     """Bags and P{a_j in A+}: the parts of the loss that the paper treats as given, without
-    gradient. The bag is a set of indices; P{a_j -> b_i} (Eq. 6), the probability that anchor a_j
+    gradient. The bag is a set of indices; P{a_j -> b_i} (§3.2), the probability that anchor a_j
     already predicts object b_i, comes from the IoU of b_i with a_j's predicted box and is not
     learned through: it only decides which anchors the negative term leaves alone.
 
@@ -197,7 +202,8 @@ def match(anchors, pred_boxes, boxes, labels, valid, n, t, K):
         iou_loc = box_iou(boxes[:, block], pred_boxes)  # [B, g, A]  IoU(b_i, prediction of a_j)
         # t2, the upper knee of the saturated linear: each object's best IoU_loc, kept above t
         t2 = iou_loc.amax(dim=2, keepdim=True).clamp(min=t + EPS)  # [B, g, 1]
-        # saturated linear (Eq. 6), written so that IoU <= t never divides by t2 - t (0 in float32)
+        # saturated linear (§3.2); where IoU <= t the quotient is discarded, so t2 - t = 0 (all IoU <= t:
+        # t + EPS rounds to t in float32) does no harm
         p_match = torch.where(iou_loc > t, (iou_loc - t) / (t2 - t), 0.0).clamp(max=1)  # [B, g, A]
         p_match = p_match * valid[:, block, None]  # [B, g, A]  padding objects match nothing
         # P{a_j in A+}[b, j, c] = max over objects i of class c: a scatter-max along the classes
@@ -211,7 +217,8 @@ def match(anchors, pred_boxes, boxes, labels, valid, n, t, K):
 def bag_likelihood(cls_logits, box_deltas, anchors, bag, boxes, labels, cfg):
     """P_ij = P_cls_ij * P_loc_ij of every anchor j in the bag of every object i (Eq. 3): [B, G, n].
 
-    P_cls_ij = sigmoid(cls_logits)[j, label_i]; P_loc_ij = exp(-beta L_loc_ij), L_loc the SmoothL1
+    P_cls_ij = sigmoid(cls_logits)[j, label_i]; P_loc_ij = exp(-beta L_loc_ij) (beta of Eq. 1,
+    cfg.loc_weight), L_loc the SmoothL1
     between the predicted deltas and those that would move a_j onto b_i. Gradient flows into both.
     """
     img = torch.arange(bag.shape[0], device=bag.device)[:, None, None]  # [B, 1, 1]
@@ -224,7 +231,7 @@ def bag_likelihood(cls_logits, box_deltas, anchors, bag, boxes, labels, cfg):
 
 
 def mean_max_weights(x):
-    """w_j = 1 / (1 - x_j) of Mean-max (Eq. 5), x [B, G, n] -> [B, G, n]. They keep their gradient:
+    """w_j = 1 / (1 - x_j) of Mean-max (Eq. 6), x [B, G, n] -> [B, G, n]. They keep their gradient:
     detaching them is a tempting shortcut that lowers AP."""
     return 1 / (1 - x).clamp(min=EPS)  # [B, G, n]
 
@@ -241,12 +248,10 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
     {"positive", "negative"}, weighted and normalised; the training loss is their sum. Always
     computed in float32 (or float64), even under autocast.
     """
-    B, A, K = _check_inputs(cls_logits, box_deltas, anchors)
     with torch.autocast(cls_logits.device.type, enabled=False):
-        cls_logits, box_deltas = _as_float(cls_logits), _as_float(box_deltas)  # [B, A, K], [B, A, 4]
-        anchors = anchors.to(box_deltas.dtype)  # [A, 4]
-        boxes, labels, valid = pad_objects(gt_boxes, gt_labels, box_deltas.dtype, box_deltas.device)  # [B, G, 4], [B, G], [B, G]
-        assert boxes.shape[0] == B, f"{boxes.shape[0]} images of objects for a batch of {B}"
+        cls_logits, box_deltas, anchors, boxes, labels, valid = _inputs(
+            cls_logits, box_deltas, anchors, gt_boxes, gt_labels)  # [B, A, K], [B, A, 4], [A, 4], [B, G, 4], [B, G], [B, G]
+        B, A, K = cls_logits.shape
         n = min(cfg.bag_size, A)  # a bag can't hold more anchors than there are (tiny images)
         if num_objects is None:
             num_objects = valid.sum()  # []  ||B||
@@ -258,31 +263,26 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
         pred_boxes = decode(anchors, box_deltas.detach())  # [B, A, 4]
         bag, p_plus = match(anchors, pred_boxes, boxes, labels, valid, n, cfg.iou_threshold, K)  # [B, G, n], [B, A, K]
 
-        # positive term, recall (Eqs. 3-5): -log Mean-max of each object's bag
+        # positive term, recall (Eq. 3, its max over the bag made smooth by Mean-max, Eq. 6):
+        # -log Mean-max of each object's bag
         x = bag_likelihood(cls_logits, box_deltas, anchors, bag, boxes, labels, cfg)  # [B, G, n]  P_ij
         w = mean_max_weights(x)  # [B, G, n]
-        bag_prob = (w * x).sum(-1) / w.sum(-1)  # [B, G]  Mean-max(X_i), Eq. 5
-        # -log Mean-max as the authors compute it, a BCE against 1: the log is clamped at -100, and
-        # the backward divides by max(p (1 - p), 1e-12), so for an object that no anchor of its bag
-        # fits at all (Mean-max p < 1e-12, a loss above 27.6) the gradient is that of -log p times
-        # p / 1e-12, damped rather than exact
-        # (a NaN Mean-max, from a diverged network's NaN outputs, would make the BCE raise, on a GPU
-        # by a device-side assert that ends the process, before train.py could name the iteration:
-        # the BCE gets 1/2 there, and the loss the NaN)
+        bag_prob = (w * x).sum(-1) / w.sum(-1)  # [B, G]  Mean-max(X_i), Eq. 6
+        # -log Mean-max as the authors' BCE against 1: the log clamped at -100; below Mean-max 1e-12
+        # the gradient is damped (BCE's backward divides by max(p (1 - p), 1e-12)). A NaN Mean-max (a
+        # diverged network) would trip BCE's range check, on a GPU a device assert that ends the
+        # process before train.py can name the iteration: BCE sees 1/2 there, the loss gets the NaN.
         is_nan = bag_prob.isnan()  # [B, G]
         loss_obj = F.binary_cross_entropy(bag_prob.clamp(max=1).masked_fill(is_nan, 0.5), torch.ones_like(bag_prob),
                                           reduction="none")  # [B, G]
         loss_obj = torch.where(is_nan, bag_prob, loss_obj)  # [B, G]
         positive = cfg.alpha * torch.where(valid, loss_obj, 0.0).sum() / num_objects.clamp(min=1)  # []
 
-        # negative term, precision (Eqs. 6-7): FL(q) = q^gamma (-log(1 - q)) over every anchor and
-        # class, with q = P_cls (1 - P{a_j in A+}), the paper's P{a_j in A-} (1 - P_bg) per class
-        # (P{a_j in A-} = 1 - max_i P{a_j -> b_i}, P_bg = 1 - P_cls). 1 - q is computed as (1 - P_cls) + P_cls P+,
-        # exact also where float32 rounds q to 1 (logits > 17). The authors clamp q to
-        # [EPS, 1 - EPS]. The upper end is the clamp of 1 - q at 1 - (1 - EPS), inside the log. The
-        # lower one moves FL by < 1e-24 and matters only for gamma < 1: there it keeps the gradient
-        # of q^gamma finite where an anchor is surely taken (P{a_j in A+} = 1, q = 0); for gamma >= 1
-        # the slope at 0 is finite, and the clamp would cost a pass over [B, A, K] each way.
+        # negative term, precision (Eq. 4, as Eq. 7 weighs it): FL(q) = q^gamma (-log(1 - q)) over
+        # every anchor and class, q = P{a_j in A-} (1 - P_bg) per class = P_cls (1 - P{a_j in A+}).
+        # 1 - q as (1 - P_cls) + P_cls P{a_j in A+}: exact where float32 rounds P_cls to 1 (logits > 17).
+        # The authors clamp q to [EPS, 1 - EPS]: the upper clamp is that of 1 - q below; the lower one
+        # only matters for gamma < 1, where q^gamma has an infinite slope at q = 0.
         p = torch.sigmoid(cls_logits)  # [B, A, K]  P_cls
         p_taken = p * p_plus  # [B, A, K]  P_cls P{a_j in A+}
         q = p - p_taken  # [B, A, K]
@@ -298,14 +298,14 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
 @torch.no_grad()
 def bag_weights(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=FreeAnchorConfig()):
     """What the positive term sees, for pictures (the paper's Fig. 4): for each image, the bag of
-    every object and the normalised Mean-max weights w_j / sum w of its anchors (Eq. 5) under the
+    every object and the normalised Mean-max weights w_j / sum w of its anchors (Eq. 6) under the
     current predictions. Same inputs as free_anchor_loss; returns a list of B pairs
-    (bag [G_b, n] anchor indices, weights [G_b, n] summing to 1 over each bag)."""
-    B, A, K = _check_inputs(cls_logits, box_deltas, anchors)
+    (bag [G_b, n] anchor indices, weights [G_b, n] summing to 1 over each bag). No gradient: for
+    pictures only."""
     with torch.autocast(cls_logits.device.type, enabled=False):  # in float32, as the loss
-        cls_logits, box_deltas = _as_float(cls_logits), _as_float(box_deltas)  # [B, A, K], [B, A, 4]
-        anchors = anchors.to(box_deltas.dtype)  # [A, 4]
-        boxes, labels, valid = pad_objects(gt_boxes, gt_labels, box_deltas.dtype, box_deltas.device)  # [B, G, 4], [B, G], [B, G]
+        cls_logits, box_deltas, anchors, boxes, labels, valid = _inputs(
+            cls_logits, box_deltas, anchors, gt_boxes, gt_labels)  # [B, A, K], [B, A, 4], [A, 4], [B, G, 4], [B, G], [B, G]
+        B, A, K = cls_logits.shape
         n = min(cfg.bag_size, A)
         pred_boxes = decode(anchors, box_deltas)  # [B, A, 4]
         bag, _ = match(anchors, pred_boxes, boxes, labels, valid, n, cfg.iou_threshold, K)  # [B, G, n]
@@ -356,11 +356,10 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Ret
     average_count(count) when given (train.py passes a function that averages the count over DDP
     processes, so N processes train like one). Same inputs as free_anchor_loss; returns {"classification", "regression"}.
     """
-    B, A, K = _check_inputs(cls_logits, box_deltas, anchors)
     with torch.autocast(cls_logits.device.type, enabled=False):
-        cls_logits, box_deltas = _as_float(cls_logits), _as_float(box_deltas)  # [B, A, K], [B, A, 4]
-        anchors = anchors.to(box_deltas.dtype)  # [A, 4]
-        boxes, labels, valid = pad_objects(gt_boxes, gt_labels, box_deltas.dtype, box_deltas.device)  # [B, G, 4], [B, G], [B, G]
+        cls_logits, box_deltas, anchors, boxes, labels, valid = _inputs(
+            cls_logits, box_deltas, anchors, gt_boxes, gt_labels)  # [B, A, K], [B, A, 4], [A, 4], [B, G, 4], [B, G], [B, G]
+        B, A, K = cls_logits.shape
         best_obj, positive, ignored = retinanet_assign(anchors, boxes, valid, cfg)  # [B, A] each
         num_pos = positive.sum().to(box_deltas.dtype)  # []
         if average_count is not None:

@@ -51,7 +51,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
 # Anchors of P3..P7 (torchvision's _default_anchorgen, RetinaNet paper §4): 3 scales x 3 ratios.
 ANCHOR_SIZES = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
 ANCHOR_RATIOS = (0.5, 1.0, 2.0)  # height / width
-NUM_ANCHORS = len(ANCHOR_RATIOS) * 3  # per position
+NUM_ANCHORS = len(ANCHOR_RATIOS) * len(ANCHOR_SIZES[0])  # per position: 3 ratios x 3 scales
 FPN_CHANNELS = 256
 PRIOR_PROB = 0.02  # class prior at init: FreeAnchor's (the authors' configs, PRIOR_PROB: 0.02)
 RETINANET_PRIOR_PROB = 0.01  # RetinaNet's own (Lin et al. 2017, §4.1; torchvision's, and the authors' baseline)
@@ -576,8 +576,8 @@ class RetinaNet(nn.Module):
         # then class-wise NMS per image. Here the top-k comes first, over the logits (sigmoid is
         # monotonic), and the threshold after it as a mask: the same candidates in the same order
         # (ties at the k-th score aside), with no data-dependent shape until the one compaction of
-        # the batch. The host waits for the GPU twice per batch and then in each image's NMS, where
-        # a loop over images and levels waits at every level of every image.
+        # the batch. The host waits for the GPU twice per batch, then in each image's NMS (torchvision's
+        # loop over images and levels waits at every level of every image).
         B, K = len(images), self.num_classes
         top_logits, top_index, first = [], [], 0
         for n in per_level:

@@ -15,17 +15,17 @@
 #   6. the training step of part 2 compiled for its one padded shape, static, as train.py --compile
 #      --fixed-shapes compiles it (the goal: >= 240 images/s): the network alone, then with the loss;
 #   7. the step with the loss compiled for any image size and object count, as train.py --compile
-#      marks them dynamic (its compilation did not end within 142 s on an H200, so it gets a call
+#      marks them dynamic (its compilation did not end within 142 s on an H200, so it gets a run
 #      of its own); with part 6 and part 4's count of graphs, it decides between dynamic shapes and
 #      --fixed-shapes.
 # Everything printed is also appended to DIR/gpu_check.txt (default: $OUT if set, else runs/gpu_check), line by line,
-# so a call stopped early keeps what it had. The whole call keeps to BUDGET seconds (default 290: one
-# 5-minute device call): every command's timeout is cut to the time left, and a part that has less
-# than its minimum left is skipped with a line saying so. Parts run in the order PARTS gives, most
-# wanted first (default "1 2 3 5 6 4 7": correctness, the eager step's speed, evaluation's, the loss's,
-# then the compiled steps and the counts, which do not fit the same call); run the skipped ones in
-# further calls. On an H200 (2026-11-26) parts 1, 2, 3 and 5 took 235 s together, part 6 about 140 s,
-# and part 7's compilation over 142 s: three calls, "1 2 3 5", "6 4" and "7".
+# so a run stopped early keeps what it had. The whole run keeps to BUDGET seconds (default 290, under
+# 5 minutes): every command's timeout is cut to the time left, and a part that has less than its
+# minimum left is skipped with a line saying so. Parts run in the order PARTS gives, most wanted
+# first (default "1 2 3 5 6 4 7": correctness, the eager step's speed, evaluation's, the loss's,
+# then the compiled steps and the counts, which do not fit the same 5 minutes); run the skipped ones
+# in further runs. On an H200 (2026-11-26) parts 1, 2, 3 and 5 took 235 s together, part 6 about
+# 140 s, and part 7's compilation over 142 s: three runs, "1 2 3 5", "6 4" and "7".
 #
 #     bash benchmarks/gpu_check.sh [DIR]
 #     PARTS="6 4" BUDGET=290 bash benchmarks/gpu_check.sh      # only some of the parts, in this order

@@ -105,7 +105,7 @@ def bag_of(gt_box, anchors, n):
 
 
 def mean_max(x):
-    """Mean-max (Eq. 5) of the bag's x_j = P_cls_ij * P_loc_ij: sum_j w_j x_j / sum_j w_j, w_j = 1 / (1 - x_j).
+    """Mean-max (Eq. 6) of the bag's x_j = P_cls_ij * P_loc_ij: sum_j w_j x_j / sum_j w_j, w_j = 1 / (1 - x_j).
 
     1 - x_j is floored at 1e-12 so that w stays finite; the result is clamped to <= 1.
     """
@@ -114,7 +114,7 @@ def mean_max(x):
 
 
 def match_prob(iou, t):
-    """P{a_j -> b_i} (Eq. 6): saturated linear of the IoU of each anchor's prediction with b_i.
+    """P{a_j -> b_i} (§3.2): saturated linear of the IoU of each anchor's prediction with b_i.
 
     iou [A] -> [A]: 0 below t1 = t, 1 at t2 = max_j iou_j (at least t + 1e-12), linear in between.
     """
@@ -174,21 +174,21 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=N
 
         p_match = np.zeros((G, A))  # P{a_j -> b_i}
         for i in range(G):
-            # Positive, Eqs. 3-5: the likelihood that some anchor of the bag detects b_i.
+            # Positive, Eqs. 3 and 6: the likelihood that some anchor of the bag detects b_i.
             bag = bag_of(boxes[i], anchors, n)  # [n]
             p_cls = p[bag, labels[i]]  # [n], P_ij^cls
             target = encode(anchors[bag], boxes[i][None])  # [n, 4], the deltas that hit b_i exactly
             p_loc = np.exp(-cfg.loc_weight * np.sum(  # [n], P_ij^loc = exp(-beta L_ij^loc)
                 smooth_l1(box_deltas[b, bag] - target, cfg.smooth_l1_beta), axis=1))
-            bag_prob = mean_max(p_cls * p_loc)  # Eq. 5
+            bag_prob = mean_max(p_cls * p_loc)  # Eq. 6
             log_prob = math.log(bag_prob) if bag_prob > 0 else -math.inf
             positive_sum += -max(log_prob, -100.0)  # BCE against 1, log clamped at -100 as torch's
 
-            # Eq. 6: how well each anchor's *prediction* matches b_i (no gradient in the torch loss).
+            # §3.2: how well each anchor's *prediction* matches b_i (no gradient in the torch loss).
             iou_loc = box_iou(boxes[i][None], predicted)[0]  # [A]
             p_match[i] = match_prob(iou_loc, cfg.iou_threshold)  # [A]
 
-        # Negative, Eq. 7: every anchor and class, discounted by its chance of being a positive.
+        # Negative, Eqs. 4 and 7: every anchor and class, discounted by its chance of being a positive.
         p_plus = anchor_positive_prob(p_match, labels, K)  # [A, K]
         negative_sum += focal_negative(p, p_plus, cfg.gamma)
 

@@ -24,7 +24,7 @@ def fl(q, gamma=2.0):
 
 
 def mean_max(xs):
-    """Eq. 5 by hand: sum_j x_j / (1 - x_j) over sum_j 1 / (1 - x_j)."""
+    """Eq. 6 by hand: sum_j x_j / (1 - x_j) over sum_j 1 / (1 - x_j)."""
     return sum(x / (1 - x) for x in xs) / sum(1 / (1 - x) for x in xs)
 
 
@@ -50,13 +50,13 @@ def mean_max(xs):
 #   a1: (0, -2.3, 0, -5 ln 2)  residual (0, 0.2, 0, 0)   SmoothL1: 0.2 - 0.055 = 0.145
 #   a2: (0, 0, 0, 0)           residual (20, 20, 0, 0)   SmoothL1: 2 * (20 - 0.055) = 39.89
 #   a3: (0, 0, 0, 0)           residual (5, 0, 0, 0)     SmoothL1: 5 - 0.055 = 4.945
-#   so P_loc = exp(-0.75 * SmoothL1) (Eq. 4).
+#   so P_loc = exp(-0.75 * SmoothL1) (beta of Eq. 1).
 #
 # Logits and cls_prob = sigmoid (class 0, class 1):
 #   a0: (ln 4, -ln 3) -> (0.8, 0.25)      a1: (0, 0)        -> (0.5, 0.5)
 #   a2: (-ln 3, ln 3) -> (0.25, 0.75)     a3: (0, -ln 4)    -> (0.5, 0.2)
 #
-# Decoded predictions and their IoU with b (Eq. 6):
+# Decoded predictions and their IoU with b (§3.2):
 #   a0: centre (5 + 0.05 / 10 * 10, 5) = (5.05, 5), 10 x 10 -> [0.05, 0, 10.05, 10]:
 #       inter 9.95 * 10 = 99.5, union 200 - 99.5 = 100.5 -> IoU 199/201
 #   a1: centre (5, 10 - 2.3 / 10 * 20) = (5, 5.4), 10 x 20 * 2^-1 = 10 x 10 -> [0, 0.4, 10, 10.4]:
