@@ -1324,7 +1324,7 @@ def setup_processes(device):
         device = f"cuda:{torchrun_gpu(local_rank, local_world)}"
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, available_cpus() // local_world))  # torchrun's OMP_NUM_THREADS=1 would idle the rest
     torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return True, rank, world, device
 

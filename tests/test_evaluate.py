@@ -26,6 +26,7 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 import freeanchor
+import data
 from data import CocoDataset
 from model import RetinaNet
 from test_train import assert_a_bad_image_stops_it_and_its_workers, run_two_processes
@@ -788,7 +789,7 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
     out1, out2 = str(tmp_path / "eval1"), str(tmp_path / "eval2")
     args = ["--ckpt", tiny_ckpt, "--workers", "0", "--batch-size", "1", "--device", "cpu", "--nms-recall"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # evaluate.py's rule for 2 CPU processes
+    torch.set_num_threads(max(1, data.available_cpus() // 2))  # evaluate.py's rule for 2 CPU processes
     try:
         one, _ = run_main(args + ["--output", out1], capsys)
     finally:

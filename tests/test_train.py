@@ -134,7 +134,7 @@ def test_cuda_defaults_follow_the_gpu_and_torchrun_takes_a_gpu_per_process(monke
     torchrun with more processes than GPUs is refused in one line. Checked with torch.cuda's
     queries replaced, on any machine."""
     import evaluate
-    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.version, "hip", None)  # CUDA's rules (under ROCm, every AMD GPU has bfloat16)
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -284,7 +284,7 @@ def test_a_bad_image_met_by_a_worker_stops_the_run_and_its_workers(tiny_data, tm
 
 
 def train_single_and_ddp(tiny_data, tmp_path, backbone, *extra):
-    """Two SGD steps of 2 images, in 1 process and in 2 gloo processes of 1 image (1 thread each),
+    """Two SGD steps of 2 images, in 1 process and in 2 gloo processes of 1 image (the cores split between them),
     from a local random backbone file (frozen BatchNorm, so nothing else differs); the final
     weights of both runs. Multi-scale, so that the images of a batch differ in size: each process
     pads its image as the whole batch is padded in one process (padding adds anchors, which the
