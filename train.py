@@ -357,6 +357,7 @@ def train(cfg, loss_cfg):
     # recorded for evaluate.py, which may run from another directory (and there would build another shapes)
     cfg.data = os.path.abspath(root)
     dataset = CocoDataset(root, cfg.train_split, train=True, max_size=cfg.max_size, exif=not cfg.raw_orientation)
+    data_digest = dataset.fingerprint  # kept in last.pt: --resume notes annotations changed under the same path
     if master and (dataset.tiny_boxes or dataset.images_without_boxes):  # said once, never silent
         print(f"note: training leaves out {dataset.tiny_boxes} box(es) of {dataset.ann_file} under 1 px wide or "
               f"high once clipped to their image, and {dataset.images_without_boxes} image(s) without a usable box "
@@ -441,7 +442,7 @@ def train(cfg, loss_cfg):
         if changed and master:
             print(f"note: resuming with other settings than {last_path}'s ({'; '.join(changed)}): the run goes on, "
                   f"but its weights will not be those of an uninterrupted run", flush=True)
-        if ckpt.get("dataset", dataset.fingerprint) != dataset.fingerprint and master:
+        if ckpt.get("dataset", data_digest) != data_digest and master:
             print(f"note: {dataset.ann_file} has changed since {last_path} was written (its images or boxes): the run "
                   f"goes on, but its batches and weights will not be those of an uninterrupted run", flush=True)
         if master:
@@ -508,7 +509,7 @@ def train(cfg, loss_cfg):
     def checkpoint(iteration):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "iteration": iteration, "rng": rng_state(device), "categories": dataset.categories, "world_size": world,
-                     "dataset": dataset.fingerprint,
+                     "dataset": data_digest,
                      "model_config": raw_model.config, "config": dataclasses.asdict(cfg),
                      "loss_config": dataclasses.asdict(loss_cfg)}, last_path)
 
