@@ -317,13 +317,15 @@ def _read_backbone_weights(backbone, weights):
         # whose only torchvision weights came with its newer training recipe (83.2% top-1 against
         # about 79.6% for the Facebook ResNeXt the authors started from).
         enum = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
         try:
-            return enum.get_state_dict(progress=True, check_hash=True), enum.url
-        except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad hash a RuntimeError
+            return enum.get_state_dict(progress=True, check_hash=True), cached
+        except Exception as e:  # no network (an OSError), a bad hash, a damaged file in the cache
+            where = f"its copy in {cached} is damaged (delete it and retry)" if os.path.isfile(cached) else f"from {enum.url}"
             raise RuntimeError(
-                f"cannot get the ImageNet weights of {backbone} from {enum.url} ({e}); pass a local "
-                f"backbone state dict with --weights PATH, or train from scratch with --weights none"
-            ) from None
+                f"cannot get the ImageNet weights of {backbone}: {where} ({type(e).__name__}: "
+                f"{' '.join(str(e).split())}); pass a local backbone state dict with --weights PATH, or train "
+                f"from scratch with --weights none") from None
     if not os.path.isfile(weights):
         raise ValueError(f"weights must be 'imagenet', 'none' or the path of a backbone state dict; "
                          f"{weights!r} is none of these ({'not a file' if os.path.exists(weights) else 'no such file'})")
@@ -342,6 +344,10 @@ def _read_backbone_weights(backbone, weights):
         raise ValueError(f"{weights}: not a torch state dict ({type(e).__name__}: {lines[0] if lines else ''})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{weights}: expected a state dict (a dict of tensors), got {type(state).__name__}")
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in state.items() if not torch.is_tensor(v)]
+    if not_tensors:
+        raise ValueError(f"{weights}: expected a state dict of tensors; not tensors: {', '.join(not_tensors[:3])}"
+                         f"{' ...' if len(not_tensors) > 3 else ''}")
     return state, weights
 
 
@@ -388,7 +394,7 @@ class RetinaNet(nn.Module):
     def __init__(self, num_classes, backbone="resnet50", weights="imagenet", min_size=800, max_size=1333,
                  frozen_bn=None, prior_prob=PRIOR_PROB):
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if not _positive_int(num_classes):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
@@ -396,15 +402,20 @@ class RetinaNet(nn.Module):
             raise ValueError(f"weights must be 'imagenet', 'none' or a path, got {weights!r}")
         weights = os.fspath(weights)
         sizes = min_size if isinstance(min_size, (tuple, list)) else (min_size,)
-        if not sizes or not all(isinstance(s, int) and s > 0 for s in sizes):
+        if not sizes or not all(_positive_int(s) for s in sizes):
             raise ValueError(f"min_size must be a positive int or a tuple of them, got {min_size!r}")
-        if not isinstance(max_size, int) or max_size <= 0:
+        if not _positive_int(max_size):
             raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+        if frozen_bn is not None and not isinstance(frozen_bn, bool):
+            raise ValueError(f"frozen_bn must be None, True or False, got {frozen_bn!r}")
+        if not (isinstance(prior_prob, (int, float)) and 0 < prior_prob < 1):
+            raise ValueError(f"prior_prob must be a number in (0, 1), got {prior_prob!r}")
         pretrained = weights != "none"
-        frozen_bn = pretrained if frozen_bn is None else bool(frozen_bn)
+        frozen_bn = pretrained if frozen_bn is None else frozen_bn
 
+        num_classes, max_size = int(num_classes), int(max_size)  # numpy integers too; the config is written as JSON
         self.num_classes = num_classes
-        self.min_size = tuple(min_size) if isinstance(min_size, list) else min_size
+        self.min_size = tuple(int(s) for s in min_size) if isinstance(min_size, (tuple, list)) else int(min_size)
         self.max_size = max_size
         self.config = dict(num_classes=num_classes, backbone=backbone, min_size=self.min_size,
                            max_size=max_size, frozen_bn=frozen_bn)

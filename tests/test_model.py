@@ -514,6 +514,25 @@ def test_bad_weights_files(tmp_path):
         assert "\n" not in str(e.value) and "Re-running" not in str(e.value)
 
 
+def test_weights_of_other_types_and_bad_constructor_arguments(tmp_path):
+    """A weights file holding something else than tensors, and constructor arguments of the wrong
+    kind, are one ValueError naming them, not a traceback from deep inside; numpy integers are
+    taken as ints (the config is written as JSON)."""
+    state = torchvision.models.resnet18().state_dict()
+    state["conv1.weight"] = 5
+    path = tmp_path / "ints.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"ints\.pth: expected a state dict of tensors; not tensors: conv1\.weight \(int\)"):
+        RetinaNet(3, backbone="resnet18", weights=path)
+    for kwargs, culprit in (({"prior_prob": 0}, "prior_prob"), ({"prior_prob": math.nan}, "prior_prob"),
+                            ({"prior_prob": "0.01"}, "prior_prob"), ({"frozen_bn": "false"}, "frozen_bn"),
+                            ({"min_size": True}, "min_size"), ({"max_size": True}, "max_size")):
+        with pytest.raises(ValueError, match=culprit):
+            RetinaNet(3, backbone="resnet18", weights="none", **kwargs)
+    m = RetinaNet(np.int64(3), backbone="resnet18", weights="none", min_size=np.int64(64), max_size=np.int64(96))
+    assert m.config["num_classes"] == 3 and type(m.config["min_size"]) is int and type(m.config["max_size"]) is int
+
+
 def test_imagenet_download_failure_is_one_clear_error(monkeypatch):
     def offline(url, *args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
