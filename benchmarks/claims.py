@@ -25,8 +25,12 @@ LOSSES = ("retinanet", "freeanchor")
 
 
 def run(cmd):
+    """cmd in the repository's folder; a failure ends this script with its status (the command
+    has said why)."""
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    status = subprocess.run(cmd, cwd=ROOT).returncode
+    if status:
+        sys.exit(status)
 
 
 def mean(values):
@@ -55,6 +59,7 @@ def main():
     ap.add_argument("--report-only", action="store_true", help="only print the table of finished runs")
     ap.add_argument("train_args", nargs="*", help="extra train.py arguments (after --)")
     args = ap.parse_args()
+    args.output = os.path.abspath(args.output)  # the runs start in the repository's folder
     # the README quickstart's settings: resnet18 from scratch, 4 images of ~192 px per iteration
     common = ["--data", "shapes", "--backbone", "resnet18", "--weights", "none", "--batch-size", "4",
               "--lr", "0.02", "--clip-grad", "5", "--warmup-iters", "100", "--min-size", "192",
