@@ -1183,6 +1183,10 @@ def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
         except OSError:
             if not complete():  # another process renamed its own copy first: use that one
                 raise
+    except OSError as e:  # a full disk: a write's error names no file; say where it was building
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, root) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     end_progress_line(f" done in {time.time() - start:.0f} s")
