@@ -33,6 +33,7 @@ import math
 import operator
 import os
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -330,7 +331,9 @@ def _read_backbone_weights(backbone, weights):
         raise ValueError(f"weights must be 'imagenet', 'none' or the path of a backbone state dict; "
                          f"{weights!r} is none of these ({'not a file' if os.path.exists(weights) else 'no such file'})")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: the error below says more
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever torch.load chokes on, the user needs the file name
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip()  # torch's message has terminal colour codes
                  for line in str(e).splitlines() if line.strip()]
@@ -340,7 +343,8 @@ def _read_backbone_weights(backbone, weights):
         if cause is not None:
             detail = lines[cause].split("WeightsUnpickler error:", 1)[1].strip() or " ".join(lines[cause + 1:cause + 2])
             raise ValueError(f"{weights}: not a state dict of tensors (torch.load with weights_only=True: "
-                             f"{detail.split('. ')[0]})") from None
+                             f"{detail.split('. ')[0]}); --weights takes a torchvision ResNet state dict saved by "
+                             f"torch.save (convert a Detectron2 or maskrcnn-benchmark .pkl first)") from None
         raise ValueError(f"{weights}: not a torch state dict ({type(e).__name__}: {lines[0] if lines else ''})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{weights}: expected a state dict (a dict of tensors), got {type(state).__name__}")
