@@ -433,10 +433,7 @@ class RetinaNet(nn.Module):
         if pretrained:
             state, source = _read_backbone_weights(backbone, weights)
             _load_backbone(self.body, state, source, backbone)
-            # Stem and res2 keep their ImageNet values (Detectron's FREEZE_AT=2, torchvision's
-            # trainable_layers=3): low-level filters gain nothing from detection batch sizes.
-            for module in (self.body.conv1, self.body.bn1, self.body.layer1):
-                module.requires_grad_(False)
+            self.freeze_stem()
 
         c5 = self.body.inplanes  # channels out of layer4: 512 (BasicBlock) or 2048 (Bottleneck)
         in_channels = (c5 // 4, c5 // 2, c5)  # C3, C4, C5
@@ -462,6 +459,14 @@ class RetinaNet(nn.Module):
         # .to(dtype) of the model rounds them; not saved in checkpoints (always the same).
         self.register_buffer("cells", _cells(), persistent=False)
         self.register_load_state_dict_post_hook(RetinaNet._cells_after_load)
+
+    def freeze_stem(self):
+        """Stem and res2 keep their ImageNet values (Detectron's FREEZE_AT=2, torchvision's
+        trainable_layers=3): low-level filters gain nothing from detection batch sizes. Done by
+        the constructor with pretrained weights; train.py calls it for a resumed run, whose
+        weights all come from its checkpoint."""
+        for module in (self.body.conv1, self.body.bn1, self.body.layer1):
+            module.requires_grad_(False)
 
     def features(self, images):
         """images [B, 3, H, W] -> [P3, P4, P5, P6, P7], each [B, 256, h_l, w_l] (strides 8..128)."""

@@ -195,6 +195,8 @@ def parse_config(argv):
     if cfg.steps is None:  # the paper's 60k/80k of 90k, kept in proportion
         cfg.steps = (round(cfg.max_iter * 60000 / 90000), round(cfg.max_iter * 80000 / 90000))
     cfg.steps, cfg.min_size = tuple(cfg.steps), tuple(cfg.min_size)
+    if cfg.weights not in ("imagenet", "none"):  # a file: the same one, wherever --resume starts from
+        cfg.weights = os.path.abspath(cfg.weights)
     if os.environ.get("RANK", "0") == "0":  # a schedule that cannot be what was meant (said once under torchrun)
         late = [s for s in cfg.steps if s >= cfg.max_iter]  # iterations count from 0 to max_iter - 1
         if late and steps_given:
@@ -386,12 +388,17 @@ def train(cfg, loss_cfg):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    # a resumed run takes every weight from last.pt: the backbone's file (or download) is not read
+    # again, only the model laid out as pretrained weights lay it out (frozen BatchNorm, stem, res2)
+    resuming, pretrained = cfg.resume and os.path.exists(last_path), cfg.weights != "none"
     try:
-        model = RetinaNet(len(dataset.categories), backbone=cfg.backbone, weights=cfg.weights,
-                          min_size=cfg.min_size, max_size=cfg.max_size,
+        model = RetinaNet(len(dataset.categories), backbone=cfg.backbone, weights="none" if resuming else cfg.weights,
+                          min_size=cfg.min_size, max_size=cfg.max_size, frozen_bn=pretrained,
                           prior_prob=RETINANET_PRIOR_PROB if cfg.loss == "retinanet" else PRIOR_PROB)
     except RuntimeError as e:  # ImageNet weights not downloadable: model.py's one-line advice
         raise ValueError(str(e)) from None
+    if resuming and pretrained:
+        model.freeze_stem()
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     if ddp and not model.config["frozen_bn"] and device.type == "cuda":
         # from scratch: BatchNorm statistics over all GPUs. SyncBatchNorm exists only on CUDA: CPU
@@ -619,7 +626,7 @@ def train(cfg, loss_cfg):
                 record["compilations"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_before
             if master:
                 shown = "  ".join(f"{k} {record[k]:.4f}" for k in terms)
-                print(f"iter {done}/{cfg.max_iter}  {shown}  loss {record['loss']:.4f}  lr {lr:.5f}  "
+                print(f"iter {done}/{cfg.max_iter}  {shown}  loss {record['loss']:.4f}  lr {lr:.3g}  "
                       f"{sec_per_iter:.3f} s/it  {record['images_per_s']:.1f} img/s  "
                       f"eta {format_eta(record['eta_s'])}  mem {record['peak_mem_mb']} MB"
                       + (f"  compilations {record['compilations']}" if cfg.compile else ""), flush=True)

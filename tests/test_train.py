@@ -340,6 +340,40 @@ def test_two_process_ddp_from_scratch_on_cpu(tiny_data, tmp_path):
 
 # ----------------------------------------------------------------------------- resume
 
+def test_resume_needs_no_backbone_file_and_takes_it_from_any_directory(tiny_data, tmp_path, monkeypatch):
+    """A run started from a local backbone file resumes from another working directory, the file
+    named by another relative path (the same file: accepted), and also once the file is gone:
+    every weight comes from last.pt, the model laid out as pretrained weights lay it out (frozen
+    BatchNorm, stem and res2: else the optimizer's state would not fit it)."""
+    import torchvision
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "a" / "r18.pt")
+    args = [*TINY, "--weights", "r18.pt", "--data", tiny_data, "--batch-size", "2", "--max-iter", "3",
+            "--ckpt-every", "1", "--output", str(tmp_path / "run")]
+    calls, real = {"n": 0}, freeanchor.free_anchor_loss
+
+    def stop_at_2nd(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if stopped during iteration 2: last.pt at 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(freeanchor, "free_anchor_loss", stop_at_2nd)
+    monkeypatch.chdir(tmp_path / "a")
+    with pytest.raises(SystemExit):
+        train.main(args)
+    monkeypatch.chdir(tmp_path / "b")
+    calls["n"] = 1  # stopped again at the first step: past the checks of --resume
+    with pytest.raises(SystemExit) as e:
+        train.main([*args[:args.index("r18.pt")], "../a/r18.pt", *args[args.index("r18.pt") + 1:], "--resume"])
+    assert e.value.code != 2  # not refused as another run's checkpoint
+    monkeypatch.setattr(freeanchor, "free_anchor_loss", real)
+    os.remove(tmp_path / "a" / "r18.pt")
+    train.main([*args[:args.index("r18.pt")], str(tmp_path / "a" / "r18.pt"), *args[args.index("r18.pt") + 1:], "--resume"])
+    assert (tmp_path / "run" / "model_final.pt").exists()
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["iter"] == 3
+
+
 @pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     # bit for bit: the same ops on the same inputs, on CPU (see the file's docstring)
