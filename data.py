@@ -1132,6 +1132,34 @@ def _write_shapes_split(folder, split, num_images, first_id, seed, noise_bank):
         json.dump(coco, f)
 
 
+def _build_folder(prefix, parent):
+    """A new folder `prefix`* in `parent` for a build of shapes, holding the file "owner": this
+    machine's name and this process's id, by which a later build knows it abandoned (kill -9)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    with open(os.path.join(path, "owner"), "w") as f:
+        f.write(f"{os.uname().nodename} {os.getpid()}")
+    return path
+
+
+def _remove_abandoned_builds(parent):
+    """Remove the build folders (_build_folder) in `parent` of processes of this machine that have
+    ended: a build stopped by kill -9 leaves its folder (up to 115 MB) behind. Those of live
+    processes (a concurrent build) and of other machines (a shared disk) stay."""
+    for name in os.listdir(parent):
+        if not name.startswith((".shapes-tmp-", ".shapes-stale-")):
+            continue
+        try:
+            with open(os.path.join(parent, name, "owner")) as f:
+                host, pid = f.read().split()
+            if host != os.uname().nodename:
+                continue
+            os.kill(int(pid), 0)  # raises ProcessLookupError where the process has ended
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except (OSError, ValueError):  # no owner file yet (a build just started), another user's process
+            continue
+
+
 def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
     """Build the synthetic shapes dataset under `root` unless a complete copy with the same
     parameters is there; returns root. COCO layout with splits "train2017" and "val2017".
@@ -1162,10 +1190,11 @@ def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
 
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
+    _remove_abandoned_builds(parent)
     print(f"shapes: generating {num_train} + {num_val} images in {root} (once) ...", end="", flush=True)
     start = time.time()
     _progress.update(task=("shapes", start), open=True)  # an error or Ctrl-C ends the line first
-    tmp = tempfile.mkdtemp(prefix=".shapes-tmp-", dir=parent)
+    tmp = _build_folder(".shapes-tmp-", parent)
     try:
         os.makedirs(os.path.join(tmp, "annotations"))
         noise_bank = np.random.default_rng([seed, 0]).standard_normal((512, 512, 3), dtype=np.float32)
@@ -1173,9 +1202,10 @@ def prepare_shapes(root="datasets/shapes", num_train=3000, num_val=300, seed=0):
         _write_shapes_split(tmp, "val2017", num_val, 1_000_001, seed, noise_bank)
         with open(os.path.join(tmp, _SHAPES_MARKER), "w") as f:
             json.dump(params, f)
+        os.remove(os.path.join(tmp, "owner"))  # not part of the dataset
         os.chmod(tmp, 0o755)  # mkdtemp made it private
         if os.path.exists(root) and not complete():  # stale copy: move it aside, then drop it
-            stale = tempfile.mkdtemp(prefix=".shapes-stale-", dir=parent)
+            stale = _build_folder(".shapes-stale-", parent)
             os.rename(root, os.path.join(stale, "old"))
             shutil.rmtree(stale)
         try:

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import struct
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -800,6 +801,18 @@ def test_shapes_small_build_loads_through_the_coco_path(tmp_path, capsys):
     assert image.shape[0] == 3 and target["boxes"].shape[0] >= 1
 
 
+def test_a_shapes_build_stopped_by_kill_9_leaves_no_folder_behind(tmp_path):
+    """The folder of a build whose process has ended (kill -9 runs no cleanup) goes at the next
+    build; that of a live process (a concurrent build) stays."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    for name, pid in ((".shapes-tmp-dead", ended.pid), (".shapes-stale-dead", ended.pid), (".shapes-tmp-live", os.getpid())):
+        os.makedirs(tmp_path / name / "train2017")
+        (tmp_path / name / "owner").write_text(f"{os.uname().nodename} {pid}")
+    prepare_shapes(str(tmp_path / "shapes"), num_train=3, num_val=1)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".shapes")) == [".shapes-tmp-live"]
+
+
 def test_shapes_is_deterministic_atomic_and_built_once(tmp_path, capsys):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     prepare_shapes(a, num_train=5, num_val=2)
@@ -812,6 +825,7 @@ def test_shapes_is_deterministic_atomic_and_built_once(tmp_path, capsys):
 
     prepare_shapes(a, num_train=5, num_val=2)  # complete: nothing to do
     assert capsys.readouterr().out == ""
+    assert sorted(os.listdir(a)) == ["COMPLETE", "annotations", "train2017", "val2017"]
     os.remove(os.path.join(a, "COMPLETE"))  # as if interrupted: rebuilt
     prepare_shapes(a, num_train=5, num_val=2)
     assert "generating" in capsys.readouterr().out and os.path.exists(os.path.join(a, "COMPLETE"))
