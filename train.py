@@ -197,6 +197,10 @@ def parse_config(argv):
     cfg.steps, cfg.min_size = tuple(cfg.steps), tuple(cfg.min_size)
     if cfg.weights not in ("imagenet", "none"):  # a file: the same one, wherever --resume starts from
         cfg.weights = os.path.abspath(cfg.weights)
+    if cfg.output is None:
+        data_name = os.path.basename(os.path.normpath(cfg.data))
+        cfg.output = os.path.join("runs", f"{cfg.loss}_{cfg.backbone}_{data_name}")
+    cfg = device_defaults(cfg)  # a --device error before any note
     if os.environ.get("RANK", "0") == "0":  # a schedule that cannot be what was meant (said once under torchrun)
         late = [s for s in cfg.steps if s >= cfg.max_iter]  # iterations count from 0 to max_iter - 1
         if late and steps_given:
@@ -206,10 +210,7 @@ def parse_config(argv):
             until = f"first lr step (--steps {cfg.steps[0]})" if cfg.steps[0] < cfg.max_iter else f"run (--max-iter {cfg.max_iter})"
             print(f"note: --warmup-iters {cfg.warmup_iters} outlasts the {until}: the lr never reaches --lr {cfg.lr:g}",
                   flush=True)
-    if cfg.output is None:
-        data_name = os.path.basename(os.path.normpath(cfg.data))
-        cfg.output = os.path.join("runs", f"{cfg.loss}_{cfg.backbone}_{data_name}")
-    return device_defaults(cfg), loss_cfg
+    return cfg, loss_cfg
 
 
 def lr_at(it, cfg):
