@@ -730,7 +730,7 @@ def _evaluate(cfg, ddp, rank, world, master):
     if not cfg.skip_check:  # the header of every image to evaluate before the first detection; the other ranks wait
         on_rank0(lambda: dataset.check_images(count=num_images), ddp, master)
     shard = [i for i in range(num_images) if i % world == rank]
-    subfolders = ["pictures"] * bool(cfg.visualize) + ["matching"] * cfg.show_matching
+    subfolders = [name for name, wanted in (("pictures", cfg.visualize), ("matching", cfg.show_matching)) if wanted]
     on_rank0(lambda: make_output_folder(cfg.output, subfolders), ddp, master)
     if master:
         K = len(dataset.categories)
