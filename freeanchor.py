@@ -314,6 +314,18 @@ def bag_weights(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=FreeAn
     return [(bag[b, valid[b]], w[b, valid[b]]) for b in range(B)]
 
 
+def compile_loss(loss_fn, **kwargs):
+    """torch.compile(loss_fn, **kwargs) for free_anchor_loss or retinanet_loss, as train.py --compile
+    and the benchmarks compile them, with one inductor option off where this torch has it: the
+    analysis of how a fused kernel's tiles read memory (a heuristic that picks tile shapes; the values
+    are the same without it). With dynamic shapes on CUDA it failed an internal assertion on
+    free_anchor_loss (torch 2.11 on an H200: AssertionError in tiling_utils.get_pw_red_splits)."""
+    import torch._inductor.config
+    options = ({"triton.coalesce_tiling_analysis": False}
+               if hasattr(torch._inductor.config.triton, "coalesce_tiling_analysis") else {})
+    return torch.compile(loss_fn, options=options, **kwargs)
+
+
 # ----------------------------------------------------------------------------- the RetinaNet baseline
 
 @torch.no_grad()

@@ -484,7 +484,7 @@ def train(cfg, loss_cfg):
             model = torch.compile(model, dynamic=False)
         else:
             model = torch.compile(model)
-        free_anchor_loss, retinanet_loss = torch.compile(free_anchor_loss), torch.compile(retinanet_loss)
+        free_anchor_loss, retinanet_loss = freeanchor.compile_loss(free_anchor_loss), freeanchor.compile_loss(retinanet_loss)
 
     sampler = TrainSampler(dataset, cfg.batch_size, min_sizes=cfg.min_size, flip=True, rank=rank,
                            world_size=world, seed=cfg.seed, start_iter=start_iter, max_iter=cfg.max_iter)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import pad_targets  # noqa: E402
-from freeanchor import FreeAnchorConfig, bag_indices, free_anchor_loss, retinanet_loss  # noqa: E402
+from freeanchor import FreeAnchorConfig, bag_indices, compile_loss, free_anchor_loss, retinanet_loss  # noqa: E402
 from model import box_iou, decode, encode, grid_anchors  # noqa: E402
 
 H, W, K = 800, 1344, 80
@@ -113,7 +113,7 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-compiled_loss = torch.compile(free_anchor_loss, dynamic=True)  # dynamic shapes: one graph for every (B, G)
+compiled_loss = compile_loss(free_anchor_loss, dynamic=True)  # dynamic shapes: one graph for every (B, G)
 
 
 def padded(gt_boxes, gt_labels):

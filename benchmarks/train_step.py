@@ -104,7 +104,7 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
                    "retinanet_loss": freeanchor.retinanet_loss}[method]
         if mode.startswith("compiled"):  # compiled_static: the network static, as train.py --fixed-shapes
             net = torch.compile(net, dynamic=False if mode == "compiled_static" else None)
-            loss_fn = torch.compile(loss_fn)
+            loss_fn = freeanchor.compile_loss(loss_fn)
             # the dimensions train.py --compile marks dynamic: object count, anchors, and the image size
             # unless --fixed-shapes
             torch._dynamo.maybe_mark_dynamic(gt_boxes, 1), torch._dynamo.maybe_mark_dynamic(gt_labels, 1)

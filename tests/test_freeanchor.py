@@ -698,3 +698,19 @@ def test_small_focal_exponents_give_finite_gradients(gamma):
         out = free_anchor_loss(x, d, anchors.to(dtype), [g.to(dtype) for g in gt_boxes], gt_labels, cfg)
         (out["positive"] + out["negative"]).backward()
         assert torch.isfinite(x.grad).all() and torch.isfinite(d.grad).all(), dtype
+
+
+def test_compile_loss_turns_off_the_tiling_analysis_that_failed_on_cuda(monkeypatch):
+    """freeanchor.compile_loss, through which train.py --compile and the benchmarks compile the losses:
+    torch.compile with the caller's arguments and inductor's memory-coalescing analysis of tilings
+    off. With dynamic shapes on CUDA that analysis failed an assertion on free_anchor_loss (torch
+    2.11, an H200), a failure no CPU run reaches; this checks that the option is passed."""
+    import torch._inductor.config
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.update(kwargs) or fn)
+    assert freeanchor.compile_loss(free_anchor_loss, dynamic=True) is free_anchor_loss
+    assert seen["dynamic"] is True
+    if hasattr(torch._inductor.config.triton, "coalesce_tiling_analysis"):  # absent in older torch: no option
+        assert seen["options"] == {"triton.coalesce_tiling_analysis": False}
+    else:
+        assert seen["options"] == {}
