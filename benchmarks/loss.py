@@ -18,6 +18,7 @@ its own (peak resident memory over what the inputs already took); on CUDA all ru
     python benchmarks/loss.py --batch 2 --objects 8 --compile
     python benchmarks/loss.py --device cuda --compile --repeats 7
     python benchmarks/loss.py --device cuda --compile --batch 16 --objects 100 --profile 16 100
+    python benchmarks/loss.py --device cuda --compile --profile 2 8 --profile 16 8   # profiles at two sizes
     python benchmarks/loss.py --device cuda --parts 16 8 52    # two pieces alone, with alternatives
 """
 
@@ -275,8 +276,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
     ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != COMPILED], choices=list(METHODS))
     ap.add_argument("--compile", action="store_true", help=f"add the '{COMPILED}' row")
-    ap.add_argument("--profile", type=int, nargs=2, metavar=("B", "G"),
-                    help="after the table, profile the free_anchor_loss rows at this (B, G)")
+    ap.add_argument("--profile", type=int, nargs=2, metavar=("B", "G"), action="append",
+                    help="after the table, profile the free_anchor_loss rows at this (B, G); may be repeated")
     ap.add_argument("--parts", type=int, nargs="+", metavar=("B", "G"),
                     help="instead of the table: time the bag's top-n and P{a_j in A+} alone, with their "
                          "alternatives, at batch B and each G that follows")
@@ -341,8 +342,8 @@ def main():
     if compile_times:
         print(f"\nfirst call of the compiled loss (includes compiling, or recompiling where a guard fails): "
               f"{'; '.join(compile_times)}")
-    if args.profile:
-        profile(*args.profile, args.device, [m for m in methods if m in ("free_anchor_loss", COMPILED)])
+    for B, G in args.profile or []:
+        profile(B, G, args.device, [m for m in methods if m in ("free_anchor_loss", COMPILED)])
 
 
 if __name__ == "__main__":
