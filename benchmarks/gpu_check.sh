@@ -5,11 +5,11 @@
 #   2. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
 #      with the FreeAnchor loss, eager (channels_last, the default on H100/H200);
 #   3. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
-#   4. synchronisations of train.py's steady-state step, eager, --compile and --compile --fixed-shapes
+#   4. synchronisations of train.py's steady-state step, eager, --compile --fixed-shapes and --compile
 #      (with the number of graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py);
 #   5. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image
 #      loop (the benchmark also checks that compiled equals eager to float32 rounding) with a
-#      profile at B = 16, G = 100; then two pieces alone against their alternatives (the bag's
+#      profile at (B, G) = (2, 8), (16, 8) and (16, 100); then two pieces alone against their alternatives (the bag's
 #      top-n: one top-n over all anchors or bag_indices' two stages; P{a_j in A+}: the loss's
 #      class-major scatter-max, one into [B, A, K], a one-hot max);
 #   6. the training step of part 2 compiled for its one padded shape, static, as train.py --compile
@@ -25,7 +25,9 @@
 # first (default "1 2 3 5 6 4 7": correctness, the eager step's speed, evaluation's, the loss's,
 # then the compiled steps and the counts, which do not fit the same 5 minutes); run the skipped ones
 # in further runs. On an H200 (2026-11-26) parts 1, 2, 3 and 5 took 235 s together, part 6 about
-# 140 s, and part 7's compilation over 142 s: three runs, "1 2 3 5", "6 4" and "7".
+# 140 s, and part 7's compilation over 142 s: three runs, "1 2 3 5", "6 4" and "7". On 2026-11-27
+# part 1 took 21 s, part 5 about 100 s without its pieces, part 6 120 s, and part 4 did not finish
+# its last row (--compile, any size) in 235 s; tests/test_cuda.py took 49 s.
 #
 #     bash benchmarks/gpu_check.sh [DIR]
 #     PARTS="6 4" BUDGET=290 bash benchmarks/gpu_check.sh      # only some of the parts, in this order
@@ -150,7 +152,7 @@ part5() {
 enough 60 5 || return 0
 step "5. the loss at COCO scale (forward + backward, median of 7)"
 timeout "$(cap 240)" $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
-    --methods free_anchor_loss "per-image loop" --profile 16 100 2>&1 | tee -a "$log"
+    --methods free_anchor_loss "per-image loop" --profile 2 8 --profile 16 8 --profile 16 100 2>&1 | tee -a "$log"
 enough 40 "5 (pieces)" || return 0
 step "5. the loss at COCO scale: the bag's top-n and P{a_j in A+} alone, with their alternatives"
 timeout "$(cap 150)" $py benchmarks/loss.py --device cuda --parts 16 8 52 2>&1 | tee -a "$log"  # 52: a block of G = 100 at B = 16
