@@ -14,8 +14,9 @@ m = min(n, number of anchor chunks) (bag_indices).
 
     free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels) -> {"positive", "negative"}
     retinanet_loss(same arguments) -> {"classification", "regression"}
+    compile_loss(free_anchor_loss) -> the loss under torch.compile, as train.py --compile runs it
 
-Both are dense tensor code on padded [B, G, ...] shapes: no Python loop over images or objects
+The two losses are dense tensor code on padded [B, G, ...] shapes: no Python loop over images or objects
 (only over blocks of objects, where [B, G, A] would exceed 2^28 elements), no op whose output size
 depends on the data, no host-device synchronisation, so the same handful of kernels runs for any
 batch and `torch.compile(free_anchor_loss)` traces it as one graph.
@@ -236,6 +237,22 @@ def mean_max_weights(x):
     return 1 / (1 - x).clamp(min=EPS)  # [B, G, n]
 
 
+def negative_focal_sum(cls_logits, p_plus, gamma):
+    """The sum of FL(q) = q^gamma (-log(1 - q)) over every anchor and class (Eq. 4 as Eq. 7 weighs it),
+    q = P{a_j in A-} (1 - P_bg) per class = P_cls (1 - P{a_j in A+}). cls_logits [B, A, K],
+    p_plus [B, A, K] = P{a_j in A+} (match's; no gradient) -> [].
+    1 - q as (1 - P_cls) + P_cls P{a_j in A+}: exact where float32 rounds P_cls to 1 (logits > 17).
+    The authors clamp q to [EPS, 1 - EPS]: the upper clamp is that of 1 - q below; the lower one
+    only matters for gamma < 1, where q^gamma has an infinite slope at q = 0."""
+    p = torch.sigmoid(cls_logits)  # [B, A, K]  P_cls
+    p_taken = p * p_plus  # [B, A, K]  P_cls P{a_j in A+}
+    q = p - p_taken  # [B, A, K]
+    if gamma < 1:
+        q = q.clamp(min=EPS)  # [B, A, K]
+    one_minus_q = (torch.sigmoid(-cls_logits) + p_taken).clamp(min=ONE_MINUS_Q_MIN)  # [B, A, K]
+    return -(q.pow(gamma) * torch.log(one_minus_q)).sum()  # []  sum of FL(q)
+
+
 def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=FreeAnchorConfig(),
                      num_objects=None):
     """FreeAnchor's detection customised likelihood as a loss (Eq. 7).
@@ -278,18 +295,8 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
         loss_obj = torch.where(is_nan, bag_prob, loss_obj)  # [B, G]
         positive = cfg.alpha * torch.where(valid, loss_obj, 0.0).sum() / num_objects.clamp(min=1)  # []
 
-        # negative term, precision (Eq. 4, as Eq. 7 weighs it): FL(q) = q^gamma (-log(1 - q)) over
-        # every anchor and class, q = P{a_j in A-} (1 - P_bg) per class = P_cls (1 - P{a_j in A+}).
-        # 1 - q as (1 - P_cls) + P_cls P{a_j in A+}: exact where float32 rounds P_cls to 1 (logits > 17).
-        # The authors clamp q to [EPS, 1 - EPS]: the upper clamp is that of 1 - q below; the lower one
-        # only matters for gamma < 1, where q^gamma has an infinite slope at q = 0.
-        p = torch.sigmoid(cls_logits)  # [B, A, K]  P_cls
-        p_taken = p * p_plus  # [B, A, K]  P_cls P{a_j in A+}
-        q = p - p_taken  # [B, A, K]
-        if cfg.gamma < 1:
-            q = q.clamp(min=EPS)  # [B, A, K]
-        one_minus_q = (torch.sigmoid(-cls_logits) + p_taken).clamp(min=ONE_MINUS_Q_MIN)  # [B, A, K]
-        focal_sum = -(q.pow(cfg.gamma) * torch.log(one_minus_q)).sum()  # []  sum of FL(q)
+        # negative term, precision (Eq. 4, as Eq. 7 weighs it)
+        focal_sum = negative_focal_sum(cls_logits, p_plus, cfg.gamma)  # []
         # max(1, n ||B||) with the configured n, as the authors, also where a bag holds fewer anchors
         negative = (1 - cfg.alpha) * focal_sum / (cfg.bag_size * num_objects).clamp(min=1)  # []
     return {"positive": positive, "negative": negative}

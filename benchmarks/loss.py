@@ -19,7 +19,7 @@ its own (peak resident memory over what the inputs already took); on CUDA all ru
     python benchmarks/loss.py --device cuda --compile --repeats 7
     python benchmarks/loss.py --device cuda --compile --batch 16 --objects 100 --profile 16 100
     python benchmarks/loss.py --device cuda --compile --profile 2 8 --profile 16 8   # profiles at two sizes
-    python benchmarks/loss.py --device cuda --parts 16 8 52    # two pieces alone, with alternatives
+    python benchmarks/loss.py --device cuda --parts 16 8 52    # pieces alone, with alternatives
 """
 
 import argparse
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import pad_targets  # noqa: E402
-from freeanchor import FreeAnchorConfig, bag_indices, compile_loss, free_anchor_loss, retinanet_loss  # noqa: E402
+from freeanchor import (FreeAnchorConfig, bag_indices, compile_loss, free_anchor_loss, negative_focal_sum,  # noqa: E402
+                        retinanet_loss)  # noqa: E402
 from model import box_iou, decode, encode, grid_anchors  # noqa: E402
 
 H, W, K = 800, 1344, 80
@@ -215,6 +216,43 @@ def one_hot_max(p_match, labels, K):
     return (p_match.transpose(1, 2)[:, :, None, :] * one_hot).amax(-1)  # [B, A, K]
 
 
+def negative_term_rows(p_match, labels, B, G, device):
+    """The negative term alone (negative_focal_sum), forward + backward through the logits, with
+    P{a_j in A+} built class-major and read through a transposed view (the loss's) or built in
+    [B, A, K] (a .contiguous() copy of the class-major tensor measured as the transposed read on a
+    CPU: inductor fuses it into the reads); compiled for one shape or for any (dynamic=True), each with inductor's analysis of
+    tilings on (torch's default) or off (compile_loss, as train.py compiles the loss; with dynamic
+    shapes the analysis failed an assertion on the whole loss on an H200, torch 2.11). Under which
+    of these the forward's transposed read is slow (2.9 ms at B = 16, G = 8 inside the compiled
+    loss, for about 0.5 ms of memory traffic) decides how the loss should build P{a_j in A+}."""
+    cls_logits = torch.randn(B, p_match.shape[-1], K, device=device, requires_grad=True)  # [B, A, K]
+    for layout, build in (("class-major, read transposed (the loss's)", scatter_by_class),
+                          ("[B, A, K]", scatter_by_anchor)):
+        def term(cls_logits, p_match, labels, build=build):
+            return negative_focal_sum(cls_logits, build(p_match, labels, K), 2.0)  # []
+
+        want = term(cls_logits, p_match, labels)
+        eager = median_ms(lambda x, *rest: torch.autograd.grad(term(x, *rest), x), cls_logits, p_match, labels)
+        for how, compiled_with in (("one shape, analysis on", lambda f: torch.compile(f)),
+                                   ("one shape, analysis off", lambda f: compile_loss(f)),
+                                   ("any shape, analysis on", lambda f: torch.compile(f, dynamic=True)),
+                                   ("any shape, analysis off (train.py's)", lambda f: compile_loss(f, dynamic=True))):
+            torch._dynamo.reset()  # each variant compiles afresh
+            compiled = compiled_with(term)
+
+            def step(cls_logits, p_match, labels, compiled=compiled):
+                return torch.autograd.grad(compiled(cls_logits, p_match, labels), cls_logits)  # no accumulation
+
+            try:
+                assert torch.allclose(compiled(cls_logits, p_match, labels), want, rtol=1e-4)
+                ms = f"{median_ms(step, cls_logits, p_match, labels):.2f}"
+            except Exception as e:  # an inductor failure is a result here
+                ms = f"failed: {type(e).__name__}"
+            print(f"| {G} | negative term, P{{a_j in A+}} {layout} | compiled for {how} | {eager:.2f} | {ms} |",
+                  flush=True)
+    torch._dynamo.reset()
+
+
 def median_ms(fn, *args, repeats=10):
     """Median time of fn(*args) in ms after one call (compilation, warm-up), with CUDA events on a GPU."""
     fn(*args)
@@ -235,12 +273,14 @@ def median_ms(fn, *args, repeats=10):
 
 
 def parts(B, objects, device):
-    """Two pieces of the loss alone, each against its alternatives, at [B, G, 201,600] (median of 10):
-    the bag's top-n (one top-n over all anchors vs bag_indices' two stages), and P{a_j in A+} followed
-    by one read of it in [B, A, K] order (as the negative term reads it)."""
+    """Pieces of the loss alone, each against its alternatives, at [B, G, 201,600] (median of 10):
+    the bag's top-n (one top-n over all anchors vs bag_indices' two stages), P{a_j in A+} followed
+    by one read of it in [B, A, K] order (as the negative term reads it), and, at the first G, the
+    negative term forward + backward under four ways of compiling it (negative_term_rows)."""
     anchors = coco_anchors().to(device)
     g = torch.Generator().manual_seed(0)
-    print(f"# the bag's top-50 and P{{a_j in A+}} alone, B = {B}, A = {len(anchors)}, K = {K}, median of 10 (ms)\n")
+    print(f"# the bag's top-50, P{{a_j in A+}} and the negative term alone, B = {B}, A = {len(anchors)}, K = {K}, "
+          f"median of 10 (ms)\n")
     print("| G | piece | variant | eager | compiled |")
     print("|---|---|---|---|---|")
     for G in objects:
@@ -265,6 +305,8 @@ def parts(B, objects, device):
             eager = "-" if build is one_hot_max else f"{median_ms(piece, p_match, labels):.2f}"
             print(f"| {G} | P{{a_j in A+}} | {name} | {eager} | {median_ms(compiled_piece, p_match, labels):.2f} |",
                   flush=True)
+        if G == objects[0]:
+            negative_term_rows(p_match, labels, B, G, device)
         del iou, p_match, p_cls, want
 
 
