@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import pad_targets  # noqa: E402
 from freeanchor import (FreeAnchorConfig, bag_indices, compile_loss, free_anchor_loss, negative_focal_sum,  # noqa: E402
-                        retinanet_loss)  # noqa: E402
+                        retinanet_loss)
 from model import box_iou, decode, encode, grid_anchors  # noqa: E402
 
 H, W, K = 800, 1344, 80
@@ -220,8 +220,8 @@ def negative_term_rows(p_match, labels, B, G, device):
     """The negative term alone (negative_focal_sum), forward + backward through the logits, with
     P{a_j in A+} built class-major and read through a transposed view (the loss's) or built in
     [B, A, K] (a .contiguous() copy of the class-major tensor measured as the transposed read on a
-    CPU: inductor fuses it into the reads); compiled for one shape or for any (dynamic=True), each with inductor's analysis of
-    tilings on (torch's default) or off (compile_loss, as train.py compiles the loss; with dynamic
+    CPU: inductor fuses it into the reads); compiled for one shape or for any (dynamic=True), each
+    with inductor's analysis of tilings on (torch's default) or off (compile_loss, as train.py compiles the loss; with dynamic
     shapes the analysis failed an assertion on the whole loss on an H200, torch 2.11). Under which
     of these the forward's transposed read is slow (2.9 ms at B = 16, G = 8 inside the compiled
     loss, for about 0.5 ms of memory traffic) decides how the loss should build P{a_j in A+}."""
@@ -322,7 +322,7 @@ def main():
                     help="after the table, profile the free_anchor_loss rows at this (B, G); may be repeated")
     ap.add_argument("--parts", type=int, nargs="+", metavar=("B", "G"),
                     help="instead of the table: time the bag's top-n and P{a_j in A+} alone, with their "
-                         "alternatives, at batch B and each G that follows")
+                         "alternatives, at batch B and each G that follows, and the negative term at the first G")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.parts:
