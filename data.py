@@ -1359,7 +1359,12 @@ def setup_processes(device):
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, available_cpus() // local_world))  # torchrun's OMP_NUM_THREADS=1 would idle the rest
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    except getattr(torch.distributed, "DistNetworkError", ()) as e:  # rank 0 listens at MASTER_ADDR:MASTER_PORT
+        # (taken by another program, say), the others connect there: one line, not "another process stopped"
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise OSError(f"the processes' rendezvous at {where} failed: {str(e).strip().splitlines()[0]}") from None
     return True, rank, world, device
 
 

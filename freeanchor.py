@@ -326,11 +326,17 @@ def compile_loss(loss_fn, **kwargs):
     and the benchmarks compile them, with one inductor option off where this torch has it: the
     analysis of how a fused kernel's tiles read memory (a heuristic that picks tile shapes; the values
     are the same without it). With dynamic shapes on CUDA it failed an internal assertion on
-    free_anchor_loss (torch 2.11 on an H200: AssertionError in tiling_utils.get_pw_red_splits)."""
+    free_anchor_loss (torch 2.11 on an H200: AssertionError in tiling_utils.get_pw_red_splits).
+    The caller's `options` are kept; a `mode` becomes the options it stands for (torch.compile takes
+    mode or options, not both)."""
+    import torch._inductor
     import torch._inductor.config
-    options = ({"triton.coalesce_tiling_analysis": False}
-               if hasattr(torch._inductor.config.triton, "coalesce_tiling_analysis") else {})
-    return torch.compile(loss_fn, options=options, **kwargs)
+    options = dict(kwargs.pop("options", None) or {})
+    if kwargs.get("mode") is not None:
+        options = {**torch._inductor.list_mode_options(kwargs.pop("mode"), kwargs.get("dynamic")), **options}
+    if hasattr(torch._inductor.config.triton, "coalesce_tiling_analysis"):
+        options.setdefault("triton.coalesce_tiling_analysis", False)
+    return torch.compile(loss_fn, options=options or None, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the RetinaNet baseline

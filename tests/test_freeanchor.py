@@ -710,7 +710,10 @@ def test_compile_loss_turns_off_the_tiling_analysis_that_failed_on_cuda(monkeypa
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.update(kwargs) or fn)
     assert freeanchor.compile_loss(free_anchor_loss, dynamic=True) is free_anchor_loss
     assert seen["dynamic"] is True
-    if hasattr(torch._inductor.config.triton, "coalesce_tiling_analysis"):  # absent in older torch: no option
-        assert seen["options"] == {"triton.coalesce_tiling_analysis": False}
-    else:
-        assert seen["options"] == {}
+    off = ({"triton.coalesce_tiling_analysis": False}  # absent in older torch: no option
+           if hasattr(torch._inductor.config.triton, "coalesce_tiling_analysis") else {})
+    assert seen["options"] == (off or None)
+    # a mode becomes its options (torch.compile takes mode or options, not both); the caller's are kept
+    freeanchor.compile_loss(free_anchor_loss, mode="max-autotune", options={"max_autotune": False})
+    assert "mode" not in seen and seen["options"] == {**torch._inductor.list_mode_options("max-autotune"),
+                                                      "max_autotune": False, **off}

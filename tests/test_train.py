@@ -211,6 +211,8 @@ def run_two_processes(argv, check=True, **env):
         outcomes = _two_processes_once(argv, env)
         if len(outcomes) == 2:
             break
+    else:
+        pytest.fail(f"the rendezvous port was taken 3 times: {outcomes[0][1][-3000:]}")
     for status, err in outcomes:
         assert not check or status == 0, err[-3000:]
     return outcomes
@@ -228,7 +230,11 @@ def _two_processes_once(argv, env):
     outcomes = []
     try:
         for p in procs:
-            _, err = p.communicate(timeout=300)
+            try:  # once rank 0 has failed, rank 1 may be left waiting for it: a minute, not five
+                _, err = p.communicate(timeout=300 if p is procs[0] or procs[0].returncode == 0 else 60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                _, err = p.communicate()
             outcomes.append((p.returncode, err))
             if "address already in use" in err.lower():  # rank 0 could not listen there: a lost race
                 break  # for the port, and rank 1 would wait for it; both are killed below
@@ -236,6 +242,28 @@ def _two_processes_once(argv, env):
         for p in procs:  # a process left waiting for the other one
             p.kill()
     return outcomes
+
+
+def test_a_taken_rendezvous_port_is_one_line_naming_it(tiny_data, tmp_path, monkeypatch, capsys):
+    """Under torchrun, rank 0 listens at MASTER_ADDR:MASTER_PORT: where another program holds that
+    port, the run ends with status 1 and one line naming the address and the cause (before, it
+    said that another process of the run had stopped)."""
+    threads = torch.get_num_threads()  # the DDP setup splits the CPUs between the processes
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(name, value)
+        try:
+            with pytest.raises(SystemExit) as stop:
+                train.main([*TINY, "--data", tiny_data, "--device", "cpu", "--output", str(tmp_path / "run")])
+        finally:
+            torch.set_num_threads(threads)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"127.0.0.1:{port}" in err[0] and "address already in use" in err[0].lower(), err
 
 
 @pytest.mark.slow
