@@ -169,7 +169,9 @@ def bag_indices(iou, n):
     if iou.dtype != torch.float32:
         return torch.sort(iou, dim=-1, descending=True, stable=True).indices[..., :n]  # [B, g, n]
     reverse_index = torch.arange(A - 1, -1, -1, device=iou.device)  # [A]  A-1 ... 0
-    key = (iou.view(torch.int32).long() << 32) | reverse_index  # [B, g, A]  IoU first, then lower index
+    # abs: an IoU of -0.0 (a box edge at -0.0 meeting an anchor's at 0.0) has the sign bit set, so
+    # its bits would rank below every other IoU, and below the padding
+    key = (iou.abs().view(torch.int32).long() << 32) | reverse_index  # [B, g, A]  IoU first, then lower index
     chunks = -(-A // BAG_CHUNK)
     key = F.pad(key, (0, chunks * BAG_CHUNK - A), value=-1)  # [B, g, chunks * BAG_CHUNK]  padding ranks last
     key = key.unflatten(-1, (chunks, BAG_CHUNK))  # [B, g, chunks, BAG_CHUNK]

@@ -509,6 +509,29 @@ def test_ties_in_the_bag_go_to_the_lower_anchor_index():
     want = torch.from_numpy(np.argsort(-iou.numpy(), axis=-1, kind="stable")[..., :50])
     assert torch.equal(freeanchor.bag_indices(iou, 50), want)
     assert torch.equal(freeanchor.bag_indices(iou.float(), 50), want)
+    # most IoUs 0, half of them -0.0 (== 0.0): the bags reach into them
+    negative_zero = torch.where(torch.rand(iou.shape, generator=gen) < 0.95, 0.0, iou)
+    negative_zero = torch.where((negative_zero == 0) & (torch.rand(iou.shape, generator=gen) < 0.5), -0.0, negative_zero)
+    want = torch.from_numpy(np.argsort(-(negative_zero + 0.0).numpy(), axis=-1, kind="stable")[..., :50])
+    assert torch.equal(freeanchor.bag_indices(negative_zero.float(), 50), want)
+
+
+def test_a_box_edge_at_negative_zero_is_one_at_zero():
+    """A box edge at -0.0 (round(-0.3) gives one) meets an anchor's at 0.0 in an IoU of -0.0, whose
+    float32 bits rank below every other IoU unless the bag's key clears the sign: the same loss
+    as with the edge at 0.0, in float32 as in float64, also where most anchors tie at IoU 0."""
+    x0 = torch.cat([torch.zeros(100), torch.full((100,), 2.0)])
+    anchors = torch.stack([x0, torch.zeros(200), x0 + 8, torch.full((200,), 8.0)], 1)  # [200, 4]
+    gen = torch.Generator().manual_seed(0)
+    cls_logits = torch.randn(1, 200, 2, generator=gen, dtype=torch.float64)
+    box_deltas = torch.randn(1, 200, 4, generator=gen, dtype=torch.float64) * 0.1
+    for dtype in (torch.float64, torch.float32):
+        at_zero, at_negative_zero = (
+            free_anchor_loss(cls_logits.to(dtype), box_deltas.to(dtype), anchors.to(dtype),
+                             torch.tensor([[[-10.0, 0.0, x2, 8.0]]], dtype=dtype), torch.tensor([[0]]))
+            for x2 in (0.0, -0.0))
+        for k in at_zero:
+            torch.testing.assert_close(at_negative_zero[k], at_zero[k])
 
 
 @pytest.mark.parametrize("A", [30, 64, 130, 3201, 20000])
