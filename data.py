@@ -635,8 +635,9 @@ class CocoDataset(torch.utils.data.Dataset):
                                                 | (xywh[:, 1] + xywh[:, 3] > h + 1))).sum())
         self.num_boxes = int((~crowd).sum())
         # objects of zero width or height as annotated: COCOeval's IoU of such a box is 0, it can
-        # never be matched (evaluate.py says so)
-        self.zero_area_ids = ann_id[~crowd & ((xywh[:, 2] == 0) | (xywh[:, 3] == 0))]  # [Z]
+        # never be matched (evaluate.py says so, for the images it evaluates)
+        zero_area = ~crowd & ((xywh[:, 2] == 0) | (xywh[:, 3] == 0))  # [M]
+        self.zero_area_ids, self.zero_area_image_ids = ann_id[zero_area], ann_image[zero_area]  # [Z], [Z]
         self.images_without_boxes = int((count == 0).sum())
         # classes without a usable box here ("id:name"): trained, they only ever learn "not me"
         seen = set(np.unique(ann_label[usable]).tolist())

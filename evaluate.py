@@ -721,12 +721,13 @@ def _evaluate(cfg, ddp, rank, world, master):
                           categories=ckpt["categories"])
     if dataset.category_note and master:
         print(f"note: {dataset.category_note}", flush=True)
-    if len(dataset.zero_area_ids) and master:
-        ids = dataset.zero_area_ids.tolist()
+    num_images = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
+    evaluated = set(dataset.image_ids[:num_images])
+    ids = [a for a, i in zip(dataset.zero_area_ids.tolist(), dataset.zero_area_image_ids.tolist()) if i in evaluated]
+    if ids and master:
         print(f"note: {len(ids)} object(s) of {dataset.ann_file} have a box of zero width or height (annotation "
               f"ids {', '.join(map(str, ids[:8]))}{', ...' if len(ids) > 8 else ''}): COCOeval can never match "
               f"them, AP counts them as missed, and NMS recall leaves them out", flush=True)
-    num_images = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     if not cfg.skip_check:  # the header of every image to evaluate before the first detection; the other ranks wait
         on_rank0(lambda: dataset.check_images(count=num_images), ddp, master)
     shard = [i for i in range(num_images) if i % world == rank]

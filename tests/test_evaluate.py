@@ -625,17 +625,20 @@ def test_detections_that_are_not_finite_stop_the_evaluation(tiny_ckpt, dataset, 
 
 def test_objects_of_zero_width_or_height_get_a_note(tiny_data, tmp_path, capsys):
     """COCOeval gives a box of zero width or height IoU 0 with anything: such an object is always
-    missed. The evaluation says so, naming its annotation id."""
+    missed. The evaluation says so, naming its annotation id, for the images it evaluates only."""
     data = str(tmp_path / "data")
     shutil.copytree(tiny_data, data)
     path = os.path.join(data, "annotations", "instances_val2017.json")
     with open(path) as f:
         coco = json.load(f)
     coco["annotations"][1]["bbox"][3] = 0
+    last_image = coco["images"][-1]["id"]
+    assert coco["annotations"][1]["image_id"] == coco["images"][1]["id"] != last_image
+    next(a for a in coco["annotations"] if a["image_id"] == last_image)["bbox"][2] = 0  # not evaluated below
     with open(path, "w") as f:
         json.dump(coco, f)
     ckpt = save_tiny_ckpt(data, str(tmp_path / "model_final.pt"))
-    _, out = run_main(["--ckpt", ckpt, "--workers", "0", "--max-images", "1"], capsys)
+    _, out = run_main(["--ckpt", ckpt, "--workers", "0", "--max-images", "2"], capsys)
     assert (f"note: 1 object(s) of {path} have a box of zero width or height (annotation ids "
             f"{coco['annotations'][1]['id']}): COCOeval can never match them") in out.out, out.out
 
