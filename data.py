@@ -1376,6 +1376,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _stops = 0  # Ctrl-C and SIGTERM received while catch_stop_signals is in force
+_held_back = 0  # those received inside the signals_deferred blocks open now, nested ones included
 
 
 def _stop(signum, frame):
@@ -1469,17 +1470,20 @@ def signals_deferred():
     caught = []
 
     def hold_back(signum, frame):
+        global _held_back
         caught.append(signum)
-        if _stops + len(caught) >= 3:
+        _held_back += 1
+        if _stops + _held_back >= 3:  # counting those held back by the blocks this one is inside
             _stop_at_once(signum)
 
     handled = [s for s in (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread()
                and signal.getsignal(s) not in (signal.SIG_IGN, signal.SIG_DFL, None)]
     previous = {s: signal.signal(s, hold_back) for s in handled}
-    global _stops
+    global _stops, _held_back
     try:
         yield
     finally:
+        _held_back -= len(caught)
         if caught:  # the held-back signal counts as _stop's first (catch_stop_signals starts from 0)
             _stops = max(_stops, 1)
         for s, handler in previous.items():

@@ -760,6 +760,20 @@ def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
                 assert exits == [128 + signal.SIGTERM]
     finally:
         restore()
+    exits.clear()
+    restore = data.catch_stop_signals()
+    try:
+        with pytest.raises(data.DeferredInterrupt):
+            with data.signals_deferred():  # as train.py's serialising of a checkpoint
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+                with data.signals_deferred():  # and its write, inside: the third in all ends the process
+                    for _ in range(2):
+                        os.kill(os.getpid(), signal.SIGINT)
+                        time.sleep(0.1)
+                    assert exits == [128 + signal.SIGINT]
+    finally:
+        restore()
 
 
 def test_image_size_disagreeing_with_annotations(tiny):
