@@ -720,9 +720,11 @@ def main(argv=None):
         word, status = stopped_by(e)
         if e.args:
             message = f"{word} {e.args[0]}"
-        elif cfg is not None and os.path.exists(os.path.join(cfg.output, "model_final.pt")):  # after "done:"
+        elif cfg is None:  # while the arguments were read
+            message = f"{word}: nothing was started"
+        elif os.path.exists(os.path.join(cfg.output, "model_final.pt")):  # after "done:"
             message = f"{word} after the run completed"
-        elif cfg is not None and os.path.exists(os.path.join(cfg.output, "last.pt")):
+        elif os.path.exists(os.path.join(cfg.output, "last.pt")):
             message = f"{word}: resume with --resume"
         else:
             message = f"{word} before the first checkpoint: nothing to resume, run the command again"

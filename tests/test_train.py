@@ -700,6 +700,11 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tiny_data, tm
     monkeypatch.undo()
     train.main(args)  # the same command again: not refused, and a whole run
     assert [json.loads(l)["iter"] for l in open(tmp_path / "r" / "log.jsonl")] == [1, 2, 3]
+    # while the arguments are read, the output folder (here one with checkpoints) is not known yet
+    monkeypatch.setattr(train, "parse_config", lambda argv: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--resume"])
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted: nothing was started\n"
 
 
 @pytest.mark.slow
