@@ -1405,10 +1405,10 @@ def catch_stop_signals():
     installed another handler) and SIGTERM raises Terminated, unless ignored (as `cmd &` in a script
     leaves SIGINT) or already handled; a second one is ignored, a third one ends the process at once
     (_stop). Returns a function that puts both back as they were."""
-    global _stops
+    global _stops, _held_back
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    _stops = 0
+    _stops = _held_back = 0
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     if previous[signal.SIGINT] is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, _stop)
@@ -1416,10 +1416,10 @@ def catch_stop_signals():
         signal.signal(signal.SIGTERM, _stop)
 
     def restore():
-        global _stops
+        global _stops, _held_back
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
-        _stops = 0
+        _stops = _held_back = 0
     return restore
 
 
@@ -1483,11 +1483,17 @@ def signals_deferred():
     try:
         yield
     finally:
-        _held_back -= len(caught)
-        if caught:  # the held-back signal counts as _stop's first (catch_stop_signals starts from 0)
-            _stops = max(_stops, 1)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        # the signals blocked while the handlers and the counts change: one that comes meanwhile
+        # is delivered after, to the handler put back (else hold_back would count it, unraised)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled) if handled else None
+        try:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            _held_back -= len(caught)
+            _stops += len(caught)  # the signals held back count as _stop's own
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if caught:  # the signal held back
         raise DeferredInterrupt(caught[0])
 

@@ -156,8 +156,8 @@ def bag_indices(iou, n):
     Ties are common (every anchor of one shape inside an object has the same IoU with it, and a
     small object's bag is topped up with anchors of IoU 0) and topk leaves them to the device.
     They go to the lower anchor index, so that the loss is the same on every device: in float32,
-    the ranking is on an exact integer key, the IoU's bits (monotonic for IoU >= 0) above the
-    reversed anchor index; in float64 (tests), a stable sort does the same.
+    the ranking is on an exact integer key, the IoU's bits (monotonic for IoU >= 0, its sign
+    cleared) above the reversed anchor index; in float64 (tests), a stable sort does the same.
 
     A top-n over all A anchors reads each row many times (one pass per radix digit on a GPU), so it
     runs in two stages: first the n chunks of BAG_CHUNK neighbouring anchors whose best key ranks

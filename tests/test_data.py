@@ -772,6 +772,21 @@ def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
                         os.kill(os.getpid(), signal.SIGINT)
                         time.sleep(0.1)
                     assert exits == [128 + signal.SIGINT]
+        assert data._held_back == 0
+    finally:
+        restore()
+    exits.clear()
+    restore = data.catch_stop_signals()
+    try:
+        with pytest.raises(data.DeferredInterrupt):
+            with data.signals_deferred():  # two held back in one block: both count
+                for _ in range(2):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.1)
+        assert exits == []
+        os.kill(os.getpid(), signal.SIGINT)  # the third
+        time.sleep(0.1)
+        assert exits == [128 + signal.SIGINT]
     finally:
         restore()
 
