@@ -739,14 +739,17 @@ def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
             exits.clear()
         finally:
             restore()
+    def send(signum, times=1):  # the handler runs at the next bytecode
+        for _ in range(times):
+            os.kill(os.getpid(), signum)
+            time.sleep(0.1)
+
     restore = data.catch_stop_signals()
     try:
         with pytest.raises(data.DeferredInterrupt):
             with data.signals_deferred():  # as a checkpoint's write
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGINT)  # ignored: the deferred one counted as the first
-        time.sleep(0.1)
+                send(signal.SIGINT)
+        send(signal.SIGINT)  # ignored: the deferred one counted as the first
     finally:
         restore()
     assert exits == []
@@ -754,9 +757,7 @@ def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
     try:
         with pytest.raises(data.DeferredInterrupt):
             with data.signals_deferred():  # a write that hangs: the third signal ends the process
-                for _ in range(3):
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    time.sleep(0.1)
+                send(signal.SIGTERM, 3)
                 assert exits == [128 + signal.SIGTERM]
     finally:
         restore()
@@ -765,12 +766,9 @@ def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
     try:
         with pytest.raises(data.DeferredInterrupt):
             with data.signals_deferred():  # as train.py's serialising of a checkpoint
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.1)
+                send(signal.SIGINT)
                 with data.signals_deferred():  # and its write, inside: the third in all ends the process
-                    for _ in range(2):
-                        os.kill(os.getpid(), signal.SIGINT)
-                        time.sleep(0.1)
+                    send(signal.SIGINT, 2)
                     assert exits == [128 + signal.SIGINT]
         assert data._held_back == 0
     finally:
@@ -780,12 +778,9 @@ def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
     try:
         with pytest.raises(data.DeferredInterrupt):
             with data.signals_deferred():  # two held back in one block: both count
-                for _ in range(2):
-                    os.kill(os.getpid(), signal.SIGINT)
-                    time.sleep(0.1)
+                send(signal.SIGINT, 2)
         assert exits == []
-        os.kill(os.getpid(), signal.SIGINT)  # the third
-        time.sleep(0.1)
+        send(signal.SIGINT)  # the third
         assert exits == [128 + signal.SIGINT]
     finally:
         restore()
