@@ -4,6 +4,7 @@ Every dataset here is a handful of tiny images written into tmp_path. Run:
     python -m pytest -q tests/test_data.py
 """
 
+import contextlib
 import io
 import json
 import os
@@ -744,26 +745,27 @@ def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
             os.kill(os.getpid(), signum)
             time.sleep(0.1)
 
-    restore = data.catch_stop_signals()
-    try:
+    @contextlib.contextmanager
+    def stop_signals_caught():  # a fresh count, and no exit seen yet
+        exits.clear()
+        restore = data.catch_stop_signals()
+        try:
+            yield
+        finally:
+            restore()
+
+    with stop_signals_caught():
         with pytest.raises(data.DeferredInterrupt):
             with data.signals_deferred():  # as a checkpoint's write
                 send(signal.SIGINT)
         send(signal.SIGINT)  # ignored: the deferred one counted as the first
-    finally:
-        restore()
     assert exits == []
-    restore = data.catch_stop_signals()
-    try:
+    with stop_signals_caught():
         with pytest.raises(data.DeferredInterrupt):
             with data.signals_deferred():  # a write that hangs: the third signal ends the process
                 send(signal.SIGTERM, 3)
                 assert exits == [128 + signal.SIGTERM]
-    finally:
-        restore()
-    exits.clear()
-    restore = data.catch_stop_signals()
-    try:
+    with stop_signals_caught():
         with pytest.raises(data.DeferredInterrupt):
             with data.signals_deferred():  # as train.py's serialising of a checkpoint
                 send(signal.SIGINT)
@@ -771,19 +773,13 @@ def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
                     send(signal.SIGINT, 2)
                     assert exits == [128 + signal.SIGINT]
         assert data._held_back == 0
-    finally:
-        restore()
-    exits.clear()
-    restore = data.catch_stop_signals()
-    try:
+    with stop_signals_caught():
         with pytest.raises(data.DeferredInterrupt):
             with data.signals_deferred():  # two held back in one block: both count
                 send(signal.SIGINT, 2)
         assert exits == []
         send(signal.SIGINT)  # the third
         assert exits == [128 + signal.SIGINT]
-    finally:
-        restore()
 
 
 def test_image_size_disagreeing_with_annotations(tiny):
