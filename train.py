@@ -551,6 +551,7 @@ def train(cfg, loss_cfg):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
     model.train()
     window_start, window_iters = time.time(), 0
+    compile_s = None  # with --compile: how long the first iteration, which compiles, took
     for it, batch in zip(range(start_iter, cfg.max_iter), loader_batches(loader)):
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
@@ -608,9 +609,13 @@ def train(cfg, loss_cfg):
         window_iters += 1
 
         done = it + 1
-        if cfg.compile and done == start_iter + 1 and master:
-            loss.item()  # wait for the first step, which compiled the network
-            print(f"first iteration (compilation) {time.time() - window_start:.1f} s", flush=True)
+        if cfg.compile and done == start_iter + 1:
+            loss.item()  # wait for the first step, which compiled the network and the loss
+            compile_s = time.time() - window_start
+            if master:
+                print(f"first iteration (compilation) {compile_s:.1f} s", flush=True)
+            if done % cfg.log_every and done != cfg.max_iter:  # the first log's speed and ETA: compiled steps
+                window_start, window_iters = time.time(), 0
         if done % cfg.log_every == 0 or done == cfg.max_iter:
             stop_if_not_finite()
             values = torch.stack([losses[k].detach().float() for k in terms])
@@ -625,6 +630,8 @@ def train(cfg, loss_cfg):
                       "eta_s": round(sec_per_iter * (cfg.max_iter - done)), "peak_mem_mb": round(peak_memory_mb(device))}
             if cfg.compile:  # graphs torch.compile has built so far: 2 (network, loss) unless it recompiled
                 record["compilations"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - compiled_before
+                if compile_s is not None:  # the run's first record also says how long the compilation took
+                    record["compile_s"], compile_s = round(compile_s, 1), None
             if master:
                 shown = "  ".join(f"{k} {record[k]:.4f}" for k in terms)
                 print(f"iter {done}/{cfg.max_iter}  {shown}  loss {record['loss']:.4f}  lr {lr:.3g}  "

@@ -1187,6 +1187,7 @@ def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
     assert len(shapes) > 1  # padded batches of 160 and 192 pixels
     compiled = [json.loads(l) for l in open(tmp_path / "compiled" / "log.jsonl")]
     assert [c["compilations"] for c in compiled] == [2] * 4  # network and loss, once each
+    assert compiled[0]["compile_s"] > 0 and not any("compile_s" in c for c in compiled[1:])  # said once
     assert_close_runs(tmp_path / "eager", tmp_path / "compiled")
 
 
