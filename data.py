@@ -432,15 +432,17 @@ def format_eta(seconds):
 _progress = {"task": None, "open": False, "tenths": -1}
 
 
-def progress_line(what, done, total, start):
+def progress_line(what, done, total, start, rate_from=None):
     """Progress on stdout (stderr stays free for a one-line error): done/total, rate, ETA. On a
     terminal, one line redrawn with \r; in a log file, a line per tenth of the work instead of
     one line of thousands of \r updates, from the first second on (a shorter task shows only the
-    line of end_progress_line)."""
+    line of end_progress_line). rate_from: (time, done) from which the rate and the ETA are
+    measured, leaving out a slow start (a compilation); by default the task's start, 0 done."""
     elapsed = max(time.time() - start, 1e-9)
-    rate = done / elapsed
+    since, done_then = rate_from or (start, 0)
+    rate = (done - done_then) / max(time.time() - since, 1e-9)
     eta = format_eta((total - done) / rate) if rate > 0 else "?"
-    text = f"{what}: {done}/{total}  {rate:.1f}/s  eta {eta}"
+    text = f"{what}: {done}/{total}  {f'{rate:.1f}' if done > done_then else '?'}/s  eta {eta}"
     if _progress["task"] != (what, start):
         _progress.update(task=(what, start), tenths=-1)
     if sys.stdout.isatty():

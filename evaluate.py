@@ -581,9 +581,10 @@ def batch_to_host(tensors):
 
 
 def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress, total):
-    """Detect on dataset[indices] -> one record per image, in the order they were detected (by
-    aspect ratio): {"index", "image_id", "boxes", "scores", "labels"} on the CPU, plus per-object
-    best IoUs "before"/"after" NMS with --nms-recall."""
+    """Detect on dataset[indices] -> (records, compile_s): one record per image, in the order they
+    were detected (by aspect ratio): {"index", "image_id", "boxes", "scores", "labels"} on the CPU,
+    plus per-object best IoUs "before"/"after" NMS with --nms-recall; and with --compile, the
+    seconds the first batch took, which compiled the network (None without)."""
     device = torch.device(cfg.device)
     # Batches of images of similar shape: a batch is padded to its largest height and width, so one
     # portrait image among landscape ones nearly doubles the pixels the network sees (1.47x over
@@ -605,6 +606,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
         # which vary with the images' aspect ratios (a last batch of one image compiles once more)
         model._predict = torch.compile(model._predict, dynamic=True)
     records, start, position = [], time.time(), 0
+    compile_s, rate_from = None, None
     shares = total / max(len(indices), 1)  # under DDP, rank 0 counts its share for everyone
     for batch in loader_batches(loader):
         images = [image.to(device, non_blocking=True) for image, _ in batch]
@@ -632,11 +634,16 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
             records.append({"index": indices[position], "image_id": target["image_id"],
                             **{k: v[b] for k, v in on_host.items()}})
             position += 1
+        done = min(round(position * shares), total)
+        if cfg.compile and compile_s is None:  # the rate and the ETA shown leave the compilation out
+            compile_s, rate_from = time.time() - start, (time.time(), done)
+            if show_progress:
+                print(f"first batch (compilation) {compile_s:.1f} s", flush=True)
         if show_progress:
             progress_line("evaluated images" + (" (rank 0's share x processes)" if shares > 1 else ""),
-                          min(round(position * shares), total), total, start)
+                          done, total, start, rate_from)
     end_progress_line(f" done in {time.time() - start:.1f} s" if show_progress else "")
-    return records
+    return records, compile_s
 
 
 def make_output_folder(path, subfolders=()):
@@ -743,7 +750,8 @@ def _evaluate(cfg, ddp, rank, world, master):
 
     # ------------------------------------------------------------------ detect, gather on rank 0
     start = time.time()
-    records = run_inference(model, dataset, shard, scales, max_sizes, cfg, show_progress=master, total=num_images)
+    records, compile_s = run_inference(model, dataset, shard, scales, max_sizes, cfg, show_progress=master,
+                                       total=num_images)
     if ddp:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
@@ -757,7 +765,10 @@ def _evaluate(cfg, ddp, rank, world, master):
                "scales": scales, "max_sizes": max_sizes, "flip": cfg.flip, "score_thresh": cfg.score_thresh,
                "batch_size": cfg.batch_size, "amp": cfg.amp, "channels_last": cfg.channels_last,
                "raw_orientation": raw, "processes": world,
-               "seconds": round(seconds, 2), "images_per_s": round(num_images / max(seconds, 1e-9), 2)}
+               "compile": cfg.compile, "seconds": round(seconds, 2),
+               "images_per_s": round(num_images / max(seconds, 1e-9), 2)}
+    if compile_s is not None:  # included in seconds
+        metrics["compile_s"] = round(compile_s, 2)
 
     # ------------------------------------------------------------------ COCO AP (Table 2)
     results = to_coco_results(records, img_ids, dataset.categories)

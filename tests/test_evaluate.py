@@ -866,7 +866,11 @@ def test_compiled_evaluation_equals_eager(tiny_ckpt, tmp_path, capsys, monkeypat
     eager, _ = run_main([*args, "--output", str(tmp_path / "eager")], capsys)
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    compiled, _ = run_main([*args, "--compile", "--output", str(tmp_path / "compiled")], capsys)
+    compiled, out = run_main([*args, "--compile", "--output", str(tmp_path / "compiled")], capsys)
+    # the first batch compiled the network: said, and in metrics.json as part of the whole time
+    assert "first batch (compilation) " in out.out
+    assert compiled["compile"] and 0 < compiled["compile_s"] <= compiled["seconds"]
+    assert not eager["compile"] and "compile_s" not in eager
     for name in evaluate.COCO_STATS:
         if eager["coco"][name] is None:
             assert compiled["coco"][name] is None
