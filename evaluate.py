@@ -580,6 +580,20 @@ def batch_to_host(tensors):
     return torch.cat(tensors).cpu().split([len(t) for t in tensors])
 
 
+def compile_network(model):
+    """The network inside model.detect (backbone, FPN, heads) under torch.compile, for any batch and
+    image size, which vary with the images' aspect ratios (a last batch of one image compiles once
+    more). Batch, height and width are marked dynamic, not every dimension (dynamic=True): that
+    gives equal sizes one symbol and compiles again once they differ (the height and width of a
+    square first batch; a batch of 3 images and the 3 colour channels)."""
+    compiled = torch.compile(model._predict)
+
+    def predict(images):  # [B, 3, H, W]
+        torch._dynamo.maybe_mark_dynamic(images, [0, 2, 3])
+        return compiled(images)
+    model._predict = predict
+
+
 def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress, total):
     """Detect on dataset[indices] -> (records, compile_s): one record per image, in the order they
     were detected (by aspect ratio): {"index", "image_id", "boxes", "scores", "labels"} on the CPU,
@@ -602,9 +616,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     if cfg.channels_last:  # convolutions in NHWC follow the weights' layout
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
-        # the network inside detect (backbone, FPN, heads), compiled for any batch and image size,
-        # which vary with the images' aspect ratios (a last batch of one image compiles once more)
-        model._predict = torch.compile(model._predict, dynamic=True)
+        compile_network(model)
     records, start, position = [], time.time(), 0
     compile_s, rate_from = None, None
     shares = total / max(len(indices), 1)  # under DDP, rank 0 counts its share for everyone

@@ -33,6 +33,7 @@ import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import RetinaNet, to_torchvision  # noqa: E402
+from evaluate import compile_network  # noqa: E402
 
 
 def confident_heads(m, seed=0):
@@ -90,7 +91,7 @@ def main():
     if args.channels_last:
         ours = ours.to(memory_format=torch.channels_last)
     if args.compile:
-        ours._predict = torch.compile(ours._predict, dynamic=True)  # as evaluate.py --compile
+        compile_network(ours)  # as evaluate.py --compile
 
     g = torch.Generator().manual_seed(1)
     n_batches = -(-args.images // args.batch)

@@ -858,15 +858,22 @@ def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
 @pytest.mark.slow
 def test_compiled_evaluation_equals_eager(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """--compile (the network inside detect) against eager on CPU: the same AP and NMS recall up
-    to float32 rounding. The "eager" backend: torch.compile's tracing and guards, without the
-    forward tracing that aot_eager adds (4 s instead of 15 on 2 CPU cores; test_train's compiled
-    training test runs the network through aot_eager, backward included)."""
+    to float32 rounding, and one graph for batches of 3 and 2 images (compiled with every dimension
+    dynamic, the batch of 3 shared a symbol with the 3 colour channels, and the batch of 2 compiled
+    again). The "eager" backend: torch.compile's tracing and guards, without the forward tracing
+    that aot_eager adds (4 s instead of 15 on 2 CPU cores; test_train's compiled training test runs
+    the network through aot_eager, backward included). At 160 pixels: below 129, P7 is 1 x 1, a
+    size torch.compile specialises on."""
     import functools
-    args = ["--ckpt", tiny_ckpt, "--workers", "0", "--max-images", "4", "--batch-size", "2", "--nms-recall"]
+    from torch._dynamo.testing import CompileCounterWithBackend
+    args = ["--ckpt", tiny_ckpt, "--workers", "0", "--max-images", "5", "--batch-size", "3", "--nms-recall",
+            "--min-size", "160", "--max-size", "160"]
     eager, _ = run_main([*args, "--output", str(tmp_path / "eager")], capsys)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    counter = CompileCounterWithBackend("eager")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
     compiled, out = run_main([*args, "--compile", "--output", str(tmp_path / "compiled")], capsys)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for batches of 3 and 2 images"
     # the first batch compiled the network: said, and in metrics.json as part of the whole time
     assert "first batch (compilation) " in out.out
     assert compiled["compile"] and 0 < compiled["compile_s"] <= compiled["seconds"]
