@@ -609,14 +609,15 @@ def train(cfg, loss_cfg):
         window_iters += 1
 
         done = it + 1
+        log_now = done % cfg.log_every == 0 or done == cfg.max_iter
         if cfg.compile and done == start_iter + 1:
             loss.item()  # wait for the first step, which compiled the network and the loss
             compile_s = time.time() - window_start
             if master:
                 print(f"first iteration (compilation) {compile_s:.1f} s", flush=True)
-            if done % cfg.log_every and done != cfg.max_iter:  # the first log's speed and ETA: compiled steps
+            if not log_now:  # the first log's speed and ETA: compiled steps
                 window_start, window_iters = time.time(), 0
-        if done % cfg.log_every == 0 or done == cfg.max_iter:
+        if log_now:
             stop_if_not_finite()
             values = torch.stack([losses[k].detach().float() for k in terms])
             if ddp:
