@@ -283,6 +283,13 @@ def _load_annotations(ann_file):
 EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+# the transposition that undoes each: the two quarter turns undo each other, the others themselves
+EXIF_UNDO = {k: {Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90,
+                 Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270}.get(t, t) for k, t in EXIF_TRANSPOSE.items()}
+# PIL's TIFF reader turns a TIFF upright itself (Pillow >= 10.2): its size at open is already the
+# upright one, and loading applies the orientation and drops the tag. For the other formats PIL
+# reports and decodes the stored pixels.
+TURNED_BY_PIL = ("TIFF",)
 
 
 # PNG text chunks that PIL reads an EXIF orientation from: XMP (tiff:Orientation) and ImageMagick's
@@ -356,8 +363,12 @@ def read_image(path, exif=True):
     becomes RGB. Raises DataError naming the file."""
     try:
         with _open_image(path) as img:
+            turned = _orientation(img) if img.format in TURNED_BY_PIL else 1  # what PIL applies as it loads
             img.load()
-            method = EXIF_TRANSPOSE.get(_orientation(img, loaded=True)) if exif else None
+            if exif:  # upright: what PIL has not applied yet
+                method = EXIF_TRANSPOSE.get(_orientation(img, loaded=True) if turned == 1 else 1)
+            else:  # as stored: undo what PIL applied
+                method = EXIF_UNDO.get(turned)
             array = _to_rgb(img if method is None else img.transpose(method), img.format)
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, EOFError, struct.error, ...)
         raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
@@ -396,6 +407,8 @@ def _inspect(path, size, exif):
         with _open_image(path) as img:
             w, h = img.size
             orientation = _orientation(img)
+            if img.format in TURNED_BY_PIL and orientation >= 5:
+                w, h = h, w  # PIL gave the upright size: the stored one
             if not _ends_as_it_should(img, path):
                 img.load()  # raises for a file cut short
     except FileNotFoundError:

@@ -885,10 +885,10 @@ INVERSE = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTAT
 UPRIGHT_BOX = (8, 4, 40, 14)  # a white box in an 80x50 upright photo: asymmetric, so every transposition moves it
 
 
-def phone_photos(tmp_path, orientations=range(1, 9), annotate="upright"):
-    """JPEGs stored turned by EXIF orientation k whose upright picture holds UPRIGHT_BOX, annotated
-    as a labelling tool shows them ("upright") or as stored ("raw")."""
-    root = str(tmp_path / f"phone_{annotate}")
+def phone_photos(tmp_path, orientations=range(1, 9), annotate="upright", ext="jpg"):
+    """JPEGs (or files of another `ext`) stored turned by EXIF orientation k whose upright picture
+    holds UPRIGHT_BOX, annotated as a labelling tool shows them ("upright") or as stored ("raw")."""
+    root = str(tmp_path / f"phone_{annotate}_{ext}")
     os.makedirs(os.path.join(root, "s"), exist_ok=True)
     upright = np.zeros((50, 80, 3), dtype=np.uint8)
     x1, y1, x2, y2 = UPRIGHT_BOX
@@ -899,10 +899,10 @@ def phone_photos(tmp_path, orientations=range(1, 9), annotate="upright"):
         stored = upright if INVERSE[k] is None else upright.transpose(INVERSE[k])
         exif = Image.Exif()
         exif[0x0112] = k
-        stored.save(os.path.join(root, "s", f"o{k}.jpg"), quality=95, exif=exif)
+        stored.save(os.path.join(root, "s", f"o{k}.{ext}"), quality=95, exif=exif)
         box = UPRIGHT_BOX if annotate == "upright" else bright_box_of(np.asarray(stored))
         w, h = (80, 50) if annotate == "upright" else stored.size
-        images.append(image_entry(k, f"o{k}.jpg", w, h))
+        images.append(image_entry(k, f"o{k}.{ext}", w, h))
         annotations.append(ann(k, k, 5, [box[0], box[1], box[2] - box[0], box[3] - box[1]]))
     write_coco(root, "s", images, annotations, [{"id": 5, "name": "box"}])
     return root
@@ -913,9 +913,10 @@ def bright_box_of(pixels):
     return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
-def test_exif_orientations_1_to_8_read_upright_as_exif_transpose(tmp_path, capsys):
+@pytest.mark.parametrize("ext", ["jpg", "tif"])  # PIL itself turns a TIFF upright, at open and load
+def test_exif_orientations_1_to_8_read_upright_as_exif_transpose(tmp_path, capsys, ext):
     from PIL import ImageOps
-    root = phone_photos(tmp_path)
+    root = phone_photos(tmp_path, ext=ext)
     ds = CocoDataset(root, "s", train=True)
     ds.check_images(show_progress=False)  # every header fits its annotation once turned upright
     # a size cannot tell how a mirrored or upside-down image was annotated (EXIF 2-4): a note says
@@ -923,8 +924,9 @@ def test_exif_orientations_1_to_8_read_upright_as_exif_transpose(tmp_path, capsy
     assert capsys.readouterr().out == ("note: 7 of 8 images are stored turned or mirrored (an EXIF orientation) and "
                                        "are read upright, as labelling tools show them; if their boxes were drawn on "
                                        "the stored pixels, use --raw-orientation\n")
-    CocoDataset(phone_photos(tmp_path, [1]), "s", train=True).check_images(show_progress=False)
-    CocoDataset(phone_photos(tmp_path, [3, 6], annotate="raw"), "s", train=True, exif=False).check_images(show_progress=False)
+    CocoDataset(phone_photos(tmp_path, [1], ext=ext), "s", train=True).check_images(show_progress=False)
+    CocoDataset(phone_photos(tmp_path, [3, 6], annotate="raw", ext=ext), "s", train=True,
+                exif=False).check_images(show_progress=False)
     assert capsys.readouterr().out == ""  # none turned, or read as stored
     for i in range(len(ds)):
         image, target = ds[i]
@@ -943,24 +945,25 @@ def test_exif_rotated_boxes_land_on_the_object_through_training_input(tmp_path, 
         assert np.allclose(bright_box(seen), boxes[0].tolist(), atol=1.5)
 
 
-def test_raw_orientation_reads_as_stored(tmp_path):
-    root = phone_photos(tmp_path, annotate="raw")
+@pytest.mark.parametrize("ext", ["jpg", "tif"])
+def test_raw_orientation_reads_as_stored(tmp_path, ext):
+    root = phone_photos(tmp_path, annotate="raw", ext=ext)
     ds = CocoDataset(root, "s", train=True, exif=False)
     ds.check_images(show_progress=False)
     for i in range(len(ds)):
         image, target = ds[i]
-        with Image.open(ds.path(i)) as img:
-            assert tuple(image.shape[-2:]) == (img.height, img.width)
+        k = int(ds.file_name(i)[1])  # o{k}.ext: stored 50 wide and 80 high where k turns it by 90 degrees
+        assert tuple(image.shape[-2:]) == ((80, 50) if k >= 5 else (50, 80)), ds.file_name(i)
         assert np.allclose(bright_box(image.float() / 255), target["boxes"][0].tolist(), atol=1)
     # the same raw annotations read upright: 5-8 no longer fit, and the message says what to do
     with pytest.raises(DataError) as e:
         CocoDataset(root, "s", train=True).check_images(show_progress=False)
     message = one_line(e)
     assert message.startswith("4 of 8 images cannot be used: ") and "--raw-orientation" in message
-    assert all(f"o{k}.jpg" in message for k in (5, 6, 7, 8))
+    assert all(f"o{k}.{ext}" in message for k in (5, 6, 7, 8))
     # and upright annotations read raw: the other way round
     with pytest.raises(DataError) as e:
-        CocoDataset(phone_photos(tmp_path), "s", train=True, exif=False).check_images(show_progress=False)
+        CocoDataset(phone_photos(tmp_path, ext=ext), "s", train=True, exif=False).check_images(show_progress=False)
     assert "4 of 8 images" in one_line(e) and "use --no-raw-orientation" in one_line(e)
 
 
