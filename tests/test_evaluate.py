@@ -788,8 +788,10 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
     rank 0: the same results as 1 process. Each image is the very same computation in both runs
     (CPU, one image per batch, and the thread count evaluate.py gives each of 2 CPU processes), so
     the detection lists must match one for one; with another thread count, a near-tie in NMS
-    could legitimately flip."""
-    out1, out2 = str(tmp_path / "eval1"), str(tmp_path / "eval2")
+    could legitimately flip. The output folder of the 2 processes is named in bytes that are not
+    UTF-8, and their stdout is strict UTF-8 (an en_US.UTF-8 locale): the paths they print come out
+    as their own bytes, not as an encoding error."""
+    out1, out2 = str(tmp_path / "eval1"), str(tmp_path / os.fsdecode(b"eval\xe9"))
     args = ["--ckpt", tiny_ckpt, "--workers", "0", "--batch-size", "1", "--device", "cpu", "--nms-recall"]
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, data.available_cpus() // 2))  # evaluate.py's rule for 2 CPU processes
@@ -797,7 +799,7 @@ def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
         one, _ = run_main(args + ["--output", out1], capsys)
     finally:
         torch.set_num_threads(threads)
-    run_two_processes([os.path.join(ROOT, "evaluate.py"), *args, "--output", out2])
+    run_two_processes([os.path.join(ROOT, "evaluate.py"), *args, "--output", out2], PYTHONIOENCODING="utf-8")
     results = []
     for out in (out1, out2):
         with open(os.path.join(out, "detections.json")) as f:

@@ -907,11 +907,17 @@ def test_refuses_to_overwrite_a_run(tiny_data, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_end_to_end_on_tiny_shapes(tmp_path):
+    """train.py from the command line; its folders named in bytes that are not UTF-8 (Linux allows
+    any), with stdout in strict UTF-8, as in an en_US.UTF-8 locale: the paths it prints come out as
+    their own bytes, not as an encoding error."""
+    tmp_path = tmp_path / os.fsdecode(b"caf\xe9")  # 'caf\udce9' in Python
     root = prepare_shapes(str(tmp_path / "shapes"), num_train=12, num_val=4)
     res = run_cli(["--data", root, "--backbone", "resnet18", "--weights", "none", "--batch-size", "2",
                    "--max-iter", "4", "--min-size", "96", "112", "--max-size", "128", "--log-every", "2",
-                   "--workers", "1", "--loss", "retinanet", "--output", str(tmp_path / "run")])
+                   "--workers", "1", "--loss", "retinanet", "--output", str(tmp_path / "run")],
+                  env={**os.environ, "PYTHONIOENCODING": "utf-8"}, errors="surrogateescape")
     assert res.returncode == 0, res.stderr
+    assert f"output {tmp_path / 'run'}\n" in res.stdout
     lines = [l for l in res.stdout.splitlines() if l.startswith("iter ")]
     assert len(lines) == 2 and "4/4" in lines[-1] and "eta" in lines[-1] and "img/s" in lines[-1]
     records = [json.loads(l) for l in open(tmp_path / "run" / "log.jsonl")]
