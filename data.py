@@ -41,6 +41,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -1518,10 +1519,12 @@ def _partial(path):
 
 
 def remove_partial_writes(folder, names):
-    """Delete what a kill in the middle of write_atomic left of the files `names` in `folder`."""
+    """Delete what a kill in the middle of write_atomic left of the files `names` (glob patterns,
+    such as "pictures/*.png") in `folder`."""
     for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(_partial(os.path.join(folder, name)))
+        for partial in glob.glob(_partial(os.path.join(glob.escape(folder), name))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
 
 
 def write_atomic(path, data):

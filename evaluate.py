@@ -448,7 +448,15 @@ def bar_chart(path, title, labels, values, colors, xlabel, ylabel="AP (%)", lege
     ImageDraw.Draw(ylab).text((2, 1), ylabel, fill="black", font=font)
     ylab = ylab.rotate(90, expand=True)
     img.paste(ylab, (8, top + (plot_h - ylab.height) // 2))
-    img.save(path)
+    save_png(img, path)
+
+
+def save_png(img, path):
+    """The PIL image `img` as a PNG file at `path`, whole or not at all (data.write_atomic): a
+    Ctrl-C or a kill while pictures are drawn never leaves one cut short."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    write_atomic(path, buffer.getbuffer())
 
 
 def _to_pil(image, scale=1.0):
@@ -567,7 +575,7 @@ def show_matching(model, dataset, indices, loss_config, min_size, folder):
             caption = (f"image {target['image_id']}, {name} {wh[g, 0]:.0f}x{wh[g, 1]:.0f} px at shorter side "
                        f"{min_size}: its bag of {bag.shape[1]} anchors")
             path = os.path.join(folder, f"matching_{target['image_id']}_{g}.png")
-            draw_matching(image, box, bag_anchors, weights[g].float().cpu(), ious, caption).save(path)
+            save_png(draw_matching(image, box, bag_anchors, weights[g].float().cpu(), ious, caption), path)
             paths.append(path)
     return paths
 
@@ -672,7 +680,7 @@ def make_output_folder(path, subfolders=()):
             os.makedirs(os.path.join(path, name), exist_ok=True)
         except OSError as e:
             raise ValueError(f"--output {path}: cannot make the folder {os.path.join(path, name)} ({e.strerror})") from None
-    remove_partial_writes(path, ("detections.json", "metrics.json"))
+    remove_partial_writes(path, ("detections.json", "metrics.json", "*.png", "pictures/*.png", "matching/*.png"))
     # what an earlier evaluation drew here, which this one may not draw again (other options, another
     # checkpoint): charts and pictures never sit beside results they were not made from
     stale = [os.path.join(path, name) for name in ("ap_by_shape.png", "ap_by_crowdedness.png")]
@@ -854,7 +862,7 @@ def _evaluate(cfg, ddp, rank, world, master):
             image, target = dataset[i]  # uint8
             path = os.path.join(folder, f"{target['image_id']}.png")
             image = image.float() / 255  # [3, h, w] in [0, 1]
-            draw_detections(image, target["boxes"], target["labels"], records[i], names, cfg.vis_score).save(path)
+            save_png(draw_detections(image, target["boxes"], target["labels"], records[i], names, cfg.vis_score), path)
         print(f"\n{min(cfg.visualize, num_images)} pictures in {folder}")
     if cfg.show_matching:
         loss_config = freeanchor.FreeAnchorConfig(**(ckpt.get("loss_config") or {}))

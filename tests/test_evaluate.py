@@ -727,6 +727,42 @@ def test_interrupted_evaluation_leaves_no_mismatched_results(tiny_ckpt, tmp_path
         assert json.load(f)["images"] == metrics["images"] == 3
 
 
+def test_a_stop_while_pictures_are_drawn_leaves_none_cut_short(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of a picture's PNG encoding (here: PIL has written half of it): the
+    pictures written before it are whole and that one is not there at all; the next evaluation
+    in the folder also removes what a kill -9 during a write would leave (a temporary file)."""
+    out = tmp_path / "eval"
+    real_save = Image.Image.save
+    saved = []
+
+    def save_half_then_interrupt(img, fp, *args, **kwargs):
+        if len(saved) < 1:
+            saved.append(fp)
+            return real_save(img, fp, *args, **kwargs)
+        whole = io.BytesIO()
+        real_save(img, whole, format="PNG")
+        if isinstance(fp, (str, os.PathLike)):
+            with open(fp, "wb") as f:
+                f.write(whole.getvalue()[:len(whole.getvalue()) // 2])
+        else:
+            fp.write(whole.getvalue()[:len(whole.getvalue()) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", save_half_then_interrupt)
+    args = ["--ckpt", tiny_ckpt, "--output", str(out), "--workers", "0", "--max-images", "3"]
+    with pytest.raises(SystemExit) as e:
+        run_main([*args, "--visualize", "3"], capsys)
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    pictures = os.listdir(out / "pictures")
+    assert len(pictures) == 1
+    with Image.open(out / "pictures" / pictures[0]) as img:
+        img.load()  # whole
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    (out / "pictures" / "5.png.tmp").write_bytes(b"\x89PNG")  # what a kill -9 in write_atomic leaves
+    run_main(args, capsys)
+    assert os.listdir(out / "pictures") == []
+
+
 def test_a_stop_while_metrics_json_is_written_says_the_evaluation_completed(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """A scheduler's SIGTERM (or Ctrl-C) that lands while the last file is written: the write
     completes, the results line is printed, and the stop line says nothing was lost."""
