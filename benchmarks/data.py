@@ -135,8 +135,8 @@ def loader_throughput(root, worker_counts, batches):
 def header_check(root, count):
     ds = CocoDataset(root, "img", train=True)
     paths, sizes = [ds.path(i) for i in range(len(ds))], ds._sizes.tolist()
-    reps = max(1, count // len(paths))
-    paths, sizes = paths * reps, sizes * reps  # the same files again: the page cache holds them, as after a first epoch
+    reps = -(-count // len(paths))  # the same files again: the page cache holds them, as after a first epoch
+    paths, sizes = (paths * reps)[:count], (sizes * reps)[:count]
     cpus = data.available_cpus()
     print(f"\n| header check of {len(paths)} JPEGs | s | s per 10k images |\n|---|---:|---:|")
     for workers in sorted({1, cpus}):
