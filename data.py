@@ -1446,11 +1446,21 @@ def stopped_by(interrupt):
     return ("terminated" if signum == signal.SIGTERM else "interrupted"), 128 + signum
 
 
-def ignore_sigterm(worker_id):
-    """worker_init_fn of the DataLoaders: a scheduler's SIGTERM reaches every process of the job, and
+def init_worker(worker_id):
+    """worker_init_fn of the DataLoaders. A scheduler's SIGTERM reaches every process of the job, and
     the stop is the main process's to make (a worker killed by it would turn the stop into "worker
-    killed"); the workers end when the loader is shut down, or when their parent is gone."""
+    killed"): the workers ignore it, and end when the loader is shut down, or when their parent is
+    gone. And a main process stopped (Ctrl-C, SIGTERM) while it takes a batch from a worker cuts
+    the connection over which the worker hands it the batch's shared memory: the worker's thread
+    that serves it (multiprocessing's resource_sharer, which reports through sys.excepthook) would
+    print a traceback under the stop's one line. It says nothing."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = _quiet_when_the_main_process_left
+
+
+def _quiet_when_the_main_process_left(exc_type, exc, traceback):
+    if not issubclass(exc_type, (BrokenPipeError, ConnectionResetError, EOFError)):
+        sys.__excepthook__(exc_type, exc, traceback)
 
 
 def loader_batches(loader):
@@ -1458,7 +1468,7 @@ def loader_batches(loader):
     image that fails at decode), stops the worker processes at once. Left to themselves they would
     outlive the error: torch re-raises it from a frame that holds it, a reference cycle that keeps
     the loader's iterator alive up to the interpreter's exit, where multiprocessing ends the
-    workers with SIGTERM, which they ignore (ignore_sigterm), and waits for them forever."""
+    workers with SIGTERM, which they ignore (init_worker), and waits for them forever."""
     batches = iter(loader)
     try:
         yield from batches

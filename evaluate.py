@@ -78,7 +78,7 @@ from torchvision.ops import batched_nms
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, DeferredInterrupt,
                   HelpFormatter, ImageError, add_config_arguments, available_cpus, catch_stop_signals, config_from_args,
-                  device_defaults, end_progress_line, ignore_sigterm, load_checkpoint_file, loader_batches, on_rank0,
+                  device_defaults, end_progress_line, init_worker, load_checkpoint_file, loader_batches, on_rank0,
                   print_stop, progress_line, remove_partial_writes, resolve_root_once, setup_processes,
                   stop_on_failure, stopped_by, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
@@ -620,7 +620,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
         print(f"note: --workers {cfg.workers} lowered to {workers}, the CPUs available here", flush=True)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
                                          num_workers=workers, collate_fn=list,
-                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm)
+                                         pin_memory=device.type == "cuda", worker_init_fn=init_worker)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
     if cfg.channels_last:  # convolutions in NHWC follow the weights' layout
         model = model.to(memory_format=torch.channels_last)

@@ -69,7 +69,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import freeanchor
 from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError,
                   TrainSampler, add_config_arguments, available_cpus, canvas_shapes, catch_stop_signals, collate,
-                  config_from_args, device_defaults, end_progress_line, format_eta, ignore_sigterm, load_checkpoint_file,
+                  config_from_args, device_defaults, end_progress_line, format_eta, init_worker, load_checkpoint_file,
                   loader_batches, on_rank0, pad_to_canvas, print_stop, remove_partial_writes, resolve_root_once,
                   setup_processes, signals_deferred, stop_on_failure, stopped_by, to_device, write_atomic)
 from model import BACKBONES, PRIOR_PROB, RETINANET_PRIOR_PROB, RetinaNet
@@ -497,7 +497,7 @@ def train(cfg, loss_cfg):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=workers, pin_memory=device.type == "cuda",  # non_blocking copies
                                          generator=torch.Generator().manual_seed(cfg.seed),
-                                         worker_init_fn=ignore_sigterm)
+                                         worker_init_fn=init_worker)
 
     log_path = os.path.join(cfg.output, "log.jsonl")
     if master:

@@ -718,6 +718,35 @@ def test_a_killed_worker_is_one_line(capsys):
                         r"\(killed, out of memory\? --workers 0 shows an error of its own\)\n", err), err
 
 
+class BatchHalfTakenDataset(torch.utils.data.Dataset):
+    """In a DataLoader worker, what a main process stopped while it takes a batch leaves: the
+    worker's resource sharer (which hands the main process the shared memory of each batch) is
+    connected to, and the other end is gone before the handshake."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        import socket
+        from multiprocessing import resource_sharer
+        resource_sharer.DupFd(os.open(os.devnull, os.O_RDONLY))  # starts the sharer's thread, as a batch does
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(resource_sharer._resource_sharer._address)
+        time.sleep(0.5)  # the thread meets the closed connection
+        return torch.zeros(1)
+
+
+def test_a_main_process_gone_mid_batch_leaves_no_worker_traceback(capfd):
+    """A Ctrl-C or SIGTERM while the main process takes a batch from a worker: without
+    data.init_worker the worker prints a traceback (BrokenPipeError) under the stop's one line."""
+    for init, traceback in ((None, True), (data.init_worker, False)):
+        loader = torch.utils.data.DataLoader(BatchHalfTakenDataset(), batch_size=1, num_workers=1, worker_init_fn=init)
+        next(iter(loader))
+        del loader
+        err = capfd.readouterr().err
+        assert ("Traceback" in err) == traceback, err
+
+
 def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
     """catch_stop_signals: the first Ctrl-C or SIGTERM raises; a second one, which would cut the
     stop short with a traceback, is ignored; a third ends the process at once (the first may have
