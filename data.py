@@ -1541,15 +1541,13 @@ def write_atomic(path, data):
     """Write the bytes `data` to `path` through a temporary file, flushed to disk, then renamed over
     `path`: a kill at any moment leaves either the old file or the new one, never half of one (the
     directory is flushed too, where the file system allows, so that a power cut does not undo the
-    rename). Ctrl-C waits for the end of the write. A failed write (a full disk) removes the
-    temporary file and raises OSError naming `path`, the old file untouched."""
+    rename). Ctrl-C waits for the end of the write (a third ends the process at once, see
+    signals_deferred). A failed write (a full disk) removes the temporary file and raises OSError
+    naming `path`, the old file untouched."""
     tmp = _partial(path)
     with signals_deferred():
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _in_a_thread(lambda: _write_to_disk(tmp, data))
             os.replace(tmp, path)
         except BaseException as e:  # a full disk; or an error raised by a handler (torch's, of a killed worker)
             with contextlib.suppress(OSError):
@@ -1566,6 +1564,38 @@ def write_atomic(path, data):
                 os.close(directory)
         except OSError:  # some network file systems refuse to flush a directory: durability only
             pass
+
+
+def _write_to_disk(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _in_a_thread(fn):
+    """fn() in another thread, this one waiting for it in short steps: Python runs signal handlers
+    in the main thread only, between two steps of its own, never inside one write or fsync call,
+    which for a large checkpoint on a slow disk can take seconds (three Ctrl-C there would come
+    out as one, after it). fn's exception, or one a handler raises meanwhile (once fn is done), is
+    raised here."""
+    failed = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        try:
+            thread.join(0.05)
+        except BaseException as e:  # from a signal handler: raised once fn's file is closed
+            failed.insert(0, e)
+    if failed:
+        raise failed[0]
 
 
 def load_checkpoint_file(path):

@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -809,6 +810,46 @@ def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
         assert exits == []
         send(signal.SIGINT)  # the third
         assert exits == [128 + signal.SIGINT]
+
+
+def test_a_third_stop_signal_ends_the_process_during_a_long_write(tmp_path, monkeypatch):
+    """A checkpoint's write or fsync that takes seconds (a slow disk) is one system call, which no
+    signal interrupts and in which Python runs no handler: three Ctrl-C sent meanwhile would come
+    out as one, after it. write_atomic writes from another thread, so the third ends the process
+    while the write still runs. (The write is modelled by an fsync that blocks the signals for 1 s
+    in its thread, as the kernel does while it writes a regular file.)"""
+    exits, real_fsync, fsync_done = [], os.fsync, []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(os, "write", lambda fd, text: None)
+
+    def slow_fsync(fd):
+        if fsync_done:  # the folder's, after the file's
+            return real_fsync(fd)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # this thread only
+        try:
+            time.sleep(1)
+            fsync_done.append(len(exits))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        real_fsync(fd)
+
+    def three_ctrl_c():
+        for _ in range(3):
+            time.sleep(0.15)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    restore = data.catch_stop_signals()
+    try:
+        sender = threading.Thread(target=three_ctrl_c)
+        sender.start()
+        with pytest.raises(data.DeferredInterrupt):
+            data.write_atomic(str(tmp_path / "last.pt"), b"checkpoint")
+        sender.join()
+    finally:
+        restore()
+    assert exits == [128 + signal.SIGINT] and fsync_done[0] == 1  # ended before the write did
+    assert (tmp_path / "last.pt").read_bytes() == b"checkpoint"  # (os._exit is a stub here: the write went on)
 
 
 def test_image_size_disagreeing_with_annotations(tiny):
