@@ -508,6 +508,8 @@ def train(cfg, loss_cfg):
             with open(log_path) as f:
                 kept = [l for l in f if l.strip() and _iter_of(l) is not None and _iter_of(l) <= start_iter]
             write_atomic(log_path, "".join(kept).encode())
+        elif start_iter > 0:  # removed since the checkpoint: what it held is gone, not to be taken for the run
+            print(f"note: {log_path} is missing: it starts again at iteration {start_iter + 1}", flush=True)
         speed = ", ".join(name for name, on in (("bf16 autocast", cfg.amp), ("channels_last", cfg.channels_last),
                                                 ("torch.compile", cfg.compile), ("fixed shapes", cfg.fixed_shapes)) if on) or "float32"
         print(f"{len(dataset)} training images, {len(dataset.categories)} classes, {world} process(es) x "

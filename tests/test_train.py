@@ -381,11 +381,12 @@ def test_two_process_ddp_from_scratch_on_cpu(tiny_data, tmp_path):
 
 # ----------------------------------------------------------------------------- resume
 
-def test_resume_needs_no_backbone_file_and_takes_it_from_any_directory(tiny_data, tmp_path, monkeypatch):
+def test_resume_needs_no_backbone_file_and_takes_it_from_any_directory(tiny_data, tmp_path, monkeypatch, capsys):
     """A run started from a local backbone file resumes from another working directory, the file
     named by another relative path (the same file: accepted), and also once the file is gone:
     every weight comes from last.pt, the model laid out as pretrained weights lay it out (frozen
-    BatchNorm, stem and res2: else the optimizer's state would not fit it)."""
+    BatchNorm, stem and res2: else the optimizer's state would not fit it). A log.jsonl removed
+    meanwhile gets a note."""
     import torchvision
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "a" / "r18.pt")
@@ -410,9 +411,12 @@ def test_resume_needs_no_backbone_file_and_takes_it_from_any_directory(tiny_data
     assert e.value.code != 2  # not refused as another run's checkpoint
     monkeypatch.setattr(freeanchor, "free_anchor_loss", real)
     os.remove(tmp_path / "a" / "r18.pt")
+    os.remove(tmp_path / "run" / "log.jsonl")
+    capsys.readouterr()
     train.main([*args[:args.index("r18.pt")], str(tmp_path / "a" / "r18.pt"), *args[args.index("r18.pt") + 1:], "--resume"])
     assert (tmp_path / "run" / "model_final.pt").exists()
-    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["iter"] == 3
+    assert f"note: {tmp_path / 'run' / 'log.jsonl'} is missing: it starts again at iteration 2\n" in capsys.readouterr().out
+    assert [json.loads(l)["iter"] for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [2, 3]
 
 
 @pytest.mark.slow
