@@ -38,6 +38,7 @@ costs: `python benchmarks/data.py`.
 """
 
 import argparse
+import codecs
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -288,8 +289,9 @@ EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_
 EXIF_UNDO = {k: {Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90,
                  Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270}.get(t, t) for k, t in EXIF_TRANSPOSE.items()}
 # PIL's TIFF reader turns a TIFF upright itself (Pillow >= 10.2): its size at open is already the
-# upright one, and loading applies the orientation and drops the tag. For the other formats PIL
-# reports and decodes the stored pixels.
+# upright one where the TIFF's own orientation tag turns it by a quarter (not one from XMP), and
+# loading applies the orientation (either) and drops the tag. For the other formats PIL reports
+# and decodes the stored pixels.
 TURNED_BY_PIL = ("TIFF",)
 
 
@@ -408,7 +410,7 @@ def _inspect(path, size, exif):
         with _open_image(path) as img:
             w, h = img.size
             orientation = _orientation(img)
-            if img.format in TURNED_BY_PIL and orientation >= 5:
+            if img.format in TURNED_BY_PIL and img.tag_v2.get(ExifTags.Base.Orientation) in (5, 6, 7, 8):
                 w, h = h, w  # PIL gave the upright size: the stored one
             if not _ends_as_it_should(img, path):
                 img.load()  # raises for a file cut short
@@ -1446,6 +1448,21 @@ def stopped_by(interrupt):
     return ("terminated" if signum == signal.SIGTERM else "interrupted"), 128 + signum
 
 
+def _bytes_or_escape(error):
+    """Encoding error handler of train.py's and evaluate.py's stdout and stderr: a path's bytes that
+    are not valid UTF-8 (Linux allows any; Python holds them as lone surrogates) go out as those
+    bytes, as `ls` shows them; any other character the stream cannot encode (a category name on a
+    terminal that is not UTF-8) as a backslash escape. Never an error, which would turn a one-line
+    message into a traceback."""
+    try:
+        return codecs.lookup_error("surrogateescape")(error)
+    except UnicodeError:
+        return codecs.lookup_error("backslashreplace")(error)
+
+
+codecs.register_error("bytes_or_escape", _bytes_or_escape)
+
+
 def init_worker(worker_id):
     """worker_init_fn of the DataLoaders. A scheduler's SIGTERM reaches every process of the job, and
     the stop is the main process's to make (a worker killed by it would turn the stop into "worker
@@ -1577,22 +1594,24 @@ def _in_a_thread(fn):
     """fn() in another thread, this one waiting for it in short steps: Python runs signal handlers
     in the main thread only, between two steps of its own, never inside one write or fsync call,
     which for a large checkpoint on a slow disk can take seconds (three Ctrl-C there would come
-    out as one, after it). fn's exception, or one a handler raises meanwhile (once fn is done), is
-    raised here."""
-    failed = []
+    out as one, after it). fn's exception, or one a handler raises meanwhile (such as torch's for a
+    killed DataLoader worker), is raised here once fn is done."""
+    failed, done = [], threading.Event()
 
     def run():
         try:
             fn()
         except BaseException as e:
             failed.append(e)
+        finally:
+            done.set()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    while thread.is_alive():
+    while not done.is_set():  # not thread.is_alive(): a join that a handler's exception interrupts ends it
         try:
-            thread.join(0.05)
-        except BaseException as e:  # from a signal handler: raised once fn's file is closed
+            done.wait(0.05)
+        except BaseException as e:  # from a signal handler: raised once fn is done
             failed.insert(0, e)
     if failed:
         raise failed[0]

@@ -687,11 +687,13 @@ def make_output_folder(path, subfolders=()):
             os.makedirs(os.path.join(path, name), exist_ok=True)
         except OSError as e:
             raise ValueError(f"--output {path}: cannot make the folder {os.path.join(path, name)} ({e.strerror})") from None
-    remove_partial_writes(path, ("detections.json", "metrics.json", "*.png", "pictures/*.png", "matching/*.png"))
+    remove_partial_writes(path, ("detections.json", "metrics.json", "ap_by_shape.png", "ap_by_crowdedness.png",
+                                 "pictures/*.png", "matching/matching_*.png"))
     # what an earlier evaluation drew here, which this one may not draw again (other options, another
     # checkpoint): charts and pictures never sit beside results they were not made from
     stale = [os.path.join(path, name) for name in ("ap_by_shape.png", "ap_by_crowdedness.png")]
-    stale += glob.glob(os.path.join(path, "pictures", "*.png")) + glob.glob(os.path.join(path, "matching", "matching_*.png"))
+    stale += glob.glob(os.path.join(glob.escape(path), "pictures", "*.png"))
+    stale += glob.glob(os.path.join(glob.escape(path), "matching", "matching_*.png"))
     for file in stale:
         with contextlib.suppress(FileNotFoundError):
             os.remove(file)
@@ -912,11 +914,8 @@ if __name__ == "__main__":
     for _signum, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
         if signal.getsignal(_signum) is _stopped_before_main:
             signal.signal(_signum, _default)  # main() handles them from here on
-    # a path whose name is not valid UTF-8 (Linux allows any bytes) reaches Python with its bytes as
-    # lone surrogates: printed back as those bytes, as `ls` shows them, not an encoding error where
-    # the locale's stdout is strict UTF-8
-    for _stream in (sys.stdout, sys.stderr):
-        _stream.reconfigure(errors="surrogateescape")
+    for _stream in (sys.stdout, sys.stderr):  # paths that are not UTF-8, on any terminal (see data._bytes_or_escape)
+        _stream.reconfigure(errors="bytes_or_escape")
     try:
         main()
     finally:  # done or stopping: a Ctrl-C during the exit (DataLoader workers ending) interrupts nothing

@@ -750,11 +750,8 @@ if __name__ == "__main__":
     for _signum, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
         if signal.getsignal(_signum) is _stopped_before_main:
             signal.signal(_signum, _default)  # main() handles them from here on
-    # a path whose name is not valid UTF-8 (Linux allows any bytes) reaches Python with its bytes as
-    # lone surrogates: printed back as those bytes, as `ls` shows them, not an encoding error where
-    # the locale's stdout is strict UTF-8
-    for _stream in (sys.stdout, sys.stderr):
-        _stream.reconfigure(errors="surrogateescape")
+    for _stream in (sys.stdout, sys.stderr):  # paths that are not UTF-8, on any terminal (see data._bytes_or_escape)
+        _stream.reconfigure(errors="bytes_or_escape")
     try:
         main()
     finally:  # done or stopping: a Ctrl-C during the exit (DataLoader workers ending) interrupts nothing

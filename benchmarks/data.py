@@ -135,6 +135,7 @@ def loader_throughput(root, worker_counts, batches):
 def header_check(root, count):
     ds = CocoDataset(root, "img", train=True)
     paths, sizes = [ds.path(i) for i in range(len(ds))], ds._sizes.tolist()
+    count = max(1, count)
     reps = -(-count // len(paths))  # the same files again: the page cache holds them, as after a first epoch
     paths, sizes = (paths * reps)[:count], (sizes * reps)[:count]
     cpus = data.available_cpus()

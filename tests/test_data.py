@@ -816,27 +816,35 @@ def test_a_third_stop_signal_ends_the_process_during_a_long_write(tmp_path, monk
     """A checkpoint's write or fsync that takes seconds (a slow disk) is one system call, which no
     signal interrupts and in which Python runs no handler: three Ctrl-C sent meanwhile would come
     out as one, after it. write_atomic writes from another thread, so the third ends the process
-    while the write still runs. (The write is modelled by an fsync that blocks the signals for 1 s
-    in its thread, as the kernel does while it writes a regular file.)"""
-    exits, real_fsync, fsync_done = [], os.fsync, []
+    while the write still runs. (The write is modelled by an fsync that blocks the signals in its
+    thread, as the kernel does while it writes a regular file, until the three were sent; each is
+    sent once the one before was handled, or after 5 s.)"""
+    exits, real_fsync, exits_when_fsync_ended = [], os.fsync, []
+    writing, sent = threading.Event(), threading.Event()
     monkeypatch.setattr(os, "_exit", exits.append)
     monkeypatch.setattr(os, "write", lambda fd, text: None)
 
     def slow_fsync(fd):
-        if fsync_done:  # the folder's, after the file's
+        if exits_when_fsync_ended:  # the folder's, after the file's
             return real_fsync(fd)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # this thread only
+        writing.set()
         try:
-            time.sleep(1)
-            fsync_done.append(len(exits))
+            sent.wait(20)
+            exits_when_fsync_ended.append(len(exits))
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         real_fsync(fd)
 
     def three_ctrl_c():
-        for _ in range(3):
-            time.sleep(0.15)
+        writing.wait(20)
+        held_back = data._held_back
+        for n in range(1, 4):
             os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.time() + 5
+            while data._held_back - held_back < n and not exits and time.time() < deadline:
+                time.sleep(0.01)
+        sent.set()
 
     monkeypatch.setattr(os, "fsync", slow_fsync)
     restore = data.catch_stop_signals()
@@ -848,8 +856,46 @@ def test_a_third_stop_signal_ends_the_process_during_a_long_write(tmp_path, monk
         sender.join()
     finally:
         restore()
-    assert exits == [128 + signal.SIGINT] and fsync_done[0] == 1  # ended before the write did
+    assert exits == [128 + signal.SIGINT] and exits_when_fsync_ended == [1]  # ended before the write did
     assert (tmp_path / "last.pt").read_bytes() == b"checkpoint"  # (os._exit is a stub here: the write went on)
+
+
+def test_a_write_waits_for_its_thread_when_a_signal_handler_raises(tmp_path):
+    """An exception raised by a signal handler while write_atomic waits for its writing thread
+    (torch raises one when a DataLoader worker is killed) comes out once the file is written and
+    closed, not while the thread still writes to it (which a join interrupted by it would allow)."""
+    wrote = []
+
+    def fn():
+        time.sleep(0.5)
+        wrote.append(True)
+
+    def raising(signum, frame):
+        raise RuntimeError("a handler's")
+
+    previous = signal.signal(signal.SIGUSR1, raising)
+    try:
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        with pytest.raises(RuntimeError, match="a handler's"):
+            data._in_a_thread(fn)
+        assert wrote == [True]
+        timer.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_output_encoding_never_fails():
+    """train.py's and evaluate.py's stdout and stderr: a path's bytes that are not UTF-8 go out as
+    they are, and a character the stream cannot encode as an escape."""
+    path = os.fsdecode(b"/data/caf\xe9")  # as Python holds such a path: '/data/caf\udce9'
+    for encoding, expected in (("utf-8", b"/data/caf\xe9 \xe6\x97\xa5\n"), ("latin-1", b"/data/caf\xe9 \\u65e5\n"),
+                               ("ascii", b"/data/caf\xe9 \\u65e5\n")):
+        out = io.BytesIO()
+        stream = io.TextIOWrapper(out, encoding=encoding, errors="bytes_or_escape")
+        print(path, "\u65e5", file=stream)
+        stream.flush()
+        assert out.getvalue() == expected, encoding
 
 
 def test_image_size_disagreeing_with_annotations(tiny):
@@ -1146,30 +1192,36 @@ def test_images_above_pils_decompression_bomb_limit_are_used(tmp_path):
     assert data._check_one(path, (12000, 15000), True) is None
 
 
-@pytest.mark.parametrize("after_pixels", [False, True])
-@pytest.mark.parametrize("where", ["text chunk", "xmp"])
+@pytest.mark.parametrize("where, after_pixels", [("text chunk", False), ("text chunk", True), ("xmp", False),
+                                                 ("xmp", True), ("tiff xmp", False)])
 def test_png_orientation_outside_an_exif_chunk_is_checked_as_it_is_read(tmp_path, where, after_pixels):
     """A PNG may carry its orientation in ImageMagick's "Raw profile type exif" text chunk or as XMP
     tiff:Orientation instead of an eXIf chunk, before or after its pixels; exif_transpose (and
     read_image) turn the picture by it, and so must the header check, or it refuses images that
-    read fine and passes images that don't."""
+    read fine and passes images that don't. A TIFF may carry it as XMP too, instead of its own
+    tag: PIL turns the pixels by it as it loads them but, unlike for the tag, reports the stored
+    size. Read as stored (--raw-orientation), each is accepted annotated as stored."""
     from PIL import ImageOps, PngImagePlugin
     root = str(tmp_path / "png")
     os.makedirs(os.path.join(root, "s"))
     info = PngImagePlugin.PngInfo()
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
     if where == "text chunk":
         exif = Image.Exif()
         exif[0x0112] = 6
         raw = exif.tobytes().hex()
         info.add_text("Raw profile type exif", f"\nexif\n{len(raw) // 2:8d}\n{raw}\n", zip=True)
-    else:
-        info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.'
-                      'org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
-                      'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    elif where == "xmp":
+        info.add_itxt("XML:com.adobe.xmp", xmp)
     stored = np.zeros((20, 40, 3), dtype=np.uint8)
     stored[2:6, 30:38] = 255
-    path = os.path.join(root, "s", "turned.png")
-    Image.fromarray(stored).save(path, pnginfo=info)
+    name = "turned.tif" if where == "tiff xmp" else "turned.png"
+    path = os.path.join(root, "s", name)
+    if where == "tiff xmp":
+        Image.fromarray(stored).save(path, tiffinfo={700: xmp.encode()})  # 700: the TIFF tag of XMP
+    else:
+        Image.fromarray(stored).save(path, pnginfo=info)
     if after_pixels:
         move_chunks_after_pixels(path, (b"zTXt", b"iTXt"))
     with Image.open(path) as img:
@@ -1177,16 +1229,19 @@ def test_png_orientation_outside_an_exif_chunk_is_checked_as_it_is_read(tmp_path
             assert "XML:com.adobe.xmp" not in img.info and "Raw profile type exif" not in img.info
         upright = np.array(ImageOps.exif_transpose(img).convert("RGB"))
     assert upright.shape == (40, 20, 3)  # PIL turns it
-    write_coco(root, "s", [image_entry(1, "turned.png", 20, 40)], [ann(1, 1, 5, [14, 30, 4, 8])],
+    write_coco(root, "s", [image_entry(1, name, 20, 40)], [ann(1, 1, 5, [14, 30, 4, 8])],
                [{"id": 5, "name": "box"}])
     ds = CocoDataset(root, "s", train=True)
     ds.check_images(show_progress=False)  # annotated upright: accepted
     assert torch.equal(ds[0][0], torch.from_numpy(upright).permute(2, 0, 1))
-    write_coco(root, "s", [image_entry(1, "turned.png", 40, 20)], [ann(1, 1, 5, [30, 2, 8, 4])],
+    write_coco(root, "s", [image_entry(1, name, 40, 20)], [ann(1, 1, 5, [30, 2, 8, 4])],
                [{"id": 5, "name": "box"}])
     with pytest.raises(DataError) as e:  # annotated as stored: refused up front, with the hint
         CocoDataset(root, "s", train=True).check_images(show_progress=False)
     assert "with EXIF orientation 6 applied" in one_line(e) and "--raw-orientation" in one_line(e)
+    ds = CocoDataset(root, "s", train=True, exif=False)
+    ds.check_images(show_progress=False)  # and read as stored: accepted
+    assert torch.equal(ds[0][0], torch.from_numpy(stored).permute(2, 0, 1))
 
 
 # ----------------------------------------------------------------------------- the header check
