@@ -368,10 +368,12 @@ def read_image(path, exif=True):
         with _open_image(path) as img:
             turned = _orientation(img) if img.format in TURNED_BY_PIL else 1  # what PIL applies as it loads
             img.load()
-            if exif:  # upright: what PIL has not applied yet
-                method = EXIF_TRANSPOSE.get(_orientation(img, loaded=True) if turned == 1 else 1)
-            else:  # as stored: undo what PIL applied
+            if not exif:  # as stored: undo what PIL applied
                 method = EXIF_UNDO.get(turned)
+            elif turned == 1:  # upright
+                method = EXIF_TRANSPOSE.get(_orientation(img, loaded=True))
+            else:  # upright already, turned by PIL
+                method = None
             array = _to_rgb(img if method is None else img.transpose(method), img.format)
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, EOFError, struct.error, ...)
         raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
