@@ -20,6 +20,7 @@ its own (peak resident memory over what the inputs already took); on CUDA all ru
     python benchmarks/loss.py --device cuda --compile --batch 16 --objects 100 --profile 16 100
     python benchmarks/loss.py --device cuda --compile --profile 2 8 --profile 16 8   # profiles at two sizes
     python benchmarks/loss.py --device cuda --parts 16 8 52    # pieces alone, with alternatives
+    python benchmarks/loss.py --device cuda --parts 16 8 --pieces negative
 """
 
 import argparse
@@ -216,22 +217,55 @@ def one_hot_max(p_match, labels, K):
     return (p_match.transpose(1, 2)[:, :, None, :] * one_hot).amax(-1)  # [B, A, K]
 
 
-def negative_term_rows(p_match, labels, B, G, device):
-    """The negative term alone (negative_focal_sum), forward + backward through the logits, with
-    P{a_j in A+} built class-major and read through a transposed view (the loss's) or built in
-    [B, A, K] (a .contiguous() copy of the class-major tensor measured as the transposed read on a
-    CPU: inductor fuses it into the reads); compiled for one shape or for any (dynamic=True), each
-    with inductor's analysis of tilings on (torch's default) or off (compile_loss, as train.py compiles the loss; with dynamic
-    shapes the analysis failed an assertion on the whole loss on an H200, torch 2.11). Under which
-    of these the forward's transposed read is slow (2.9 ms at B = 16, G = 8 inside the compiled
-    loss, for about 0.5 ms of memory traffic) decides how the loss should build P{a_j in A+}."""
-    cls_logits = torch.randn(B, p_match.shape[-1], K, device=device, requires_grad=True)  # [B, A, K]
-    for layout, build in (("class-major, read transposed (the loss's)", scatter_by_class),
-                          ("[B, A, K]", scatter_by_anchor)):
-        def term(cls_logits, p_match, labels, build=build):
-            return negative_focal_sum(cls_logits, build(p_match, labels, K), 2.0)  # []
+def first_of_class(labels):
+    """[B, G] True for the first object of each class in its image (all objects valid here)."""
+    G = labels.shape[1]
+    earlier = torch.ones(G, G, dtype=torch.bool, device=labels.device).tril(-1)  # [G, G]  i' < i
+    return ~((labels[:, :, None] == labels[:, None, :]) & earlier).any(-1)  # [B, G]
 
-        want = term(cls_logits, p_match, labels)
+
+def negative_by_class_rows(cls_logits, p_plus, labels, first, gamma):
+    """The same sum as negative_focal_sum, split: FL(P_cls) over all of [B, A, K] (as if P{a_j in A+}
+    were 0 everywhere: a pass over the logits alone), plus FL(q) - FL(P_cls) on the rows of the
+    classes present, one object standing for each class ([B, A, G] entries, P{a_j in A+} read along
+    its class-major rows). cls_logits [B, A, K], p_plus [B, A, K] (a view of [B, K, A]), labels
+    [B, G], first [B, G] -> []."""
+    def focal(q, one_minus_q):  # FL(q) = q^gamma (-log(1 - q)), 1 - q given apart (as negative_focal_sum)
+        return -q.pow(gamma) * torch.log(one_minus_q.clamp(min=1.0 - (1.0 - 1e-12)))
+
+    total = focal(torch.sigmoid(cls_logits), torch.sigmoid(-cls_logits)).sum()  # []  FL(P_cls) everywhere
+    cls = labels[:, None, :].expand(-1, cls_logits.shape[1], -1)  # [B, A, G]  class c_i at every anchor
+    x, taken = cls_logits.gather(2, cls), p_plus.gather(2, cls)  # [B, A, G]  logits, P{a_j in A+} of c_i
+    p, p_not = torch.sigmoid(x), torch.sigmoid(-x)  # [B, A, G]  P_cls, 1 - P_cls
+    p_taken = p * taken  # [B, A, G]
+    change = focal(p - p_taken, p_not + p_taken) - focal(p, p_not)  # [B, A, G]  FL(q) - FL(P_cls)
+    return total + torch.where(first[:, None, :], change, 0.0).sum()  # []
+
+
+def negative_term_rows(p_match, labels, B, G, device):
+    """The negative term alone, forward + backward through the logits, from P{a_j -> b_i} [B, G, A]:
+    the loss's (negative_focal_sum: FL(q) over all of [B, A, K], P{a_j in A+} built class-major and
+    read through a transposed view), the same with P{a_j in A+} built in [B, A, K], and split into a
+    pass over the logits plus the rows of the classes present (negative_by_class_rows); eager, and
+    compiled for one shape or for any (dynamic=True), each with inductor's analysis of tilings on
+    (torch's default) or off (compile_loss, as train.py compiles the loss). On an H200 the
+    transposed read cost nothing compiled for one shape with the analysis on and doubled the term's
+    time compiled for any shape with it off; which of the two makes the difference decides how
+    the loss should be compiled."""
+    cls_logits = torch.randn(B, p_match.shape[-1], K, device=device, requires_grad=True)  # [B, A, K]
+    first = first_of_class(labels)  # [B, G]
+    variants = (
+        ("FL(q) over [B, A, K], P{a_j in A+} class-major, read transposed (the loss's)",
+         lambda x, p_match, labels: negative_focal_sum(x, scatter_by_class(p_match, labels, K), 2.0)),
+        ("FL(q) over [B, A, K], P{a_j in A+} in [B, A, K]",
+         lambda x, p_match, labels: negative_focal_sum(x, scatter_by_anchor(p_match, labels, K), 2.0)),
+        ("FL(P_cls) over [B, A, K] + the rows of the classes present",
+         lambda x, p_match, labels: negative_by_class_rows(x, scatter_by_class(p_match, labels, K), labels, first, 2.0)))
+    want = None
+    for name, term in variants:
+        value = term(cls_logits, p_match, labels)
+        want = value if want is None else want
+        assert torch.allclose(value, want, rtol=1e-4), (name, float(value), float(want))
         eager = median_ms(lambda x, *rest: torch.autograd.grad(term(x, *rest), x), cls_logits, p_match, labels)
         for how, compiled_with in (("one shape, analysis on", lambda f: torch.compile(f)),
                                    ("one shape, analysis off", lambda f: compile_loss(f)),
@@ -250,8 +284,7 @@ def negative_term_rows(p_match, labels, B, G, device):
             if got is not None:
                 close = torch.allclose(got, want, rtol=1e-4)
                 ms = f"{median_ms(step, cls_logits, p_match, labels):.2f}" if close else f"wrong value {float(got)}"
-            print(f"| {G} | negative term, P{{a_j in A+}} {layout} | compiled for {how} | {eager:.2f} | {ms} |",
-                  flush=True)
+            print(f"| {G} | negative term | {name}, compiled for {how} | {eager:.2f} | {ms} |", flush=True)
     torch._dynamo.reset()
 
 
@@ -274,11 +307,11 @@ def median_ms(fn, *args, repeats=10):
     return sorted(times)[len(times) // 2]
 
 
-def parts(B, objects, device):
+def parts(B, objects, device, pieces=("bag", "p_plus", "negative")):
     """Pieces of the loss alone, each against its alternatives, at [B, G, 201,600] (median of 10):
     the bag's top-n (one top-n over all anchors vs bag_indices' two stages), P{a_j in A+} followed
-    by one read of it in [B, A, K] order (as the negative term reads it), and, at the first G, the
-    negative term forward + backward under four ways of compiling it (negative_term_rows)."""
+    by one read of it in [B, A, K] order (as the negative term reads it), and the negative term
+    forward + backward at the first G (negative_term_rows); `pieces` picks some of the three."""
     anchors = coco_anchors().to(device)
     g = torch.Generator().manual_seed(0)
     print(f"# the bag's top-50, P{{a_j in A+}} and the negative term alone, B = {B}, A = {len(anchors)}, K = {K}, "
@@ -290,7 +323,7 @@ def parts(B, objects, device):
         xy = torch.rand(B, G, 2, generator=g) * (torch.tensor([W, H]) - wh)
         iou = box_iou(torch.cat([xy, xy + wh], -1).to(device), anchors)  # [B, G, A]
         assert torch.equal(one_stage_bag(iou, 50), bag_indices(iou, 50))
-        for name, fn in (("one top-50", one_stage_bag), ("two stages (bag_indices)", bag_indices)):
+        for name, fn in (("one top-50", one_stage_bag), ("two stages (bag_indices)", bag_indices)) * ("bag" in pieces):
             eager, compiled = median_ms(fn, iou, 50), median_ms(torch.compile(fn), iou, 50)
             print(f"| {G} | bag | {name} | {eager:.2f} | {compiled:.2f} |", flush=True)
         p_match = torch.where(iou > 0.6, iou, 0.0)  # [B, G, A]  a stand-in for P{a_j -> b_i}
@@ -298,7 +331,8 @@ def parts(B, objects, device):
         p_cls = torch.rand(B, len(anchors), K, generator=g).to(device)  # [B, A, K]
         want = scatter_by_anchor(p_match, labels, K)
         for name, build in (("scatter into [B, A, K]", scatter_by_anchor),
-                            ("scatter into [B, K, A] (the loss's)", scatter_by_class), ("one-hot max over G", one_hot_max)):
+                            ("scatter into [B, K, A] (the loss's)", scatter_by_class),
+                            ("one-hot max over G", one_hot_max)) * ("p_plus" in pieces):
             def piece(p_match, labels, build=build, p_cls=p_cls):
                 return (p_cls * build(p_match, labels, K)).sum()  # []  one read in [B, A, K] order
 
@@ -307,7 +341,7 @@ def parts(B, objects, device):
             eager = "-" if build is one_hot_max else f"{median_ms(piece, p_match, labels):.2f}"
             print(f"| {G} | P{{a_j in A+}} | {name} | {eager} | {median_ms(compiled_piece, p_match, labels):.2f} |",
                   flush=True)
-        if G == objects[0]:
+        if "negative" in pieces and G == objects[0]:
             negative_term_rows(p_match, labels, B, G, device)
         del iou, p_match, p_cls, want
 
@@ -325,12 +359,14 @@ def main():
     ap.add_argument("--parts", type=int, nargs="+", metavar=("B", "G"),
                     help="instead of the table: time the bag's top-n and P{a_j in A+} alone, with their "
                          "alternatives, at batch B and each G that follows, and the negative term at the first G")
+    ap.add_argument("--pieces", nargs="+", default=["bag", "p_plus", "negative"], choices=["bag", "p_plus", "negative"],
+                    help="with --parts: which pieces (default: all three)")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.parts:
         if len(args.parts) < 2:
             ap.error("--parts takes B and at least one G")
-        parts(args.parts[0], args.parts[1:], args.device)
+        parts(args.parts[0], args.parts[1:], args.device, args.pieces)
         return
     if args._one:
         method, B, G = args._one
