@@ -5,21 +5,21 @@
 #   2. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
 #      with the FreeAnchor loss, eager (channels_last, the default on H100/H200);
 #   3. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
-#   4. synchronisations of train.py's steady-state step, eager, --compile --fixed-shapes and --compile
-#      (with the number of graphs compiled over varying image sizes), and of detect (benchmarks/syncs.py);
+#   4. synchronisations of train.py's steady-state step, eager and --compile (padded to fixed shapes,
+#      its default; with the number of graphs compiled over varying image sizes), and of detect
+#      (benchmarks/syncs.py; its --dynamic adds --compile --no-fixed-shapes, 4+ minutes on an H200);
 #   5. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image
 #      loop (the benchmark also checks that compiled equals eager to float32 rounding) with a
-#      profile at (B, G) = (2, 8), (16, 8) and (16, 100); then two pieces alone against their alternatives (the bag's
-#      top-n: one top-n over all anchors or bag_indices' two stages; P{a_j in A+}: the loss's
-#      class-major scatter-max, one into [B, A, K], a one-hot max), and the negative term with
-#      P{a_j in A+} in either layout, compiled for one shape or any, with inductor's analysis of
-#      tilings on or off (where the compiled loss's slow transposed read comes from);
-#   6. the training step of part 2 compiled for its one padded shape, static, as train.py --compile
-#      --fixed-shapes compiles it (the goal: >= 240 images/s): the network alone, then with the loss;
-#   7. the step with the loss compiled for any image size and object count, as train.py --compile
-#      marks them dynamic (its compilation did not end within 142 s on an H200, so it gets a run
-#      of its own); with part 6 and part 4's count of graphs, it decides between dynamic shapes and
-#      --fixed-shapes.
+#      profile at (B, G) = (2, 8), (16, 8) and (16, 100); then three pieces alone against their
+#      alternatives (the bag's top-n: one top-n over all anchors or bag_indices' two stages;
+#      P{a_j in A+}: the loss's class-major scatter-max, one into [B, A, K], a one-hot max; the
+#      negative term: P{a_j in A+} read transposed, in [B, A, K], or a pass over the logits plus
+#      the rows of the classes present, compiled for one shape or for any);
+#   6. the training step of part 2 compiled as train.py --compile compiles it by default, the network
+#      for its one padded shape, static (the goal: >= 240 images/s): the network alone, then with the loss;
+#   7. the step with the network compiled for any image size, as train.py --compile --no-fixed-shapes
+#      marks it dynamic (on an H200: 4 minutes of compilation and a slower step than part 6's, which
+#      is why fixed shapes are --compile's default), in a run of its own.
 # Everything printed is also appended to DIR/gpu_check.txt (default: $OUT if set, else runs/gpu_check), line by line,
 # so a run stopped early keeps what it had. The whole run keeps to BUDGET seconds (default 290, under
 # 5 minutes): every command's timeout is cut to the time left, and a part that has less than its
@@ -29,7 +29,8 @@
 # in further runs. On an H200 (2026-11-26) parts 1, 2, 3 and 5 took 235 s together, part 6 about
 # 140 s, and part 7's compilation over 142 s: three runs, "1 2 3 5", "6 4" and "7". On 2026-11-27
 # part 1 took 21 s, part 5 about 100 s without its pieces, part 6 120 s, and part 4 did not finish
-# its last row (--compile, any size) in 235 s; tests/test_cuda.py took 49 s.
+# its last row (--compile, any size) in 235 s; tests/test_cuda.py took 49 s. On 2026-11-28 part 1
+# took 20 s, part 5's table with one profile 107 s, part 6 117 s, and part 7 alone about 300 s.
 #
 #     bash benchmarks/gpu_check.sh [DIR]
 #     PARTS="6 4" BUDGET=290 bash benchmarks/gpu_check.sh      # only some of the parts, in this order
@@ -162,7 +163,7 @@ timeout "$(cap 270)" $py benchmarks/loss.py --device cuda --parts 16 8 52 2>&1 |
 
 part6() {
 enough 120 6 || return 0  # a compiled R-50 row needs about a minute
-step "6. the training step of part 2 compiled for its one padded shape (train.py --compile --fixed-shapes)"
+step "6. the training step of part 2 compiled for its one padded shape (train.py --compile)"
 # the second row finds the network's kernels in inductor's on-disk cache
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
     --modes compiled_static --row-timeout "$(( ($(cap 300) + 1) / 2 ))" 2>&1 | tee -a "$log"
@@ -170,7 +171,7 @@ $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods 
 
 part7() {
 enough 200 7 || return 0
-step "7. the training step with the loss compiled for any image size (train.py --compile)"
+step "7. the training step with the network compiled for any image size (train.py --compile --no-fixed-shapes)"
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods free_anchor_loss \
     --modes compiled --row-timeout "$(cap 560)" 2>&1 | tee -a "$log"
 }

@@ -13,11 +13,11 @@ each in the modes
   - eager               NCHW
   - channels_last       the network's weights and input in channels_last (train.py's default on
                         GPUs from compute capability 8.0)
-  - compiled            channels_last, network and loss each under torch.compile (train.py --compile),
-                        image size, object and anchor counts marked dynamic as train.py marks them
+  - compiled            channels_last, network and loss each under torch.compile, image size, object
+                        and anchor counts marked dynamic as train.py --compile --no-fixed-shapes marks them
   - compiled_static     the network compiled for this one padded shape, static, the loss as above:
-                        train.py --compile --fixed-shapes, which pads every batch to one of a few
-                        fixed shapes (the alternative to dynamic image sizes)
+                        train.py --compile, which by default pads every batch to one of a few fixed
+                        shapes (--fixed-shapes; faster on an H200, to compile and to run)
 with the same backbone, weights initialised identically, frozen BatchNorm as with pretrained
 weights. On CUDA the network runs under bfloat16 autocast by default where the GPU has native
 bfloat16, compute capability 8.0 on, as in train.py (--no-amp: float32), the loss in float32.
@@ -102,11 +102,11 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
         batch = batch_images([normalize(im) for im in images]).to(device, memory_format=memory_format)
         loss_fn = {"model_only": model_only_loss, "free_anchor_loss": freeanchor.free_anchor_loss,
                    "retinanet_loss": freeanchor.retinanet_loss}[method]
-        if mode.startswith("compiled"):  # compiled_static: the network static, as train.py --fixed-shapes
+        if mode.startswith("compiled"):  # compiled_static: the network static, as train.py --compile
             net = torch.compile(net, dynamic=False if mode == "compiled_static" else None)
             loss_fn = freeanchor.compile_loss(loss_fn)
-            # the dimensions train.py --compile marks dynamic: object count, anchors, and the image size
-            # unless --fixed-shapes
+            # the dimensions train.py --compile marks dynamic: object count, anchors, and with
+            # --no-fixed-shapes the image size
             torch._dynamo.maybe_mark_dynamic(gt_boxes, 1), torch._dynamo.maybe_mark_dynamic(gt_labels, 1)
         if mode == "compiled":
             torch._dynamo.maybe_mark_dynamic(batch, [2, 3])

@@ -126,6 +126,16 @@ def test_amp_falls_back_to_float32_on_a_cpu_without_native_bfloat16(monkeypatch,
     assert "--amp ignored" not in capsys.readouterr().out
 
 
+def test_compile_pads_to_fixed_shapes_unless_told_not_to(monkeypatch):
+    """--compile pads every batch to a few fixed canvases by default (static graphs: faster to
+    compile and to run than one graph for any size, measured on a GPU); --no-fixed-shapes compiles
+    for any size; without --compile, no padding unless --fixed-shapes asks for it."""
+    monkeypatch.delenv("RANK", raising=False)
+    for argv, fixed in (([], False), (["--compile"], True), (["--compile", "--no-fixed-shapes"], False),
+                        (["--fixed-shapes"], True), (["--compile", "--fixed-shapes"], True)):
+        assert train.parse_config(["--device", "cpu", *argv])[0].fixed_shapes is fixed, argv
+
+
 def test_cuda_defaults_follow_the_gpu_and_torchrun_takes_a_gpu_per_process(monkeypatch, capsys, tmp_path):
     """On CUDA bf16 autocast and channels_last are the defaults from compute capability 8.0 (A100,
     H100); a V100 (7.0) or T4 (7.5) emulates bfloat16, slower than float32: float32 and NCHW by
@@ -1172,7 +1182,8 @@ def assert_close_runs(out_a, out_b):
 
 @pytest.mark.slow
 def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
-    """--compile (network and loss) against eager on CPU, through several padded sizes (multi-scale):
+    """--compile --no-fixed-shapes (network and loss compiled for any size) against eager on CPU,
+    through several padded sizes (multi-scale):
     the same losses and weights up to float32 rounding, and one compilation each for the network and
     the loss, whatever the size (sizes from 129 pixels up: below, P7 is 1 x 1, a size that
     torch.compile specialises on and that no real image has). torch.compile runs with the aot_eager
@@ -1193,7 +1204,7 @@ def test_compiled_training_equals_eager(tiny_data, tmp_path, monkeypatch):
         return images, gt_boxes, gt_labels
 
     monkeypatch.setattr(train, "to_device", recording_to_device)
-    train.main([*args, "--compile", "--output", str(tmp_path / "compiled")])
+    train.main([*args, "--compile", "--no-fixed-shapes", "--output", str(tmp_path / "compiled")])
     assert len(shapes) > 1  # padded batches of 160 and 192 pixels
     compiled = [json.loads(l) for l in open(tmp_path / "compiled" / "log.jsonl")]
     assert [c["compilations"] for c in compiled] == [2] * 4  # network and loss, once each
