@@ -7,14 +7,16 @@
 #   3. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
 #   4. synchronisations of train.py's steady-state step, eager and --compile (padded to fixed shapes,
 #      its default; with the number of graphs compiled over varying image sizes), and of detect
-#      (benchmarks/syncs.py; its --dynamic adds --compile --no-fixed-shapes, 4+ minutes on an H200);
+#      (benchmarks/syncs.py; its --dynamic adds --compile --no-fixed-shapes, which had not finished
+#      compiling within 2.5 minutes on an H200);
 #   5. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image
 #      loop (the benchmark also checks that compiled equals eager to float32 rounding) with a
 #      profile at (B, G) = (2, 8), (16, 8) and (16, 100); then three pieces alone against their
 #      alternatives (the bag's top-n: one top-n over all anchors or bag_indices' two stages;
 #      P{a_j in A+}: the loss's class-major scatter-max, one into [B, A, K], a one-hot max; the
 #      negative term: P{a_j in A+} read transposed, in [B, A, K], or a pass over the logits plus
-#      the rows of the classes present, compiled for one shape or for any);
+#      the rows of the classes present, compiled for one shape or for any, with inductor's analysis of
+#      tilings on or off);
 #   6. the training step of part 2 compiled as train.py --compile compiles it by default, the network
 #      for its one padded shape, static (the goal: >= 240 images/s): the network alone, then with the loss;
 #   7. the step with the network compiled for any image size, as train.py --compile --no-fixed-shapes

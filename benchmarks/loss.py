@@ -229,7 +229,8 @@ def negative_by_class_rows(cls_logits, p_plus, labels, first, gamma):
     were 0 everywhere: a pass over the logits alone), plus FL(q) - FL(P_cls) on the rows of the
     classes present, one object standing for each class ([B, A, G] entries, P{a_j in A+} read along
     its class-major rows). cls_logits [B, A, K], p_plus [B, A, K] (a view of [B, K, A]), labels
-    [B, G], first [B, G] -> []."""
+    [B, G] in [0, K) (no padding objects), first [B, G] -> []. Without the loss's clamp of q for
+    gamma < 1: timed at gamma = 2."""
     def focal(q, one_minus_q):  # FL(q) = q^gamma (-log(1 - q)), 1 - q given apart (as negative_focal_sum)
         return -q.pow(gamma) * torch.log(one_minus_q.clamp(min=1.0 - (1.0 - 1e-12)))
 
