@@ -18,6 +18,10 @@ each in the modes
   - compiled_static     the network compiled for this one padded shape, static, the loss as above:
                         train.py --compile, which by default pads every batch to one of a few fixed
                         shapes (--fixed-shapes; faster on an H200, to compile and to run)
+  - compiled_static_anchors  as compiled_static, but the loss compiled for the canvas's anchor count
+                        (static; the object count still dynamic), where train.py marks it dynamic:
+                        on an H200 the loss's negative term alone took half its time compiled for
+                        one shape of [B, A, K]; this row measures whether the step gains it
 with the same backbone, weights initialised identically, frozen BatchNorm as with pretrained
 weights. On CUDA the network runs under bfloat16 autocast by default where the GPU has native
 bfloat16, compute capability 8.0 on, as in train.py (--no-amp: float32), the loss in float32.
@@ -48,7 +52,7 @@ import freeanchor  # noqa: E402
 from data import gpu_has_native_bf16, pad_targets  # noqa: E402
 from model import RetinaNet, batch_images, host_to_device, normalize, to_torchvision  # noqa: E402
 
-MODES = ("eager", "channels_last", "compiled", "compiled_static")
+MODES = ("eager", "channels_last", "compiled", "compiled_static", "compiled_static_anchors")
 METHODS = ("model_only", "free_anchor_loss", "retinanet_loss", "torchvision")
 K = 80
 
@@ -103,7 +107,7 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
         loss_fn = {"model_only": model_only_loss, "free_anchor_loss": freeanchor.free_anchor_loss,
                    "retinanet_loss": freeanchor.retinanet_loss}[method]
         if mode.startswith("compiled"):  # compiled_static: the network static, as train.py --compile
-            net = torch.compile(net, dynamic=False if mode == "compiled_static" else None)
+            net = torch.compile(net, dynamic=None if mode == "compiled" else False)
             loss_fn = freeanchor.compile_loss(loss_fn)
             # the dimensions train.py --compile marks dynamic: object count, anchors, and with
             # --no-fixed-shapes the image size
@@ -124,7 +128,7 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
                 losses = net(inputs, targets)
             else:
                 cls_logits, box_deltas, anchors = net(batch)
-        if mode.startswith("compiled") and method != "torchvision":
+        if mode in ("compiled", "compiled_static") and method != "torchvision":  # A, as train.py marks it
             torch._dynamo.maybe_mark_dynamic(cls_logits, 1), torch._dynamo.maybe_mark_dynamic(box_deltas, 1)
             torch._dynamo.maybe_mark_dynamic(anchors, 0)
         if method == "free_anchor_loss":
