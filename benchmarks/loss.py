@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import pad_targets  # noqa: E402
-from freeanchor import (FreeAnchorConfig, bag_indices, compile_loss, free_anchor_loss, negative_focal_sum,  # noqa: E402
-                        retinanet_loss)
+from freeanchor import (ONE_MINUS_Q_MIN, FreeAnchorConfig, bag_indices, compile_loss, free_anchor_loss,  # noqa: E402
+                        negative_focal_sum, retinanet_loss)
 from model import box_iou, decode, encode, grid_anchors  # noqa: E402
 
 H, W, K = 800, 1344, 80
@@ -232,7 +232,7 @@ def negative_by_class_rows(cls_logits, p_plus, labels, first, gamma):
     [B, G] in [0, K) (no padding objects), first [B, G] -> []. Without the loss's clamp of q for
     gamma < 1: timed at gamma = 2."""
     def focal(q, one_minus_q):  # FL(q) = q^gamma (-log(1 - q)), 1 - q given apart (as negative_focal_sum)
-        return -q.pow(gamma) * torch.log(one_minus_q.clamp(min=1.0 - (1.0 - 1e-12)))
+        return -q.pow(gamma) * torch.log(one_minus_q.clamp(min=ONE_MINUS_Q_MIN))
 
     total = focal(torch.sigmoid(cls_logits), torch.sigmoid(-cls_logits)).sum()  # []  FL(P_cls) everywhere
     cls = labels[:, None, :].expand(-1, cls_logits.shape[1], -1)  # [B, A, G]  class c_i at every anchor
@@ -324,16 +324,18 @@ def parts(B, objects, device, pieces=("bag", "p_plus", "negative")):
         xy = torch.rand(B, G, 2, generator=g) * (torch.tensor([W, H]) - wh)
         iou = box_iou(torch.cat([xy, xy + wh], -1).to(device), anchors)  # [B, G, A]
         assert torch.equal(one_stage_bag(iou, 50), bag_indices(iou, 50))
-        for name, fn in (("one top-50", one_stage_bag), ("two stages (bag_indices)", bag_indices)) * ("bag" in pieces):
+        bag_variants = (("one top-50", one_stage_bag), ("two stages (bag_indices)", bag_indices))
+        for name, fn in bag_variants if "bag" in pieces else ():
             eager, compiled = median_ms(fn, iou, 50), median_ms(torch.compile(fn), iou, 50)
             print(f"| {G} | bag | {name} | {eager:.2f} | {compiled:.2f} |", flush=True)
         p_match = torch.where(iou > 0.6, iou, 0.0)  # [B, G, A]  a stand-in for P{a_j -> b_i}
         labels = torch.randint(0, K, (B, G), generator=g).to(device)  # [B, G]
         p_cls = torch.rand(B, len(anchors), K, generator=g).to(device)  # [B, A, K]
         want = scatter_by_anchor(p_match, labels, K)
-        for name, build in (("scatter into [B, A, K]", scatter_by_anchor),
-                            ("scatter into [B, K, A] (the loss's)", scatter_by_class),
-                            ("one-hot max over G", one_hot_max)) * ("p_plus" in pieces):
+        p_plus_variants = (("scatter into [B, A, K]", scatter_by_anchor),
+                           ("scatter into [B, K, A] (the loss's)", scatter_by_class),
+                           ("one-hot max over G", one_hot_max))
+        for name, build in p_plus_variants if "p_plus" in pieces else ():
             def piece(p_match, labels, build=build, p_cls=p_cls):
                 return (p_cls * build(p_match, labels, K)).sum()  # []  one read in [B, A, K] order
 
