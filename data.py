@@ -114,8 +114,13 @@ def _name_some(names, limit=10):
 
 def resolve_root(data):
     """`--data` argument -> dataset root: "shapes" builds (once) and returns the synthetic
-    dataset; anything else is a COCO-layout root that must exist."""
+    dataset; anything else is a COCO-layout root that must exist. A dataset of one's own in a
+    folder named shapes is given as ./shapes: plain `shapes` with such a folder here is refused
+    rather than read as the synthetic one."""
     if data == "shapes":
+        if os.path.isdir(os.path.join("shapes", "annotations")):
+            raise DataError("--data shapes names the built-in synthetic dataset (built under datasets/shapes), but "
+                            "./shapes here holds a dataset: give --data ./shapes to use that one")
         return prepare_shapes()
     if not os.path.exists(data):
         raise DataError(f"data root not found: {data}")
@@ -605,7 +610,6 @@ class CocoDataset(torch.utils.data.Dataset):
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(coco["categories"], key=lambda c: c["id"])]
         self.category_note = None  # for evaluate.py to print
-        self.listed = len(self.categories)  # categories the file lists that the model knows
         if categories is not None:  # a trained model's labels, of which the file may hold a part
             known = {(c["id"], c["name"]) for c in categories}
             annotated = {a["category_id"] for a in coco["annotations"]}
@@ -621,7 +625,11 @@ class CocoDataset(torch.utils.data.Dataset):
                 raise DataError(f"{self.ann_file} holds categories the model was not trained on "
                                 f"({_name_some(strangers, 8)}); it was trained on {_name_some(trained, 8)}")
             self.categories = [{"id": c["id"], "name": c["name"]} for c in categories]
-            self.listed -= len(unknown)
+        # the labels of the categories the file lists (all of them, unless given a model's labels):
+        # what COCO's AP averages over, and the classes evaluate.py detects
+        in_file = {(c["id"], c["name"]) for c in coco["categories"]}
+        self.listed_labels = np.array([k for k, c in enumerate(self.categories) if (c["id"], c["name"]) in in_file],
+                                      dtype=np.int64)  # [K']
         label_of = {c["id"]: k for k, c in enumerate(self.categories)}
 
         # Usable boxes of every image in flat arrays: image i owns rows offsets[i]:offsets[i+1].

@@ -233,7 +233,7 @@ def class_wise_nms(cands, nms_thresh):
     return {k: v[keep] for k, v in cands.items()}
 
 
-def detect(model, images, scales, max_sizes, flip=False, candidates=False):
+def detect(model, images, scales, max_sizes, flip=False, candidates=False, classes=None):
     """model.detect with test-time augmentation: every scale (shorter side scales[i], longer side
     at most max_sizes[i]), each also on the flipped image if `flip`. As in the authors'
     multi-scale test, the candidates of every pass (score threshold and per-level top-k, as each
@@ -242,22 +242,24 @@ def detect(model, images, scales, max_sizes, flip=False, candidates=False):
     scale and no flip is exactly model.detect. candidates=True returns (detections, candidates,
     after_nms) from the same forward passes, the detections unchanged: the candidates are what
     NMS saw, after_nms all that NMS kept, before the cut to the best of an image. They are
-    --nms-recall's "before" and "after": the cut by score is not NMS's doing."""
+    --nms-recall's "before" and "after": the cut by score is not NMS's doing. classes: the labels
+    to detect (model.detect's; None: all)."""
     passes = [(s, m, f) for s, m in zip(scales, max_sizes) for f in ((False, True) if flip else (False,))]
     cap = model.detections_per_img
+    only = {} if classes is None else {"classes": classes}
     if len(passes) == 1:
         if not candidates:
-            return model.detect(images, min_size=scales[0], max_size=max_sizes[0])
+            return model.detect(images, min_size=scales[0], max_size=max_sizes[0], **only)
         try:
             model.detections_per_img = None  # all that NMS keeps; the detections are cut from it below
-            kept, cands = model.detect(images, min_size=scales[0], max_size=max_sizes[0], candidates=True)
+            kept, cands = model.detect(images, min_size=scales[0], max_size=max_sizes[0], candidates=True, **only)
         finally:
             model.detections_per_img = cap
     else:
         per_pass = []  # each pass's candidates, in the original image's pixels
         for s, m, f in passes:
             cands = model.detect([image.flip(-1) for image in images] if f else images, nms=False,
-                                 min_size=s, max_size=m)
+                                 min_size=s, max_size=m, **only)
             if f:
                 cands = [{**d, "boxes": flip_boxes(d["boxes"], image.shape[-1])} for d, image in zip(cands, images)]
             per_pass.append(cands)
@@ -628,14 +630,18 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
         compile_network(model)
     records, start, position = [], time.time(), 0
     compile_s, rate_from = None, None
+    # a split that lists some of the model's categories: only those are detected, so the others
+    # take none of the 100 detections an image keeps (COCO's AP would not count them anyway)
+    classes = None if len(dataset.listed_labels) == len(dataset.categories) else dataset.listed_labels.tolist()
     shares = total / max(len(indices), 1)  # under DDP, rank 0 counts its share for everyone
     for batch in loader_batches(loader):
         images = [image.to(device, non_blocking=True) for image, _ in batch]
         with autocast:
             if cfg.nms_recall:
-                dets, candidates, after_nms = detect(model, images, scales, max_sizes, cfg.flip, candidates=True)
+                dets, candidates, after_nms = detect(model, images, scales, max_sizes, cfg.flip, candidates=True,
+                                                     classes=classes)
             else:
-                dets = detect(model, images, scales, max_sizes, cfg.flip)
+                dets = detect(model, images, scales, max_sizes, cfg.flip, classes=classes)
         on_host = {k: batch_to_host([d[k] for d in dets]) for k in ("boxes", "scores", "labels")}
         if cfg.nms_recall:
             targets = [(t["boxes"].to(device, non_blocking=True), t["labels"].to(device, non_blocking=True))
@@ -770,8 +776,8 @@ def _evaluate(cfg, ddp, rank, world, master):
     subfolders = [name for name, wanted in (("pictures", cfg.visualize), ("matching", cfg.show_matching)) if wanted]
     on_rank0(lambda: make_output_folder(cfg.output, subfolders), ddp, master)
     if master:
-        K = len(dataset.categories)
-        classes = f"{K} classes" if dataset.listed == K else f"{dataset.listed} of the model's {K} classes"
+        K, listed = len(dataset.categories), len(dataset.listed_labels)
+        classes = f"{K} classes" if listed == K else f"{listed} of the model's {K} classes (only those detected)"
         tta = ", ".join(f"{s}/{m}" for s, m in zip(scales, max_sizes))
         print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {classes}, "
               f"shorter/longer side {tta}{', flip' if cfg.flip else ''}, {world} process(es) on {cfg.device}, "

@@ -547,7 +547,7 @@ class RetinaNet(nn.Module):
         return torch.cat(cls_logits, dim=1), torch.cat(box_deltas, dim=1), anchors, per_level
 
     @torch.no_grad()
-    def detect(self, images, nms=True, min_size=None, max_size=None, candidates=False):
+    def detect(self, images, nms=True, min_size=None, max_size=None, candidates=False, classes=None):
         """Detections of a list of RGB images [3, h, w] (floats in [0, 1], or uint8 as data.py
         reads them), at their original size, on any device.
 
@@ -558,8 +558,10 @@ class RetinaNet(nn.Module):
         that NMS would see (score threshold, per-level top-k, decoded, clipped, in original pixels);
         candidates=True returns both, (detections, candidates), from the one forward pass (the
         detections after NMS whatever `nms` says).
-        min_size, max_size override the model's (test-time scales). Eval-mode semantics; the
-        training flags of the modules are left as they were.
+        min_size, max_size override the model's (test-time scales). classes: the labels to detect
+        (None: all K); the others' scores never become candidates, so they take none of the top-k
+        and detections_per_img places (evaluate.py on a split that lists some of the model's
+        categories). Eval-mode semantics; the training flags of the modules are left as they were.
         """
         if not isinstance(images, (list, tuple)):
             raise TypeError(f"detect expects a list of [3, H, W] tensors, got {type(images).__name__}")
@@ -599,6 +601,10 @@ class RetinaNet(nn.Module):
         # the batch. The host waits for the GPU twice per batch, then in each image's NMS (torchvision's
         # loop over images and levels waits at every level of every image).
         B, K = len(images), self.num_classes
+        if classes is not None:
+            wanted = torch.zeros(K, dtype=torch.bool)  # [K]
+            wanted[list(classes)] = True
+            cls_logits = cls_logits.masked_fill(~host_to_device(wanted, cls_logits.device), -math.inf)  # [B, A, K]
         top_logits, top_index, first = [], [], 0
         for n in per_level:
             logits, index = cls_logits[:, first:first + n].flatten(1).topk(

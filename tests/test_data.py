@@ -468,6 +468,17 @@ def test_missing_root(tmp_path):
     assert resolve_root(str(tmp_path)) == str(tmp_path)
 
 
+def test_a_folder_named_shapes_is_not_taken_for_the_synthetic_dataset(tmp_path, monkeypatch):
+    """`--data shapes` where ./shapes holds a dataset of one's own: refused in one line pointing to
+    ./shapes, before anything is built; ./shapes itself is that folder."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("shapes/annotations")
+    with pytest.raises(DataError) as e:
+        resolve_root("shapes")
+    assert "give --data ./shapes" in one_line(e) and not os.path.exists("datasets")
+    assert resolve_root("./shapes") == "./shapes"
+
+
 def test_missing_annotation_file(tiny):
     with pytest.raises(DataError) as e:
         CocoDataset(tiny, "train", train=True)

@@ -261,6 +261,27 @@ def test_detect_without_nms_returns_the_candidates():
             assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
 
 
+def test_detect_some_classes_gives_their_places_to_them():
+    """classes=[...]: only those labels come out, and every candidate of theirs that detecting all
+    classes finds is among them (the same box and score, to float32 rounding: the same anchors
+    decoded in a batch of other length); the per-level top-k, filled with other classes before,
+    now holds more of theirs."""
+    m = tiny()
+    m.topk_candidates = 50
+    every = m.detect(images(), nms=False)
+    some = m.detect(images(), nms=False, classes=[1, 3])
+    for e, s in zip(every, some):
+        assert set(s["labels"].tolist()) == {1, 3}
+        mine = (e["labels"] == 1) | (e["labels"] == 3)  # [N]
+        assert 0 < mine.sum() < len(s["labels"])
+        same = (torch.isclose(e["boxes"][mine][:, None], s["boxes"][None], rtol=1e-5, atol=1e-4).all(-1)
+                & torch.isclose(e["scores"][mine][:, None], s["scores"][None], rtol=1e-5)
+                & (e["labels"][mine][:, None] == s["labels"][None]))  # [n, N']
+        assert same.any(1).all()
+    for d in m.detect(images(), classes=[2]):
+        assert len(d["labels"]) > 0 and (d["labels"] == 2).all()
+
+
 def test_detect_decodes_what_forward_predicts():
     # detect's batched top-k, gather and decode against forward's deltas decoded for every anchor:
     # the same boxes up to rounding. Threshold 0 and an unbounded top-k keep every (anchor, class) pair. The class logits are a ramp over the
