@@ -120,7 +120,8 @@ def resolve_root(data):
     if data == "shapes":
         if os.path.isdir(os.path.join("shapes", "annotations")):
             raise DataError("--data shapes names the built-in synthetic dataset (built under datasets/shapes), but "
-                            "./shapes here holds a dataset: give --data ./shapes to use that one")
+                            "./shapes here holds a dataset: give --data ./shapes to use that one, or run from "
+                            "another folder for the synthetic one")
         return prepare_shapes()
     if not os.path.exists(data):
         raise DataError(f"data root not found: {data}")

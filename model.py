@@ -572,6 +572,10 @@ class RetinaNet(nn.Module):
         scale = min_size[-1] if isinstance(min_size, (tuple, list)) else min_size
         if not (_positive_int(scale) and _positive_int(max_size)):
             raise ValueError(f"detect: min_size and max_size must be positive ints, got {min_size!r} and {max_size!r}")
+        if classes is not None:
+            classes = [int(c) for c in classes]
+            if not all(0 <= c < self.num_classes for c in classes):
+                raise ValueError(f"detect: classes must be labels in [0, {self.num_classes}), got {classes}")
         weight = self.cls_head[-1].weight  # the model's device and dtype
         original_sizes = []
         for i, image in enumerate(images):
@@ -603,8 +607,8 @@ class RetinaNet(nn.Module):
         B, K = len(images), self.num_classes
         if classes is not None:
             wanted = torch.zeros(K, dtype=torch.bool)  # [K]
-            wanted[list(classes)] = True
-            cls_logits = cls_logits.masked_fill(~host_to_device(wanted, cls_logits.device), -math.inf)  # [B, A, K]
+            wanted[classes] = True
+            cls_logits.masked_fill_(~host_to_device(wanted, cls_logits.device), -math.inf)  # [B, A, K]
         top_logits, top_index, first = [], [], 0
         for n in per_level:
             logits, index = cls_logits[:, first:first + n].flatten(1).topk(

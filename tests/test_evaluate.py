@@ -897,6 +897,10 @@ def test_candidates_and_detections_from_one_pass(dataset, monkeypatch):
             d_rows, c_rows = (torch.cat((x["boxes"], x["scores"][:, None], x["labels"][:, None].float()), 1) for x in (d, c))
             assert (d_rows[:, None] == c_rows[None]).all(-1).any(1).all()  # every detection is a candidate
     assert evaluate.detect(model, [], [64], [64], candidates=True) == ([], [], []) and evaluate.detect(model, [], [64], [64]) == []
+    # some of the classes (a split that lists some of the model's categories): in every pass
+    for scales, flip in (([64], False), ([48, 64], True)):
+        for found in evaluate.detect(model, images, scales, scales, flip=flip, candidates=True, classes=[1]):
+            assert all(len(d["labels"]) > 0 and (d["labels"] == 1).all() for d in found)
 
 
 @pytest.mark.slow

@@ -280,6 +280,12 @@ def test_detect_some_classes_gives_their_places_to_them():
         assert same.any(1).all()
     for d in m.detect(images(), classes=[2]):
         assert len(d["labels"]) > 0 and (d["labels"] == 2).all()
+    m.score_thresh = 0.0  # P7's top-50 (9 anchors x 5 classes) now takes the other classes too: below any threshold
+    for s in m.detect(images(), nms=False, classes=[4]):
+        assert len(s["labels"]) > 0 and (s["labels"] == 4).all()
+    for bad in ([5], [-1]):
+        with pytest.raises(ValueError, match=r"classes must be labels in \[0, 5\)"):
+            m.detect(images(), classes=bad)
 
 
 def test_detect_decodes_what_forward_predicts():
