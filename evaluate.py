@@ -473,10 +473,18 @@ def _to_pil(image, scale=1.0):
 
 def draw_detections(image, gt_boxes, gt_labels, det, names, min_score):
     """PIL picture: ground truth in green, detections with score >= min_score in red, each with
-    'name' or 'name score'. image [3, h, w] in [0, 1]; boxes xyxy in its pixels."""
+    'name' or 'name score', and a legend in a white strip under the image, which also leaves room
+    for the names under the lowest boxes (the picture is at least as wide as the legend, so it is
+    whole for an image of any shape, 1000x16 as well). image [3, h, w] in [0, 1]; boxes xyxy in its
+    pixels; the image sits at the picture's top left, so its pixel (x, y) is at (x, y) * scale."""
     scale = max(1.0, 480 / max(image.shape[-2:]))
-    pil = _to_pil(image, scale)
-    d, font = ImageDraw.Draw(pil), ImageFont.load_default()
+    image = _to_pil(image, scale)
+    font = ImageFont.load_default()
+    legend = f"green: ground truth, red: detections (score >= {min_score:g})"
+    width = max(image.width, math.ceil(ImageDraw.Draw(image).textlength(legend, font=font)) + 8)
+    pil = Image.new("RGB", (width, image.height + 13 + 16), "white")  # names under boxes, then the legend
+    pil.paste(image, (0, 0))
+    d = ImageDraw.Draw(pil)
 
     def box(b, color, text, below):
         text = " ".join(text.split())  # one line: a category name may hold a newline
@@ -491,8 +499,7 @@ def draw_detections(image, gt_boxes, gt_labels, det, names, min_score):
     keep = det["scores"] >= min_score  # [N]
     for b, s, k in zip(det["boxes"][keep], det["scores"][keep].tolist(), det["labels"][keep].tolist()):
         box(b, PRED_COLOR, f"{names[k]} {s:.2f}", below=False)
-    d.text((4, 4), f"green: ground truth, red: detections (score >= {min_score:g})", fill="white", font=font,
-           stroke_width=1, stroke_fill="black")
+    d.text((4, image.height + 15), legend, fill="black", font=font)
     return pil
 
 

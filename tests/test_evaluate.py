@@ -465,10 +465,30 @@ def test_pictures_of_a_category_name_with_a_newline():
     image = torch.full((3, 40, 60), 0.5)
     det = {"boxes": torch.tensor([[5.0, 5.0, 30.0, 20.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}
     pil = evaluate.draw_detections(image, det["boxes"], det["labels"], det, ["traffic\nsign"], 0.3)
-    assert pil.size == (480, 320)
+    assert pil.size == (480, 320 + 29)  # the image enlarged 8x, the strip of names and legend under it
     pil = evaluate.draw_matching(image, det["boxes"][0], det["boxes"].repeat(3, 1), torch.ones(3) / 3, torch.ones(3),
                                  "image 1, traffic\nsign 25x15 px")
     assert pil.width > 0
+
+
+@pytest.mark.parametrize("h, w", [(16, 1000), (1000, 16), (3, 3)])
+def test_pictures_of_images_of_any_shape_hold_the_whole_legend(h, w):
+    """The legend is written in a strip under the image, inside the picture for any image shape:
+    its dark pixels stop short of the picture's right and bottom edges. The image keeps its
+    place at the top left, enlarged to 480 pixels on its longer side where it is smaller."""
+    image = torch.full((3, h, w), 0.5)
+    boxes = torch.tensor([[0.0, 0.0, w, h]])
+    det = {"boxes": boxes, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}
+    pil = evaluate.draw_detections(image, boxes, torch.tensor([0]), det, ["needle"], 0.3)
+    pixels = np.asarray(pil.convert("RGB")).astype(int)
+    scale = max(1.0, 480 / max(h, w))
+    height = round(h * scale)
+    strip = pixels[height + 13:]  # under the image and the names under its boxes
+    dark = np.argwhere(strip.sum(-1) < 200)  # [N, 2]  rows, columns of the legend's text
+    assert len(dark) > 0
+    assert dark[:, 1].max() < pil.width - 2 and dark[:, 0].max() < strip.shape[0] - 1
+    inside = pixels[height // 2, round(w * scale) // 2]  # the image's centre, grey under the boxes' outlines
+    assert tuple(inside) == (128, 128, 128)
 
 
 def test_orientation_follows_the_checkpoint_unless_given(tiny_ckpt, tmp_path, capsys, monkeypatch):
