@@ -245,14 +245,19 @@ def negative_focal_sum(cls_logits, p_plus, gamma):
     p_plus [B, A, K] = P{a_j in A+} (match's; no gradient) -> [].
     1 - q as (1 - P_cls) + P_cls P{a_j in A+}: exact where float32 rounds P_cls to 1 (logits > 17).
     The authors clamp q to [EPS, 1 - EPS]: the upper clamp is that of 1 - q below; the lower one
-    only matters for gamma < 1, where q^gamma has an infinite slope at q = 0."""
+    only matters for gamma < 1, where q^gamma has an infinite slope at q = 0.
+    The sum runs over each anchor's K classes first, then over the anchors: under torch.compile
+    with a symbolic A (train.py), one sum over all of [B, A, K] became a flat reduction whose every
+    read divides by the symbolic sizes, which reads P{a_j in A+} (a transposed view) and the
+    logits out of order; summed by rows, both are read with plain strides, as for a fixed A
+    (benchmarks/cuda_kernels.py shows the CUDA kernels)."""
     p = torch.sigmoid(cls_logits)  # [B, A, K]  P_cls
     p_taken = p * p_plus  # [B, A, K]  P_cls P{a_j in A+}
     q = p - p_taken  # [B, A, K]
     if gamma < 1:
         q = q.clamp(min=EPS)  # [B, A, K]
     one_minus_q = (torch.sigmoid(-cls_logits) + p_taken).clamp(min=ONE_MINUS_Q_MIN)  # [B, A, K]
-    return -(q.pow(gamma) * torch.log(one_minus_q)).sum()  # []  sum of FL(q)
+    return -(q.pow(gamma) * torch.log(one_minus_q)).sum(-1).sum()  # []  FL(q) summed over the classes ([B, A]), then the rest
 
 
 def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=FreeAnchorConfig(),
@@ -396,7 +401,8 @@ def retinanet_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=Ret
         cls_target = torch.zeros_like(cls_logits).scatter_(
             2, labels.gather(1, best_obj)[..., None], positive[..., None].to(cls_logits.dtype))  # [B, A, K]
         focal = sigmoid_focal_loss(cls_logits, cls_target, alpha=cfg.alpha, gamma=cfg.gamma)  # [B, A, K]
-        classification = torch.where(ignored[..., None], 0.0, focal).sum() / num_pos  # []
+        # each anchor's K classes summed first, as in negative_focal_sum
+        classification = torch.where(ignored[..., None], 0.0, focal).sum(-1).sum() / num_pos  # []
 
         target = encode(anchors, boxes.gather(1, best_obj[..., None].expand(B, A, 4)))  # [B, A, 4]
         loss_loc = F.smooth_l1_loss(box_deltas, target, beta=cfg.smooth_l1_beta, reduction="none")  # [B, A, 4]
