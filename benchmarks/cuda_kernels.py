@@ -123,11 +123,15 @@ def capture_graphs(loss_fn, batch, objects, anchors_count, num_classes, static_a
     return captured
 
 
-def cuda_sources(captured):
-    """The source inductor generates for each captured graph on a CUDA device."""
+def cuda_sources(captured, gpu, tiling_analysis):
+    """The source inductor generates for each captured graph on a CUDA device (`gpu`: a real one),
+    with inductor's analysis of tilings off as freeanchor.compile_loss turns it off, or on."""
+    import torch._inductor.config
     from torch._inductor.codecache import output_code_log
     from torch._inductor.compile_fx import compile_fx_inner
     sources = []
+    options = {"triton.coalesce_tiling_analysis": tiling_analysis} if hasattr(
+        torch._inductor.config.triton, "coalesce_tiling_analysis") else {}
 
     class Keep(logging.Handler):
         def emit(self, record):
@@ -136,7 +140,7 @@ def cuda_sources(captured):
     output_code_log.setLevel(logging.DEBUG)
     output_code_log.addHandler(Keep())
     output_code_log.propagate = False
-    for graph, inputs, options in captured:
+    for graph, inputs, kwargs in captured:
         fake_mode = torch._guards.detect_fake_mode(inputs)
         with fake_mode:
             inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda") if torch.is_tensor(t)
@@ -146,10 +150,11 @@ def cuda_sources(captured):
                 node.kwargs = {**node.kwargs, "device": torch.device("cuda", 0)}
         graph.recompile()
         try:
-            with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), fake_mode:
-                compile_fx_inner(graph, inputs, **options)
+            with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), fake_mode, \
+                    torch._inductor.config.patch(options):
+                compile_fx_inner(graph, inputs, **kwargs)
         except Exception as e:  # without a GPU: loading the kernels needs the driver, the source is written
-            if torch.cuda.device_count() == 1 and "libcuda" not in str(e):
+            if gpu or "libcuda" not in str(e):
                 raise
     return [s for s in sources if "@triton.jit" in s]
 
@@ -166,6 +171,8 @@ def main():
     parser.add_argument("--objects", type=int, default=8, help="G")
     parser.add_argument("--anchors", type=int, default=201600, help="A (201,600: a padded 800x1344 image)")
     parser.add_argument("--static-anchors", action="store_true", help="A fixed, not marked dynamic")
+    parser.add_argument("--tiling-analysis", action="store_true",
+                        help="inductor's analysis of tilings on (train.py, through freeanchor.compile_loss, turns it off)")
     parser.add_argument("--full", action="store_true", help="print the whole generated source")
     args = parser.parse_args()
     loss_fn = freeanchor.free_anchor_loss if args.loss == "freeanchor" else freeanchor.retinanet_loss
@@ -173,10 +180,11 @@ def main():
     gpu = torch.cuda.is_available()
     if not gpu:
         answer_as_an_h100()
-    sources = cuda_sources(captured)
+    sources = cuda_sources(captured, gpu, args.tiling_analysis)
     device = torch.cuda.get_device_name() if gpu else f"{H100.name} (no GPU here: its properties filled in)"
     print(f"# {args.loss} loss, forward + backward, B = {args.batch}, G = {args.objects} (dynamic), "
-          f"A = {args.anchors} ({'static' if args.static_anchors else 'dynamic'}), K = 80; "
+          f"A = {args.anchors} ({'static' if args.static_anchors else 'dynamic'}), K = 80, tiling analysis "
+          f"{'on' if args.tiling_analysis else 'off'}; "
           f"Triton kernels for {device}; torch {torch.__version__}\n")
     flagged = kernels = 0
     for part, source in zip(("forward", "backward"), sources):

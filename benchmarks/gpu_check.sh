@@ -20,7 +20,9 @@
 #   6. the training step of part 2 compiled as train.py --compile compiles it by default, the network
 #      for its one padded shape, static (the goal: >= 240 images/s): the network alone, then with the
 #      loss; then with the loss compiled for the canvas's anchor count, not marked dynamic (a candidate
-#      for train.py: the loss's negative term alone took half its time compiled for one shape);
+#      for train.py: the loss's negative term alone took half its time compiled for one shape, when it
+#      was one flat sum over [B, A, K]; summed over each anchor's classes first, as now, its CUDA kernel
+#      is the same for a fixed or a symbolic A, per benchmarks/cuda_kernels.py);
 #   7. the step with the network compiled for any image size, as train.py --compile --no-fixed-shapes
 #      marks it dynamic (on an H200: 4 minutes of compilation and a slower step than part 6's, which
 #      is why fixed shapes are --compile's default), in a run of its own.
