@@ -478,12 +478,13 @@ def draw_detections(image, gt_boxes, gt_labels, det, names, min_score):
     whole for an image of any shape, 1000x16 as well). image [3, h, w] in [0, 1]; boxes xyxy in its
     pixels; the image sits at the picture's top left, so its pixel (x, y) is at (x, y) * scale."""
     scale = max(1.0, 480 / max(image.shape[-2:]))
-    image = _to_pil(image, scale)
+    enlarged = _to_pil(image, scale)
     font = ImageFont.load_default()
     legend = f"green: ground truth, red: detections (score >= {min_score:g})"
-    width = max(image.width, math.ceil(ImageDraw.Draw(image).textlength(legend, font=font)) + 8)
-    pil = Image.new("RGB", (width, image.height + 13 + 16), "white")  # names under boxes, then the legend
-    pil.paste(image, (0, 0))
+    width = max(enlarged.width, math.ceil(font.getlength(legend)) + 8)
+    # under the image: 13 pixels for the names under the lowest boxes (11 high), then the legend
+    pil = Image.new("RGB", (width, enlarged.height + 13 + 16), "white")
+    pil.paste(enlarged, (0, 0))
     d = ImageDraw.Draw(pil)
 
     def box(b, color, text, below):
@@ -499,7 +500,7 @@ def draw_detections(image, gt_boxes, gt_labels, det, names, min_score):
     keep = det["scores"] >= min_score  # [N]
     for b, s, k in zip(det["boxes"][keep], det["scores"][keep].tolist(), det["labels"][keep].tolist()):
         box(b, PRED_COLOR, f"{names[k]} {s:.2f}", below=False)
-    d.text((4, image.height + 15), legend, fill="black", font=font)
+    d.text((4, enlarged.height + 15), legend, fill="black", font=font)
     return pil
 
 

@@ -3,10 +3,11 @@
 torch.compile's inductor turns the loss's forward and backward into a few fused Triton kernels; how
 fast they run on a GPU depends much on how each kernel indexes memory. This script compiles a
 loss as `train.py --compile` compiles it (G and A marked dynamic, or A fixed with --static-anchors)
-at COCO scale, and prints each Triton kernel inductor generates for an NVIDIA H100 (132 SMs,
-compute capability 9.0): its kind, sizes and memory reads. It flags reads of [B, A, K] tensors
-whose address takes a division or remainder by a symbolic size for every element: a flat
-reduction over the whole of [B, A, K], which reads neither operand in order.
+at COCO scale, from bfloat16 predictions, and prints each Triton kernel inductor generates for an
+NVIDIA H100 (132 SMs, compute capability 9.0): its kind, sizes and memory reads. It flags the
+reads, in kernels of [B, A, K]'s size, whose address expression divides or takes a remainder by a
+symbolic size: the mark of a flat reduction over the whole of [B, A, K], which reads its
+operands out of order (an index computed on a line of its own is not flagged).
 
 It needs no GPU: the graphs are captured on the CPU, then lowered again for a CUDA device whose
 properties are filled in (torch.cuda's queries and Triton's driver answer as an H100 would). The
@@ -85,7 +86,7 @@ def answer_as_an_h100():
     driver_config._default = driver_config._active = H100Driver()
 
 
-def capture_graphs(loss_fn, batch, objects, anchors_count, num_classes, static_anchors):
+def capture_graphs(loss_fn, batch, objects, anchors_count, num_classes, static_anchors, dtype):
     """The forward and backward graphs inductor compiles for loss_fn (forward + backward on CPU
     tensors), with their example inputs and compile options: [(graph, inputs, options)]."""
     import torch._functorch.config
@@ -107,8 +108,10 @@ def capture_graphs(loss_fn, batch, objects, anchors_count, num_classes, static_a
 
     B, A, K, G = batch, anchors_count, num_classes, objects
     gen = torch.Generator().manual_seed(0)
-    cls_logits = torch.randn(B, A, K, generator=gen).requires_grad_()
-    box_deltas = (torch.randn(B, A, 4, generator=gen) * 0.1).requires_grad_()
+    # the network's outputs in bfloat16, as train.py's autocast gives them on an H100 (the loss
+    # computes in float32)
+    cls_logits = torch.randn(B, A, K, generator=gen).to(dtype).requires_grad_()
+    box_deltas = (torch.randn(B, A, 4, generator=gen) * 0.1).to(dtype).requires_grad_()
     corner = torch.rand(A, 2, generator=gen) * 1000
     anchors = torch.cat([corner, corner + 32 + torch.rand(A, 2, generator=gen) * 100], 1)
     corner = torch.rand(B, G, 2, generator=gen) * 1000
@@ -118,8 +121,10 @@ def capture_graphs(loss_fn, batch, objects, anchors_count, num_classes, static_a
     if not static_anchors:  # A, as train.py marks it
         torch._dynamo.maybe_mark_dynamic(cls_logits, 1), torch._dynamo.maybe_mark_dynamic(box_deltas, 1)
         torch._dynamo.maybe_mark_dynamic(anchors, 0)
+    # train.py passes the object count as a 0-d tensor (the RetinaNet loss counts its positives)
+    extra = {"num_objects": torch.tensor(float(B * G))} if loss_fn is freeanchor.free_anchor_loss else {}
     compiled = torch.compile(loss_fn, backend=lambda gm, inputs: compile_fx(gm, inputs, inner_compile=keep))
-    sum(compiled(cls_logits, box_deltas, anchors, boxes, labels).values()).backward()
+    sum(compiled(cls_logits, box_deltas, anchors, boxes, labels, **extra).values()).backward()
     return captured
 
 
@@ -156,7 +161,11 @@ def cuda_sources(captured, gpu, tiling_analysis):
         except Exception as e:  # without a GPU: loading the kernels needs the driver, the source is written
             if gpu or "libcuda" not in str(e):
                 raise
-    return [s for s in sources if "@triton.jit" in s]
+    sources = [s for s in sources if "@triton.jit" in s]
+    if len(sources) != len(captured):
+        raise SystemExit(f"error: {len(captured)} graphs compiled but {len(sources)} sources with Triton kernels "
+                         "came back: this torch writes or logs its code otherwise")
+    return sources
 
 
 KERNEL = re.compile(r"@triton_heuristics\.(\w+)\((.*?)\)\n@triton\.jit\ndef (\w+)\(.*?\):\n(.*?)''', device_str", re.S)
@@ -171,27 +180,31 @@ def main():
     parser.add_argument("--objects", type=int, default=8, help="G")
     parser.add_argument("--anchors", type=int, default=201600, help="A (201,600: a padded 800x1344 image)")
     parser.add_argument("--static-anchors", action="store_true", help="A fixed, not marked dynamic")
+    parser.add_argument("--float32", action="store_true",
+                        help="float32 predictions (default: bfloat16, as train.py's autocast gives them on an H100)")
     parser.add_argument("--tiling-analysis", action="store_true",
                         help="inductor's analysis of tilings on (train.py, through freeanchor.compile_loss, turns it off)")
     parser.add_argument("--full", action="store_true", help="print the whole generated source")
     args = parser.parse_args()
     loss_fn = freeanchor.free_anchor_loss if args.loss == "freeanchor" else freeanchor.retinanet_loss
-    captured = capture_graphs(loss_fn, args.batch, args.objects, args.anchors, 80, args.static_anchors)
+    captured = capture_graphs(loss_fn, args.batch, args.objects, args.anchors, 80, args.static_anchors,
+                              torch.float32 if args.float32 else torch.bfloat16)
     gpu = torch.cuda.is_available()
     if not gpu:
         answer_as_an_h100()
     sources = cuda_sources(captured, gpu, args.tiling_analysis)
     device = torch.cuda.get_device_name() if gpu else f"{H100.name} (no GPU here: its properties filled in)"
     print(f"# {args.loss} loss, forward + backward, B = {args.batch}, G = {args.objects} (dynamic), "
-          f"A = {args.anchors} ({'static' if args.static_anchors else 'dynamic'}), K = 80, tiling analysis "
+          f"A = {args.anchors} ({'static' if args.static_anchors else 'dynamic'}), K = 80, "
+          f"{'float32' if args.float32 else 'bfloat16'} predictions, tiling analysis "
           f"{'on' if args.tiling_analysis else 'off'}; "
           f"Triton kernels for {device}; torch {torch.__version__}\n")
     flagged = kernels = 0
-    for part, source in zip(("forward", "backward"), sources):
+    for n, source in enumerate(sources):
         if args.full:
             print(source)
             continue
-        print(f"## {part}")
+        print(f"## graph {n + 1} of {len(sources)}" + (f" ({('forward', 'backward')[n]})" if len(sources) == 2 else ""))
         for kind, heuristics, name, body in KERNEL.findall(source):
             kernels += 1
             sizes = re.search(r"size_hints=(\{[^}]*\})", heuristics)
@@ -205,9 +218,12 @@ def main():
                     flagged += bool(slow)
                     print(f"    {'!! ' if slow else ''}{line}")
         print()
+    if not args.full and not kernels:
+        raise SystemExit("error: no Triton kernel found in the generated code: this torch writes it otherwise")
     if not args.full:
-        print(f"{kernels} Triton kernels; {flagged} reads flagged (!!): in a kernel over 2^24 elements or more, "
-              "an address that divides or takes a remainder by a symbolic size for every element")
+        print(f"{kernels} Triton kernels; {flagged} reads flagged (!!): in a kernel whose size hints (powers of "
+              "two) reach 2^24 elements, a read whose own address expression divides or takes a remainder by a "
+              "symbolic size")
 
 
 if __name__ == "__main__":

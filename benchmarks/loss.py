@@ -234,7 +234,8 @@ def negative_by_class_rows(cls_logits, p_plus, labels, first, gamma):
     def focal(q, one_minus_q):  # FL(q) = q^gamma (-log(1 - q)), 1 - q given apart (as negative_focal_sum)
         return -q.pow(gamma) * torch.log(one_minus_q.clamp(min=ONE_MINUS_Q_MIN))
 
-    total = focal(torch.sigmoid(cls_logits), torch.sigmoid(-cls_logits)).sum()  # []  FL(P_cls) everywhere
+    # FL(P_cls) everywhere, each anchor's classes summed first, as negative_focal_sum sums
+    total = focal(torch.sigmoid(cls_logits), torch.sigmoid(-cls_logits)).sum(-1).sum()  # []
     cls = labels[:, None, :].expand(-1, cls_logits.shape[1], -1)  # [B, A, G]  class c_i at every anchor
     x, taken = cls_logits.gather(2, cls), p_plus.gather(2, cls)  # [B, A, G]  logits, P{a_j in A+} of c_i
     p, p_not = torch.sigmoid(x), torch.sigmoid(-x)  # [B, A, G]  P_cls, 1 - P_cls
