@@ -252,8 +252,9 @@ def negative_term_rows(p_match, labels, B, G, device):
     compiled for one shape or for any (dynamic=True), each with inductor's analysis of tilings on
     (torch's default) or off (compile_loss, as train.py compiles the loss). On an H200 the
     transposed read cost nothing compiled for one shape with the analysis on and doubled the term's
-    time compiled for any shape with it off; which of the two makes the difference decides how
-    the loss should be compiled."""
+    time compiled for any shape with it off, when the term was one flat sum over [B, A, K]; the
+    generated code (benchmarks/cuda_kernels.py) showed the flat reduction over symbolic sizes as
+    the cause, not the analysis, and the terms now sum each anchor's classes first."""
     cls_logits = torch.randn(B, p_match.shape[-1], K, device=device, requires_grad=True)  # [B, A, K]
     first = first_of_class(labels)  # [B, G]
     variants = (
