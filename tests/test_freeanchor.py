@@ -621,6 +621,37 @@ def test_no_data_dependent_op_and_as_many_ops_for_any_batch(loss, padded):
     assert not [op for op in small if op[0].startswith("aten.index") and "torch.bool" in op[1]]
 
 
+class SumRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """The shapes of the tensors each aten.sum reduces, and over which dims (None: all of them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sums = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.sum:
+            dims = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
+            self.sums.append((tuple(args[0].shape), None if dims is None else tuple(dims)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss", [free_anchor_loss, retinanet_loss], ids=["freeanchor", "retinanet"])
+def test_sums_over_every_logit_run_over_the_classes_first(loss):
+    """The terms over all of [B, A, K] sum each anchor's K classes first, then the [B, A] rest.
+    Compiled for a symbolic anchor count (train.py --compile), one sum over the whole of
+    [B, A, K] becomes a flat reduction whose every read divides by the symbolic sizes, which on a
+    GPU reads the logits and P{a_j in A+} out of order (benchmarks/cuda_kernels.py prints the
+    kernels); by rows, the reads keep plain strides."""
+    B, A, K = 2, 300, 5
+    cls_logits, box_deltas, anchors, gt_boxes, gt_labels = [
+        t.float() if torch.is_tensor(t) else [b.float() if b.is_floating_point() else b for b in t]
+        for t in make_batch(107, [3, 1], A=A, K=K)]
+    with SumRecorder() as rec:
+        loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels)
+    over_logits = [dims for shape, dims in rec.sums if shape == (B, A, K)]
+    assert over_logits and all(dims in ((-1,), (2,)) for dims in over_logits), rec.sums
+
+
 def test_host_data_enters_only_as_the_object_counts():
     """torch.tensor(x, device="cuda") and torch.as_tensor(x, device="cuda") are blocking copies that
     wait for the GPU's queue: a host sync that no op name shows. Host data enters the losses once,
