@@ -711,6 +711,9 @@ def make_output_folder(path, subfolders=()):
     for file in stale:
         with contextlib.suppress(FileNotFoundError):
             os.remove(file)
+    for name in {"pictures", "matching"} - set(subfolders):  # emptied above: gone, unless it holds other files
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(path, name))
 
 
 def evaluate(cfg):

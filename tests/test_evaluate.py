@@ -457,7 +457,7 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
     # evaluated again in the same folder without the drawings: none of the earlier ones stays beside its results
     run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--max-images", "1"], capsys)
     assert not any(os.path.exists(os.path.join(out, name)) for name in ("ap_by_shape.png", "ap_by_crowdedness.png"))
-    assert os.listdir(os.path.join(out, "pictures")) == [] and os.listdir(os.path.join(out, "matching")) == []
+    assert not os.path.exists(os.path.join(out, "pictures")) and not os.path.exists(os.path.join(out, "matching"))
 
 
 def test_pictures_of_a_category_name_with_a_newline():
@@ -785,8 +785,9 @@ def test_a_stop_while_pictures_are_drawn_leaves_none_cut_short(tiny_ckpt, tmp_pa
         img.load()  # whole
     monkeypatch.setattr(Image.Image, "save", real_save)
     (out / "pictures" / "5.png.tmp").write_bytes(b"\x89PNG")  # what a kill -9 in write_atomic leaves
+    (out / "pictures" / "notes.txt").write_text("the user's")
     run_main(args, capsys)
-    assert os.listdir(out / "pictures") == []
+    assert os.listdir(out / "pictures") == ["notes.txt"]  # the pictures gone, the folder kept for the other file
 
 
 def test_a_stop_while_metrics_json_is_written_says_the_evaluation_completed(tiny_ckpt, tmp_path, capsys, monkeypatch):
