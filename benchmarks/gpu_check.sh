@@ -4,7 +4,9 @@
 #      (against finite differences of the oracle); and no host-device synchronisation in a loss call;
 #   2. a training step of R-50 at 800x1333, B = 16 (benchmarks/train_step.py): the network alone and
 #      with the FreeAnchor loss, eager (channels_last, the default on H100/H200);
-#   3. evaluation's speed (benchmarks/inference.py): batches of 8, bf16, channels_last;
+#   3. evaluation's speed: detect in batches of 8, bf16, channels_last (benchmarks/inference.py),
+#      then evaluate.py itself end to end, reading JPEG pictures, against detect alone
+#      (benchmarks/evaluation.py: about 2 minutes, not run on a GPU yet);
 #   4. synchronisations of train.py's steady-state step, eager and --compile (padded to fixed shapes,
 #      its default; with the number of graphs compiled over varying image sizes), and of detect
 #      (benchmarks/syncs.py; its --dynamic adds --compile --no-fixed-shapes, which had not finished
@@ -149,6 +151,10 @@ part3() {
 enough 40 3 || return 0
 step "3. evaluate.py's detect, R-50 at 800x1333, batches of 8, bf16, channels_last"
 timeout "$(cap 120)" $py benchmarks/inference.py --device cuda --amp --channels-last --batch 8 --images 96 2>&1 | tee -a "$log"
+enough 90 "3 (evaluate.py end to end)" || return 0
+step "3. evaluate.py end to end on 960 JPEG pictures of 1333x800, against detect alone"
+timeout "$(cap 240)" $py benchmarks/evaluation.py --device cuda --images 960 --root /tmp/evaluation_benchmark \
+    --timeout "$(( $(cap 240) / 3 ))" 2>&1 | tee -a "$log"
 }
 
 part4() {
