@@ -165,9 +165,9 @@ def main():
     if args.images < 1 or args.batch_size < 1 or min(args.picture) < 1:
         sys.exit("--images, --batch-size and --picture must be >= 1")
     device = torch.device(args.device)
-    cfg = evaluate.parse_config(["--ckpt", "-", "--device", args.device])  # evaluate.py's defaults here
     data = os.path.join(args.root, f"data_{args.images}_{args.picture[0]}x{args.picture[1]}")
-    build_dataset(data, args.images, *args.picture)
+    build_dataset(data, args.images, *args.picture)  # (forks before CUDA is initialised)
+    cfg = evaluate.parse_config(["--ckpt", "-", "--device", args.device])  # evaluate.py's defaults here
     ckpt = os.path.join(args.root, f"{args.backbone}_{args.min_size}_{args.max_size}.pt")
     save_checkpoint(ckpt, os.path.abspath(data), args.backbone, args.min_size, args.max_size)
 
