@@ -122,7 +122,8 @@ def detect_alone(ckpt, root, device, batch_size, amp, channels_last, min_size, m
         start = time.perf_counter()
         for batch in batches:
             dets = evaluate.detect(model, batch, [min_size], [max_size])
-            evaluate.batch_to_host([d["boxes"] for d in dets])  # as evaluate.py copies them
+            for key in ("boxes", "scores", "labels"):  # to the host, as evaluate.py copies them
+                evaluate.batch_to_host([d[key] for d in dets])
         sync()
     return len(images) / (time.perf_counter() - start)
 
