@@ -371,7 +371,7 @@ def train(cfg, loss_cfg):
               f"(none annotated, or only crowd regions and such boxes)", flush=True)
     if master and dataset.unseen_categories:
         print(f"note: {len(dataset.unseen_categories)} of the {len(dataset.categories)} categories of "
-              f"{dataset.ann_file} have no usable box there ({', '.join(dataset.unseen_categories[:8])}"
+              f"{dataset.ann_file} {'has' if len(dataset.unseen_categories) == 1 else 'have'} no usable box there ({', '.join(dataset.unseen_categories[:8])}"
               f"{', ...' if len(dataset.unseen_categories) > 8 else ''}): the model gets a class for each, which it "
               f"never sees an example of", flush=True)
     if master and dataset.boxes_past_border:
@@ -519,7 +519,7 @@ def train(cfg, loss_cfg):
         speed = ", ".join(name for name, on in (("bf16 autocast", cfg.amp), ("channels_last", cfg.channels_last),
                                                 ("torch.compile", cfg.compile), ("fixed shapes", cfg.fixed_shapes)) if on) or "float32"
         print(f"{len(dataset)} training images, {len(dataset.categories)} classes, {world} process(es) x "
-              f"{cfg.batch_size // world} images, {cfg.loss} loss, {cfg.backbone} ({cfg.weights}), "
+              f"{cfg.batch_size // world} image{'' if cfg.batch_size == world else 's'}, {cfg.loss} loss, {cfg.backbone} ({cfg.weights}), "
               f"iterations {start_iter}..{cfg.max_iter}, {cfg.device} ({speed}), output {cfg.output}", flush=True)
 
     def checkpoint(iteration):
