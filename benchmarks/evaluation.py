@@ -75,13 +75,15 @@ def build_dataset(root, num_images, width, height, seed=0):
     the pictures drawn by a process per CPU."""
     params = {"images": num_images, "width": width, "height": height, "seed": seed}
     marker = os.path.join(root, "params.json")
-    if os.path.exists(marker) and json.load(open(marker)) == params:
-        return
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == params:
+                return
     folder = os.path.join(root, "val")
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     os.makedirs(folder, exist_ok=True)
     start = time.time()
-    with multiprocessing.get_context("spawn" if torch.cuda.is_initialized() else "fork").Pool(available_cpus()) as pool:
+    with multiprocessing.Pool(available_cpus()) as pool:  # forked: main() calls this before CUDA is initialised
         made = pool.map(picture, [(folder, i, width, height, seed) for i in range(num_images)])
     images = [entry for entry, _ in made]
     annotations = [{"id": k + 1, **a} for k, a in enumerate(a for _, anns in made for a in anns)]
@@ -167,7 +169,7 @@ def main():
         sys.exit("--images, --batch-size and --picture must be >= 1")
     device = torch.device(args.device)
     data = os.path.join(args.root, f"data_{args.images}_{args.picture[0]}x{args.picture[1]}")
-    build_dataset(data, args.images, *args.picture)  # (forks before CUDA is initialised)
+    build_dataset(data, args.images, *args.picture)
     cfg = evaluate.parse_config(["--ckpt", "-", "--device", args.device])  # evaluate.py's defaults here
     ckpt = os.path.join(args.root, f"{args.backbone}_{args.min_size}_{args.max_size}.pt")
     save_checkpoint(ckpt, os.path.abspath(data), args.backbone, args.min_size, args.max_size)
