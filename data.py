@@ -2,7 +2,8 @@
 sampling, and the built-in synthetic `shapes` dataset.
 
 - `CocoDataset(root, split, train)` reads `root/annotations/instances_<split>.json` and the images
-  in `root/<split>/`: COCO 2017 itself, or any data laid out the same way. Problems with the
+  in `root/<split>/`: COCO 2017 itself, or any data laid out the same way (`split_files`; for
+  evaluation, also a list of images without annotations, such as COCO's test-dev). Problems with the
   annotation file are found at construction; `check_images()` then opens every image's header
   (not its pixels) in parallel, so that a missing, broken or mis-sized image stops the run before
   iteration 0, not hours in. Every such problem is one line, a `DataError`, naming the culprits.
@@ -186,9 +187,28 @@ def _image_problem(im):
     return None
 
 
+def split_files(root, split):
+    """The annotation file and the image folder of a split: root/annotations/instances_<split>.json
+    and root/<split>/. Where there is no instances file, COCO's name for a list of images without
+    annotations, root/annotations/image_info_<split>.json (test2017, test-dev2017), is read instead.
+    COCO's test-dev lists a part of its test images, which COCO distributes in test2017/: the images
+    of a split test-dev<year> without a folder of its own are read from root/test<year>/."""
+    ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
+    image_list = os.path.join(root, "annotations", f"image_info_{split}.json")
+    if not os.path.exists(ann_file) and os.path.exists(image_list):
+        ann_file = image_list
+    img_dir = os.path.join(root, split)
+    dev = re.fullmatch(r"test-dev(\d*)", split)
+    if dev and not os.path.exists(img_dir):
+        img_dir = os.path.join(root, f"test{dev.group(1)}")
+    return ann_file, img_dir
+
+
 def _load_annotations(ann_file):
-    """Read and validate a COCO instances file; returns its dict with every field we and
-    COCOeval need present ('iscrowd' and 'area' filled in when absent). Raises DataError."""
+    """Read and validate a COCO instances file; returns (its dict with every field we and COCOeval
+    need present: 'iscrowd' and 'area' filled in when absent, whether it has annotations). A file
+    without an 'annotations' list, such as COCO's image_info_test-dev2017.json, is a list of images
+    to detect on: its dict gets an empty one. Raises DataError."""
     if not os.path.isfile(ann_file):
         raise DataError(f"annotation file not found: {ann_file}")
     try:
@@ -202,6 +222,8 @@ def _load_annotations(ann_file):
     if not isinstance(coco, dict):
         raise DataError(f"{ann_file}: expected a JSON object with 'images', 'annotations' "
                         f"and 'categories'")
+    annotated = "annotations" in coco
+    coco.setdefault("annotations", [])
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise DataError(f"{ann_file}: missing the '{key}' list")
@@ -283,7 +305,7 @@ def _load_annotations(ann_file):
     for a in anns:  # COCOeval reads both fields of every ground truth
         a.setdefault("iscrowd", 0)
         a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
-    return coco
+    return coco, annotated
 
 
 # EXIF orientation tag (0x0112) -> the transposition that shows the picture upright: the table of
@@ -531,7 +553,9 @@ def check_images(paths, sizes, exif=True, workers=None, show_progress=True, what
 
 
 class CocoDataset(torch.utils.data.Dataset):
-    """A COCO-layout dataset: `root/annotations/instances_<split>.json`, images in `root/<split>/`.
+    """A COCO-layout dataset: `root/annotations/instances_<split>.json`, images in `root/<split>/`
+    (see split_files for COCO's test sets). `annotated` is False for a file without annotations, a
+    list of images to detect on (train=False only: there is nothing to train on).
 
     Labels are contiguous 0..K-1 in the order of the sorted category ids (`categories[k]` is the
     dataset's own category of label k; it travels with the model so results map back), or those of
@@ -567,12 +591,14 @@ class CocoDataset(torch.utils.data.Dataset):
             raise DataError(f"data root is not a directory: {root}")
         self.root, self.split, self.train, self.max_size, self.exif = root, split, train, max_size, exif
         self.resize_in_worker = False
-        self.ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
-        self.img_dir = os.path.join(root, split)
+        self.ann_file, self.img_dir = split_files(root, split)
         self._coco = None
-        coco = _load_annotations(self.ann_file)
+        coco, self.annotated = _load_annotations(self.ann_file)
         if not coco["images"]:
             raise DataError(f"{self.ann_file}: the 'images' list is empty")
+        if train and not self.annotated:
+            raise DataError(f"{self.ann_file} has no 'annotations' list: a list of images to detect on, such as "
+                            f"COCO's test-dev, has nothing to train on")
 
         # Every listed image must exist: say so now, naming all of them, not hours into a run.
         if not os.path.isdir(self.img_dir):
@@ -619,8 +645,10 @@ class CocoDataset(torch.utils.data.Dataset):
             # a label list exported whole, without objects of those classes: nothing for AP to count
             unannotated = [f"{c['id']}:{c['name']}" for c in unknown if c["id"] not in annotated]
             if unannotated:
-                self.category_note = (f"{self.ann_file} also lists categories the model was not trained on, without "
-                                      f"any annotation ({_name_some(unannotated, 8)}): they do not count in AP")
+                self.category_note = (f"{self.ann_file} also lists categories the model was not trained on"
+                                      f"{', without any annotation' if self.annotated else ''} "
+                                      f"({_name_some(unannotated, 8)}): "
+                                      f"{'they do not count in AP' if self.annotated else 'they are not detected'}")
             if strangers:
                 trained = [f"{c['id']}:{c['name']}" for c in categories]
                 raise DataError(f"{self.ann_file} holds categories the model was not trained on "
@@ -798,7 +826,7 @@ def coco_ground_truth(ann_file):
     truth's id and reads id 0 as "unmatched", so a dataset whose ids start at 0 would lose a true
     positive. Nothing reports annotation ids."""
     from pycocotools.coco import COCO
-    dataset = _load_annotations(ann_file)
+    dataset, _ = _load_annotations(ann_file)
     for k, a in enumerate(dataset["annotations"]):
         a["id"] = k + 1
     with contextlib.redirect_stdout(io.StringIO()):

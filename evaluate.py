@@ -5,7 +5,9 @@ defines (§4.2-4.3: Table 1, Figs. 5-6).
 - COCO AP, AP50, AP75, APS, APM, APL (the columns of Table 2) with pycocotools, on the split the
   checkpoint was trained to be validated on, or on any COCO-layout data (--data, --split).
   detections.json holds the results in COCO's format (xywh boxes, the dataset's own category and
-  image ids), metrics.json every number printed.
+  image ids), metrics.json every number printed. A split without annotations, such as COCO's
+  test-dev (--split test-dev2017: annotations/image_info_test-dev2017.json, images in test2017/),
+  gets its detections.json only, the file COCO's evaluation server takes.
 - --nms-recall (Table 1): NR_tau = recall after NMS / recall before NMS at IoU tau, class-aware (an
   object is recalled when a detection of its own class overlaps it by >= tau), and also as the
   authors' script counts it (a detection of any class, IoU > tau); NR is the mean over
@@ -99,7 +101,9 @@ class EvalConfig:
     ckpt: str = field(default=None, metadata={"help": "checkpoint of train.py (model_final.pt or last.pt); required"})
     data: str = field(default=None, metadata={
         "help": "COCO-layout root or 'shapes' (default: the checkpoint's training data)"})
-    split: str = field(default=None, metadata={"help": "split to evaluate (default: the checkpoint's val split)"})
+    split: str = field(default=None, metadata={
+        "help": "split to evaluate (default: the checkpoint's val split); one without annotations, such as COCO's "
+                "test-dev2017, gets detections.json only, for COCO's evaluation server"})
     min_size: int = field(default=None, metadata={
         "help": "shorter image side (default: the checkpoint's, its last value if several)"})
     max_size: int = field(default=None, metadata={
@@ -472,7 +476,8 @@ def _to_pil(image, scale=1.0):
 
 
 def draw_detections(image, gt_boxes, gt_labels, det, names, min_score):
-    """PIL picture: ground truth in green, detections with score >= min_score in red, each with
+    """PIL picture: ground truth in green (gt_boxes None: a dataset without annotations, whose
+    legend then names the detections only), detections with score >= min_score in red, each with
     'name' or 'name score', and a legend in a white strip under the image, which also leaves room
     for the names under the lowest boxes (the picture is at least as wide as the legend, so it is
     whole for an image of any shape, 1000x16 as well). image [3, h, w] in [0, 1]; boxes xyxy in its
@@ -480,7 +485,7 @@ def draw_detections(image, gt_boxes, gt_labels, det, names, min_score):
     scale = max(1.0, 480 / max(image.shape[-2:]))
     enlarged = _to_pil(image, scale)
     font = ImageFont.load_default()
-    legend = f"green: ground truth, red: detections (score >= {min_score:g})"
+    legend = f"{'' if gt_boxes is None else 'green: ground truth, '}red: detections (score >= {min_score:g})"
     width = max(enlarged.width, math.ceil(font.getlength(legend)) + 8)
     # under the image: 13 pixels for the names under the lowest boxes (11 high), then the legend
     pil = Image.new("RGB", (width, enlarged.height + 13 + 16), "white")
@@ -495,8 +500,9 @@ def draw_detections(image, gt_boxes, gt_labels, det, names, min_score):
         d.rectangle((x1, y, x1 + d.textlength(text, font=font) + 2, y + 11), fill=color)
         d.text((x1 + 1, y), text, fill="white" if not below else "black", font=font)
 
-    for b, k in zip(gt_boxes, gt_labels.tolist()):
-        box(b, GT_COLOR, names[k], below=True)
+    if gt_boxes is not None:
+        for b, k in zip(gt_boxes, gt_labels.tolist()):
+            box(b, GT_COLOR, names[k], below=True)
     keep = det["scores"] >= min_score  # [N]
     for b, s, k in zip(det["boxes"][keep], det["scores"][keep].tolist(), det["labels"][keep].tolist()):
         box(b, PRED_COLOR, f"{names[k]} {s:.2f}", below=False)
@@ -774,6 +780,12 @@ def _evaluate(cfg, ddp, rank, world, master):
                           categories=ckpt["categories"])
     if dataset.category_note and master:
         print(f"note: {dataset.category_note}", flush=True)
+    needs_objects = [flag for flag, on in (("--nms-recall", cfg.nms_recall), ("--breakdown", cfg.breakdown),
+                                           ("--show-matching", cfg.show_matching)) if on]
+    if needs_objects and not dataset.annotated:  # refused before the first detection
+        raise ValueError(f"{' and '.join(needs_objects)} need{'s' if len(needs_objects) == 1 else ''} the ground truth, "
+                         f"and {dataset.ann_file} has no annotations (a list of images to detect on): leave "
+                         f"{'it' if len(needs_objects) == 1 else 'them'} out")
     num_images = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     evaluated = set(dataset.image_ids[:num_images])
     ids = [a for a, i in zip(dataset.zero_area_ids.tolist(), dataset.zero_area_image_ids.tolist()) if i in evaluated]
@@ -790,7 +802,8 @@ def _evaluate(cfg, ddp, rank, world, master):
         K, listed = len(dataset.categories), len(dataset.listed_labels)
         classes = f"{K} classes" if listed == K else f"{listed} of the model's {K} classes (only those detected)"
         tta = ", ".join(f"{s}/{m}" for s, m in zip(scales, max_sizes))
-        print(f"evaluating {cfg.ckpt} on {dataset.ann_file}: {num_images} images, {classes}, "
+        print(f"{'evaluating' if dataset.annotated else 'detecting with'} {cfg.ckpt} on {dataset.ann_file}"
+              f"{'' if dataset.annotated else ' (no annotations: detections only, no AP)'}: {num_images} images, {classes}, "
               f"shorter/longer side {tta}{', flip' if cfg.flip else ''}, {world} process(es) on {cfg.device}, "
               f"output {cfg.output}", flush=True)
 
@@ -822,11 +835,17 @@ def _evaluate(cfg, ddp, rank, world, master):
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(cfg.output, "metrics.json"))
     write_atomic(os.path.join(cfg.output, "detections.json"), json.dumps(results, allow_nan=False).encode())
-    E = coco_evaluate(dataset.coco, results, img_ids)
-    metrics["coco"], table = coco_summary(E)
-    print(f"COCO box AP (Table 2), {num_images} images:\n{table}", end="")
-    print("\n" + "  ".join(f"{name:>6}" for name in COCO_STATS))
-    print("  ".join(f"{_fmt(metrics['coco'][name]):>6}" for name in COCO_STATS), flush=True)
+    if dataset.annotated:
+        E = coco_evaluate(dataset.coco, results, img_ids)
+        metrics["coco"], table = coco_summary(E)
+        print(f"COCO box AP (Table 2), {num_images} images:\n{table}", end="")
+        print("\n" + "  ".join(f"{name:>6}" for name in COCO_STATS))
+        print("  ".join(f"{_fmt(metrics['coco'][name]):>6}" for name in COCO_STATS), flush=True)
+    else:  # COCO's test-dev: its annotations are kept by COCO's evaluation server, which takes this file
+        metrics["coco"] = None
+        print(f"{len(results)} detections of {num_images} images in {os.path.join(cfg.output, 'detections.json')}, "
+              f"COCO's results format; no AP without annotations (for COCO's test-dev, upload the file, renamed "
+              f"detections_{cfg.split}_<method>_results.json and zipped, to COCO's evaluation server)", flush=True)
 
     # ------------------------------------------------------------------ NMS recall (Table 1)
     if cfg.nms_recall:
@@ -888,7 +907,8 @@ def _evaluate(cfg, ddp, rank, world, master):
             image, target = dataset[i]  # uint8
             path = os.path.join(folder, f"{target['image_id']}.png")
             image = image.float() / 255  # [3, h, w] in [0, 1]
-            save_png(draw_detections(image, target["boxes"], target["labels"], records[i], names, cfg.vis_score), path)
+            gt_boxes = target["boxes"] if dataset.annotated else None
+            save_png(draw_detections(image, gt_boxes, target["labels"], records[i], names, cfg.vis_score), path)
         print(f"\n{min(cfg.visualize, num_images)} pictures in {folder}")
     if cfg.show_matching:
         loss_config = freeanchor.FreeAnchorConfig(**(ckpt.get("loss_config") or {}))

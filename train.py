@@ -71,7 +71,8 @@ from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, Hel
                   TrainSampler, add_config_arguments, available_cpus, canvas_shapes, catch_stop_signals, collate,
                   config_from_args, device_defaults, end_progress_line, format_eta, init_worker, load_checkpoint_file,
                   loader_batches, on_rank0, pad_to_canvas, print_stop, remove_partial_writes, resolve_root_once,
-                  setup_processes, signals_deferred, stop_on_failure, stopped_by, to_device, write_atomic)
+                  setup_processes, signals_deferred, split_files, stop_on_failure, stopped_by, to_device,
+                  write_atomic)
 from model import BACKBONES, PRIOR_PROB, RETINANET_PRIOR_PROB, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -377,7 +378,7 @@ def train(cfg, loss_cfg):
     if master and dataset.boxes_past_border:
         print(f"note: {dataset.boxes_past_border} of the {dataset.num_boxes} boxes of {dataset.ann_file} extend more "
               f"than 1 px past their image and are clipped to it (COCO boxes are [x, y, width, height])", flush=True)
-    val_file = os.path.join(root, "annotations", f"instances_{cfg.val_split}.json")
+    val_file, _ = split_files(root, cfg.val_split)
     if master and not os.path.isfile(val_file):  # said now, not when evaluate.py looks for it after the run
         print(f"note: --val-split {cfg.val_split}: there is no {val_file}; evaluate.py will need --split", flush=True)
     if not cfg.skip_check:  # every image's header, on all CPUs of rank 0; the other ranks wait

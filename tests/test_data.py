@@ -479,6 +479,38 @@ def test_a_folder_named_shapes_is_not_taken_for_the_synthetic_dataset(tmp_path, 
     assert resolve_root("./shapes") == "./shapes"
 
 
+def test_a_coco_test_split_is_a_list_of_images_to_detect_on(tiny):
+    """split_files: instances_<split>.json first, else COCO's image list image_info_<split>.json; a
+    split test-dev<year> without a folder of its own reads test<year>/, as COCO distributes it. A
+    file without an 'annotations' list is a dataset of images without objects for evaluation
+    (`annotated` False) and refused for training in one line, naming it."""
+    import shutil
+    with open(os.path.join(tiny, "annotations", "instances_val.json")) as f:
+        coco = json.load(f)
+    image_list = os.path.join(tiny, "annotations", "image_info_test-dev2017.json")
+    with open(image_list, "w") as f:
+        json.dump({"images": coco["images"][1:], "categories": coco["categories"]}, f)  # a part, as test-dev
+    shutil.copytree(os.path.join(tiny, "val"), os.path.join(tiny, "test2017"))
+    assert data.split_files(tiny, "test-dev2017") == (image_list, os.path.join(tiny, "test2017"))
+    assert data.split_files(tiny, "val") == (os.path.join(tiny, "annotations", "instances_val.json"),
+                                             os.path.join(tiny, "val"))
+    ds = CocoDataset(tiny, "test-dev2017", train=False)
+    annotated = CocoDataset(tiny, "val", train=False)
+    assert not ds.annotated and annotated.annotated
+    assert ds.ann_file == image_list and ds.image_ids == [2, 3, 4, 5] and ds.categories == annotated.categories
+    for i in range(len(ds)):
+        image, target = ds[i]
+        assert torch.equal(image, annotated[i + 1][0]) and target["boxes"].shape == (0, 4)
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "test-dev2017", train=True)
+    assert one_line(e).startswith(f"{image_list} has no 'annotations' list") and "nothing to train on" in one_line(e)
+    os.rename(os.path.join(tiny, "test2017"), os.path.join(tiny, "test-dev2017"))  # a folder of its own comes first
+    assert data.split_files(tiny, "test-dev2017")[1] == os.path.join(tiny, "test-dev2017")
+    write_coco(tiny, "test-dev2017", coco["images"], coco["annotations"], coco["categories"])  # and instances
+    assert data.split_files(tiny, "test-dev2017")[0] == os.path.join(tiny, "annotations", "instances_test-dev2017.json")
+    assert CocoDataset(tiny, "test-dev2017", train=False).annotated
+
+
 def test_missing_annotation_file(tiny):
     with pytest.raises(DataError) as e:
         CocoDataset(tiny, "train", train=True)

@@ -367,6 +367,45 @@ def colour_mask(img, color):
     return (np.asarray(img.convert("RGB")) == np.array(color, dtype=np.uint8)).all(-1)  # [h, w]
 
 
+def test_a_split_without_annotations_gets_its_detections_only(tiny_data, tiny_ckpt, tmp_path, capsys):
+    """COCO's test-dev: annotations/image_info_test-dev2017.json lists a part of the images in
+    test2017/, without annotations. --split test-dev2017 writes the detections that the same images
+    get in an annotated split (the same ops on the same images: equal), no AP, and pictures without
+    ground truth; what needs the ground truth is refused in one line, before any detection."""
+    root = tmp_path / "coco"
+    shutil.copytree(os.path.join(tiny_data, "val2017"), root / "test2017")
+    with open(os.path.join(tiny_data, "annotations", "instances_val2017.json")) as f:
+        coco = json.load(f)
+    os.makedirs(root / "annotations")
+    with open(root / "annotations" / "image_info_test-dev2017.json", "w") as f:
+        json.dump({"info": {}, "images": coco["images"][2:], "categories": coco["categories"]}, f)
+    common = ["--ckpt", tiny_ckpt, "--workers", "0", "--batch-size", "1"]
+    run_main([*common, "--output", str(tmp_path / "val"), "--visualize", "6"], capsys)
+    metrics, printed = run_main([*common, "--data", str(root), "--split", "test-dev2017", "--visualize", "6",
+                                 "--output", str(tmp_path / "dev")], capsys)
+    with open(tmp_path / "val" / "detections.json") as f:
+        dev_ids = {im["id"] for im in coco["images"][2:]}
+        want = [r for r in json.load(f) if r["image_id"] in dev_ids]
+    with open(tmp_path / "dev" / "detections.json") as f:
+        assert json.load(f) == want and want
+    with open(tmp_path / "dev" / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved["coco"] is None and metrics["coco"] is None and saved["images"] == len(dev_ids)
+    assert "Average Precision" not in printed.out and "no AP without annotations" in printed.out
+    assert "detections_test-dev2017_<method>_results.json" in printed.out
+    for image_id in dev_ids:  # ground truth in green in the annotated split's pictures only
+        greens = [int((np.asarray(Image.open(tmp_path / run / "pictures" / f"{image_id}.png").convert("RGB"))
+                       == evaluate.GT_COLOR).all(-1).sum()) for run in ("val", "dev")]
+        assert greens[1] == 0 and (greens[0] > 0 or image_id == 121), (image_id, greens)  # 121: no object
+    for flags in (["--nms-recall"], ["--breakdown", "--show-matching"]):
+        out = tmp_path / "refused"
+        with pytest.raises(SystemExit) as e:
+            run_main([*common, "--data", str(root), "--split", "test-dev2017", "--output", str(out), *flags], capsys)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and " and ".join(flags) in err and "no annotations" in err, err
+        assert not out.exists()
+
+
 def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
     """The CLI on a detector with a known answer (known_detect): every number, chart bar and drawn
     box is checked against it. The Fig. 4 pictures come from the checkpoint's real network."""
