@@ -659,6 +659,10 @@ class CocoDataset(torch.utils.data.Dataset):
         in_file = {(c["id"], c["name"]) for c in coco["categories"]}
         self.listed_labels = np.array([k for k, c in enumerate(self.categories) if (c["id"], c["name"]) in in_file],
                                       dtype=np.int64)  # [K']
+        if len(self.listed_labels) == 0:  # nothing to detect, nothing for AP to count
+            trained = [f"{c['id']}:{c['name']}" for c in self.categories]
+            raise DataError(f"{self.ann_file} lists none of the categories the model was trained on "
+                            f"({_name_some(trained, 8)})")
         label_of = {c["id"]: k for k, c in enumerate(self.categories)}
 
         # Usable boxes of every image in flat arrays: image i owns rows offsets[i]:offsets[i+1].

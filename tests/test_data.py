@@ -31,12 +31,14 @@ from model import normalize, prepare_image, preprocess, resize_image, resized_si
 # ----------------------------------------------------------------------------- helpers
 
 def write_coco(root, split, images, annotations, categories):
-    """Write root/annotations/instances_<split>.json; returns its path."""
+    """Write root/annotations/instances_<split>.json (annotations None: without the key, a list of
+    images); returns its path."""
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     os.makedirs(os.path.join(root, split), exist_ok=True)
     path = os.path.join(root, "annotations", f"instances_{split}.json")
+    coco = {"images": images, "annotations": annotations, "categories": categories}
     with open(path, "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+        json.dump({k: v for k, v in coco.items() if v is not None}, f)
     return path
 
 
@@ -1211,6 +1213,11 @@ def test_categories_the_model_does_not_know(tmp_path):
     with pytest.raises(DataError) as e:
         CocoDataset(root, "s", train=False, categories=trained)
     assert "holds categories the model was not trained on (7:c7)" in one_line(e)
+    for annotations in ([], None):  # none of the model's categories: nothing to detect (also a list of images)
+        write_coco(root, "s", [image_entry(5, "a.png", 40, 30)], annotations, [{"id": 7, "name": "c7"}])
+        with pytest.raises(DataError) as e:
+            CocoDataset(root, "s", train=False, categories=trained)
+        assert one_line(e).endswith("lists none of the categories the model was trained on (42:c42, 3:c3)")
 
 
 def test_check_of_the_first_images_only(tmp_path):
