@@ -7,7 +7,7 @@ defines (§4.2-4.3: Table 1, Figs. 5-6).
   detections.json holds the results in COCO's format (xywh boxes, the dataset's own category and
   image ids), metrics.json every number printed. A split without annotations, such as COCO's
   test-dev (--split test-dev2017: annotations/image_info_test-dev2017.json, images in test2017/),
-  gets its detections.json only, the file COCO's evaluation server takes.
+  gets detections.json, the file COCO's evaluation server takes, and no AP.
 - --nms-recall (Table 1): NR_tau = recall after NMS / recall before NMS at IoU tau, class-aware (an
   object is recalled when a detection of its own class overlaps it by >= tau), and also as the
   authors' script counts it (a detection of any class, IoU > tau); NR is the mean over
@@ -103,7 +103,7 @@ class EvalConfig:
         "help": "COCO-layout root or 'shapes' (default: the checkpoint's training data)"})
     split: str = field(default=None, metadata={
         "help": "split to evaluate (default: the checkpoint's val split); one without annotations, such as COCO's "
-                "test-dev2017, gets detections.json only, for COCO's evaluation server"})
+                "test-dev2017, gets detections.json for COCO's evaluation server and no AP"})
     min_size: int = field(default=None, metadata={
         "help": "shorter image side (default: the checkpoint's, its last value if several)"})
     max_size: int = field(default=None, metadata={

@@ -7,7 +7,7 @@ counts it: a detection of any class), AP of the slender vs square classes (Fig. 
 and AP over images grouped by object count (Fig. 6). Every number comes from the runs' own
 metrics.json files, which stay under --output for inspection.
 
-    python benchmarks/claims.py                       # 2 seeds x 2 losses, quickstart budget (~1 h on 2 cores)
+    python benchmarks/claims.py -- --amp              # 2 seeds x 2 losses, the quickstart's command (~50 min on 2 cores)
     python benchmarks/claims.py --seeds 0 --max-iter 300
     python benchmarks/claims.py --report-only         # re-print the table from finished runs
 
