@@ -19,7 +19,7 @@ defines (§4.2-4.3: Table 1, Figs. 5-6).
 - --breakdown: AP of square vs slender categories (Fig. 5: clock, traffic light, sports ball vs
   toothbrush, skis, couch, tie on COCO; data.SHAPES_SQUARE vs SHAPES_SLENDER on shapes) and AP
   over images grouped by object count [0,10], [11,20], [21,30], [31,inf) (Fig. 6); tables and
-  PNG bar charts.
+  PNG bar charts; and, as Fig. 5 for every category, each category's objects, AP, AP50 and AP75.
 - --test-scales S1 S2 ... and --flip: multi-scale / flipped test (the paper's FreeAnchor** row is
   the authors' multi-scale test, without flip): the candidates of every scale and flip, mapped
   back to the image, go through one class-wise NMS together.
@@ -133,7 +133,8 @@ class EvalConfig:
                 "from the candidates of the same forward pass; class-aware, and as the authors' script counts "
                 "(a detection of any class, IoU > tau)"})
     breakdown: bool = field(default=False, metadata={
-        "help": "AP of square vs slender categories (Fig. 5) and by objects per image (Fig. 6), with charts"})
+        "help": "AP of square vs slender categories (Fig. 5) and by objects per image (Fig. 6), with charts, "
+                "and each category's AP"})
     test_scales: tuple = field(default=None, metadata={
         "help": "shorter sides of a multi-scale test, e.g. 480 640 800 960 1120 1280 (FreeAnchor**) "
                 "(default: one scale, --min-size)"})
@@ -872,9 +873,18 @@ def _evaluate(cfg, ddp, rank, world, master):
         square, slender = shape_groups([c for c in dataset.categories if c["id"] in dataset.coco.cats])
         shapes = {n: coco_summary(E, cat_ids=ids)[0]["AP"] for n, ids in (square | slender).items()}
         crowd = [(label, len(ids), coco_summary(E, img_ids=ids)[0]["AP"]) for label, ids in crowd_groups(dataset.coco, img_ids)]
+        # every category the model detects here, as Fig. 5 for all: its objects and AP, AP50, AP75
+        # (COCO's AP is the mean of the categories' APs, over those with objects)
+        per_category = []
+        for c in (dataset.categories[k] for k in dataset.listed_labels.tolist()):
+            stats = coco_summary(E, cat_ids=[c["id"]])[0]
+            objects = len(dataset.coco.getAnnIds(imgIds=img_ids, catIds=[c["id"]], iscrowd=False))
+            per_category.append({"id": c["id"], "name": c["name"], "objects": objects,
+                                 **{k: stats[k] for k in ("AP", "AP50", "AP75")}})
         metrics["breakdown"] = {"square": {n: shapes[n] for n in square},
                                 "slender": {n: shapes[n] for n in slender},
-                                "crowdedness": {label: {"images": n, "AP": ap} for label, n, ap in crowd}}
+                                "crowdedness": {label: {"images": n, "AP": ap} for label, n, ap in crowd},
+                                "per_category": per_category}
         print("\nAP by object shape (Fig. 5):")
         if not square and not slender:
             print("  none of Fig. 5's categories is in this dataset")
@@ -885,6 +895,12 @@ def _evaluate(cfg, ddp, rank, world, master):
         print(f"  {'objects':>8} {'images':>7} {'AP':>6}")
         for label, n, ap in crowd:
             print(f"  {label:>8} {n:>7} {_fmt(ap):>6}")
+        width = max(len(" ".join(c["name"].split())) for c in per_category)
+        print("AP by category:")
+        print(f"  {'id':>8} {'name':<{width}} {'objects':>8} {'AP':>6} {'AP50':>6} {'AP75':>6}")
+        for c in per_category:  # a name on one line, as in the pictures
+            print(f"  {c['id']:>8} {' '.join(c['name'].split()):<{width}} {c['objects']:>8} "
+                  + " ".join(f"{_fmt(c[k]):>6}" for k in ("AP", "AP50", "AP75")))
         if square or slender:
             cats = [*square, *slender]
             bar_chart(os.path.join(cfg.output, "ap_by_shape.png"), "AP of square and slender categories (Fig. 5)",

@@ -437,6 +437,13 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
     crowd = saved["breakdown"]["crowdedness"]
     assert {k: (v["images"], v["AP"]) for k, v in crowd.items()} == {
         "0-10": (5, pytest.approx(80.0)), "11-20": (1, pytest.approx(80.0)), "21-30": (0, None), "31+": (0, None)}
+    # each category (its crowd region not counted); COCO's AP, AP50, AP75 are their means
+    per_category = saved["breakdown"]["per_category"]
+    assert [(c["id"], c["name"], c["objects"]) for c in per_category] == [(3, "square", 7), (17, "needle", 7), (42, "blob", 6)]
+    assert [c[k] for c in per_category for k in ("AP", "AP50", "AP75")] == pytest.approx([100, 100, 100] * 2 + [40, 100, 0])
+    for k in ("AP", "AP50", "AP75"):
+        assert sum(c[k] for c in per_category) / 3 == pytest.approx(saved["coco"][k])
+    assert re.search(r"^ +42 blob +6 +40\.0 +100\.0 +0\.0$", printed.out, re.M), printed.out
     assert metrics["coco"] == pytest.approx(saved["coco"])
     # metrics.json holds every number of pycocotools' printed table, its Average Recall lines too
     table = re.findall(r"^ Average (?:Precision|Recall) .* = (-?[0-9.]+)$", printed.out, re.M)[:12]
