@@ -837,9 +837,11 @@ def _evaluate(cfg, ddp, rank, world, master):
         os.remove(os.path.join(cfg.output, "metrics.json"))
     write_atomic(os.path.join(cfg.output, "detections.json"), json.dumps(results, allow_nan=False).encode())
     if dataset.annotated:
+        print(f"COCO AP: pycocotools' COCOeval on {num_images} images ...", flush=True)  # it shows no progress of its own
+        started = time.time()
         E = coco_evaluate(dataset.coco, results, img_ids)
         metrics["coco"], table = coco_summary(E)
-        print(f"COCO box AP (Table 2), {num_images} images:\n{table}", end="")
+        print(f"COCO box AP (Table 2), {num_images} images, in {time.time() - started:.1f} s:\n{table}", end="")
         print("\n" + "  ".join(f"{name:>6}" for name in COCO_STATS))
         print("  ".join(f"{_fmt(metrics['coco'][name]):>6}" for name in COCO_STATS), flush=True)
     else:  # COCO's test-dev: its annotations are kept by COCO's evaluation server, which takes this file
