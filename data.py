@@ -639,11 +639,11 @@ class CocoDataset(torch.utils.data.Dataset):
         self.category_note = None  # for evaluate.py to print
         if categories is not None:  # a trained model's labels, of which the file may hold a part
             known = {(c["id"], c["name"]) for c in categories}
-            annotated = {a["category_id"] for a in coco["annotations"]}
+            annotated_ids = {a["category_id"] for a in coco["annotations"]}
             unknown = [c for c in self.categories if (c["id"], c["name"]) not in known]
-            strangers = [f"{c['id']}:{c['name']}" for c in unknown if c["id"] in annotated]
+            strangers = [f"{c['id']}:{c['name']}" for c in unknown if c["id"] in annotated_ids]
             # a label list exported whole, without objects of those classes: nothing for AP to count
-            unannotated = [f"{c['id']}:{c['name']}" for c in unknown if c["id"] not in annotated]
+            unannotated = [f"{c['id']}:{c['name']}" for c in unknown if c["id"] not in annotated_ids]
             if unannotated:
                 self.category_note = (f"{self.ann_file} also lists categories the model was not trained on"
                                       f"{', without any annotation' if self.annotated else ''} "
