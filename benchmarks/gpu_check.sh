@@ -20,11 +20,8 @@
 #      the rows of the classes present, compiled for one shape or for any, with inductor's analysis of
 #      tilings on or off);
 #   6. the training step of part 2 compiled as train.py --compile compiles it by default, the network
-#      for its one padded shape, static (the goal: >= 240 images/s): the network alone, then with the
-#      loss; then with the loss compiled for the canvas's anchor count, not marked dynamic (a candidate
-#      for train.py: the loss's negative term alone took half its time compiled for one shape, when it
-#      was one flat sum over [B, A, K]; summed over each anchor's classes first, as now, its CUDA kernel
-#      is the same for a fixed or a symbolic A, per benchmarks/cuda_kernels.py);
+#      for its one padded shape, static, the loss for its anchor count (the goal: >= 240 images/s):
+#      the network alone, then with the loss;
 #   7. the step with the network compiled for any image size, as train.py --compile --no-fixed-shapes
 #      marks it dynamic (on an H200: 4 minutes of compilation and a slower step than part 6's, which
 #      is why fixed shapes are --compile's default), in a run of its own.
@@ -179,10 +176,6 @@ step "6. the training step of part 2 compiled for its one padded shape (train.py
 # the second row finds the network's kernels in inductor's on-disk cache
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
     --modes compiled_static --row-timeout "$(( ($(cap 300) + 1) / 2 ))" 2>&1 | tee -a "$log"
-enough 45 "6 (the loss for the canvas's anchors)" || return 0
-step "6. the same with the loss compiled for the canvas's anchor count (train.py marks it dynamic)"
-$py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods free_anchor_loss \
-    --modes compiled_static_anchors --row-timeout "$(cap 120)" 2>&1 | grep "^| 16" | tee -a "$log"
 }
 
 part7() {

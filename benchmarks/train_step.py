@@ -15,13 +15,10 @@ each in the modes
                         GPUs from compute capability 8.0)
   - compiled            channels_last, network and loss each under torch.compile, image size, object
                         and anchor counts marked dynamic as train.py --compile --no-fixed-shapes marks them
-  - compiled_static     the network compiled for this one padded shape, static, the loss as above:
-                        train.py --compile, which by default pads every batch to one of a few fixed
-                        shapes (--fixed-shapes; faster on an H200, to compile and to run)
-  - compiled_static_anchors  as compiled_static, but the loss compiled for the canvas's anchor count
-                        (static; the object count still dynamic), where train.py marks it dynamic:
-                        on an H200 the loss's negative term alone took half its time compiled for
-                        one shape of [B, A, K]; this row measures whether the step gains it
+  - compiled_static     train.py --compile, which by default pads every batch to one of a few fixed
+                        shapes (--fixed-shapes; faster on an H200, to compile and to run): the network
+                        compiled for this one padded shape, static, the loss for its anchor count
+                        (static) and any object count
 with the same backbone, weights initialised identically, frozen BatchNorm as with pretrained
 weights. On CUDA the network runs under bfloat16 autocast by default where the GPU has native
 bfloat16, compute capability 8.0 on, as in train.py (--no-amp: float32), the loss in float32.
@@ -52,7 +49,7 @@ import freeanchor  # noqa: E402
 from data import gpu_has_native_bf16, pad_targets  # noqa: E402
 from model import RetinaNet, batch_images, host_to_device, normalize, to_torchvision  # noqa: E402
 
-MODES = ("eager", "channels_last", "compiled", "compiled_static", "compiled_static_anchors")
+MODES = ("eager", "channels_last", "compiled", "compiled_static")
 METHODS = ("model_only", "free_anchor_loss", "retinanet_loss", "torchvision")
 K = 80
 
@@ -109,8 +106,8 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
         if mode.startswith("compiled"):  # compiled_static: the network static, as train.py --compile
             net = torch.compile(net, dynamic=None if mode == "compiled" else False)
             loss_fn = freeanchor.compile_loss(loss_fn)
-            # the dimensions train.py --compile marks dynamic: object count, anchors, and with
-            # --no-fixed-shapes the image size
+            # the dimensions train.py --compile marks dynamic: the object count, and with
+            # --no-fixed-shapes the image size and the anchor count
             torch._dynamo.maybe_mark_dynamic(gt_boxes, 1), torch._dynamo.maybe_mark_dynamic(gt_labels, 1)
         if mode == "compiled":
             torch._dynamo.maybe_mark_dynamic(batch, [2, 3])
@@ -128,7 +125,7 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
                 losses = net(inputs, targets)
             else:
                 cls_logits, box_deltas, anchors = net(batch)
-        if mode in ("compiled", "compiled_static") and method != "torchvision":  # A, as train.py marks it
+        if mode == "compiled" and method != "torchvision":  # A, as train.py --no-fixed-shapes marks it
             torch._dynamo.maybe_mark_dynamic(cls_logits, 1), torch._dynamo.maybe_mark_dynamic(box_deltas, 1)
             torch._dynamo.maybe_mark_dynamic(anchors, 0)
         if method == "free_anchor_loss":
