@@ -621,10 +621,12 @@ def compile_network(model):
 
 
 def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress, total):
-    """Detect on dataset[indices] -> (records, compile_s): one record per image, in the order they
-    were detected (by aspect ratio): {"index", "image_id", "boxes", "scores", "labels"} on the CPU,
-    plus per-object best IoUs "before"/"after" NMS with --nms-recall; and with --compile, the
-    seconds the first batch took, which compiled the network (None without)."""
+    """Detect on dataset[indices] -> (records, first_batch_s, rate): one record per image, in the
+    order they were detected (by aspect ratio): {"index", "image_id", "boxes", "scores", "labels"}
+    on the CPU, plus per-object best IoUs "before"/"after" NMS with --nms-recall; the seconds the
+    first batch took (the reading workers' start and first pictures, the device's first-time work,
+    and with --compile the compilation), and images/s from then on (None after a single batch).
+    Under DDP the counts are rank 0's share times the processes."""
     device = torch.device(cfg.device)
     # Batches of images of similar shape: a batch is padded to its largest height and width, so one
     # portrait image among landscape ones nearly doubles the pixels the network sees (1.47x over
@@ -644,7 +646,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     if cfg.compile:
         compile_network(model)
     records, start, position = [], time.time(), 0
-    compile_s, rate_from = None, None
+    first_batch_s, rate_from = None, None
     # a split that lists some of the model's categories: only those are detected, so the others
     # take none of the 100 detections an image keeps (COCO's AP would not count them anyway)
     classes = None if len(dataset.listed_labels) == len(dataset.categories) else dataset.listed_labels.tolist()
@@ -677,15 +679,17 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
                             **{k: v[b] for k, v in on_host.items()}})
             position += 1
         done = min(round(position * shares), total)
-        if cfg.compile and compile_s is None:  # the rate and the ETA shown leave the compilation out
-            compile_s, rate_from = time.time() - start, (time.time(), done)
-            if show_progress:
-                print(f"first batch (compilation) {compile_s:.1f} s", flush=True)
+        if first_batch_s is None:  # the rate and the ETA leave the first batch out: a slow start, not the pace
+            first_batch_s, rate_from = time.time() - start, (time.time(), done)
+            if show_progress and cfg.compile:
+                print(f"first batch (compilation) {first_batch_s:.1f} s", flush=True)
         if show_progress:
             progress_line("evaluated images" + (" (rank 0's share x processes)" if shares > 1 else ""),
                           done, total, start, rate_from)
     end_progress_line(f" done in {time.time() - start:.1f} s" if show_progress else "")
-    return records, compile_s
+    since, done_then = rate_from or (None, total)
+    rate = (total - done_then) / max(time.time() - since, 1e-9) if total > done_then else None
+    return records, first_batch_s, rate
 
 
 def make_output_folder(path, subfolders=()):
@@ -810,8 +814,8 @@ def _evaluate(cfg, ddp, rank, world, master):
 
     # ------------------------------------------------------------------ detect, gather on rank 0
     start = time.time()
-    records, compile_s = run_inference(model, dataset, shard, scales, max_sizes, cfg, show_progress=master,
-                                       total=num_images)
+    records, first_batch_s, rate = run_inference(model, dataset, shard, scales, max_sizes, cfg,
+                                                 show_progress=master, total=num_images)
     if ddp:
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
@@ -826,9 +830,10 @@ def _evaluate(cfg, ddp, rank, world, master):
                "batch_size": cfg.batch_size, "amp": cfg.amp, "channels_last": cfg.channels_last,
                "raw_orientation": raw, "processes": world,
                "compile": cfg.compile, "seconds": round(seconds, 2),
-               "images_per_s": round(num_images / max(seconds, 1e-9), 2)}
-    if compile_s is not None:  # included in seconds
-        metrics["compile_s"] = round(compile_s, 2)
+               "images_per_s": round(num_images / max(seconds, 1e-9), 2),
+               # the first batch alone (included in seconds; with --compile, the compilation) and the pace after it
+               "first_batch_s": None if first_batch_s is None else round(first_batch_s, 2),
+               "images_per_s_after_first_batch": None if rate is None else round(rate, 2)}
 
     # ------------------------------------------------------------------ COCO AP (Table 2)
     results = to_coco_results(records, img_ids, dataset.categories)
@@ -934,8 +939,9 @@ def _evaluate(cfg, ddp, rank, world, master):
         paths = show_matching(model, dataset, order, loss_config, scales[0], os.path.join(cfg.output, "matching"))
         print(f"{len(paths)} matching pictures (Fig. 4) in {os.path.join(cfg.output, 'matching')}")
 
-    done = (f"results in {cfg.output} ({num_images} images in {seconds:.1f} s, "
-            f"{metrics['images_per_s']:.1f} img/s)")
+    pace = metrics["images_per_s_after_first_batch"]
+    done = (f"results in {cfg.output} ({num_images} images in {seconds:.1f} s, {metrics['images_per_s']:.1f} img/s"
+            + ("" if pace is None else f"; {pace:.1f} after the first batch of {first_batch_s:.1f} s") + ")")
     try:
         write_atomic(os.path.join(cfg.output, "metrics.json"), json.dumps(metrics, indent=1).encode())
     except DeferredInterrupt as e:  # Ctrl-C during the write, which completed first: the evaluation is done

@@ -11,8 +11,10 @@ detections to the host. Its rows:
   the ratios);
 - `evaluate.py`, and `evaluate.py --nms-recall` (NMS recall from the same forward pass: the
   candidates NMS saw, matched to the objects), with --compile on request:
-  images/s as evaluate.py reports it in metrics.json (from the first batch to the last detection),
-  and the whole command's seconds (imports, the header check of every picture, COCOeval).
+  images/s as evaluate.py reports them in metrics.json, after the first batch (the pace, which the
+  baseline's warm-up batch also leaves out) and from the first batch to the last detection; the
+  first batch's seconds (the reading workers' start, the device's first-time work); and the whole
+  command's seconds (imports, the header check of every picture, COCOeval).
 
 The dataset (--images pictures of --picture W H pixels, smooth random texture with 1 to 8 filled
 rectangles of 80 categories) and a checkpoint in train.py's format are built once under --root:
@@ -131,7 +133,8 @@ def detect_alone(ckpt, root, device, batch_size, amp, channels_last, min_size, m
 
 
 def run_evaluate(ckpt, root, device, out, extra, timeout):
-    """evaluate.py as a user runs it -> (metrics.json's images/s, the command's seconds) or an error line."""
+    """evaluate.py as a user runs it -> (metrics.json's images/s after the first batch, over the whole
+    detection, the first batch's seconds, the command's seconds) or an error line."""
     command = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", ckpt, "--data", root, "--split", "val",
                "--device", device, "--output", out, *extra]
     start = time.perf_counter()
@@ -143,7 +146,8 @@ def run_evaluate(ckpt, root, device, out, extra, timeout):
     if done.returncode != 0:
         return f"failed ({done.returncode}): {(done.stderr.strip().splitlines() or ['?'])[-1]}"
     with open(os.path.join(out, "metrics.json")) as f:
-        return json.load(f)["images_per_s"], seconds
+        m = json.load(f)
+    return m["images_per_s_after_first_batch"], m["images_per_s"], m["first_batch_s"], seconds
 
 
 def main():
@@ -176,7 +180,7 @@ def main():
 
     extra = ["--batch-size", str(args.batch_size), *(["--workers", str(args.workers)] if args.workers is not None else [])]
     base = detect_alone(ckpt, data, device, args.batch_size, cfg.amp, cfg.channels_last, args.min_size, args.max_size)
-    rows = [("`RetinaNet.detect`, pictures decoded and on the device beforehand", (base, None))]
+    rows = [("`RetinaNet.detect`, pictures decoded and on the device beforehand", (base, None, None, None))]
     variants = [("`evaluate.py`", []), ("`evaluate.py --nms-recall`", ["--nms-recall"])]
     if args.compile:
         variants.append(("`evaluate.py --compile`", ["--compile"]))
@@ -190,14 +194,16 @@ def main():
           f"{args.picture[0]}x{args.picture[1]} tested at {args.min_size}/{args.max_size}, batches of {args.batch_size}, "
           f"{workers} reading workers, bf16 autocast {'on' if cfg.amp else 'off'}, channels_last "
           f"{'on' if cfg.channels_last else 'off'}; {name}; torch {torch.__version__}\n")
-    print("| run | images/s | vs detect alone | the whole command (s) |")
-    print("|---|---|---|---|")
+    print("| run | images/s | vs detect alone | with the first batch | the first batch (s) | the whole command (s) |")
+    print("|---|---|---|---|---|---|")
     for label, result in rows:
         if isinstance(result, str):
-            print(f"| {label} | {result} | | |")
+            print(f"| {label} | {result} | | | | |")
             continue
-        rate, seconds = result
-        print(f"| {label} | {rate:.1f} | {rate / base:.2f}x | {'' if seconds is None else f'{seconds:.1f}'} |")
+        rate, whole, first, seconds = result
+        cells = ["-" if v is None else f"{v:.1f}" for v in (whole, first, seconds)]
+        print(f"| {label} | {'-' if rate is None else f'{rate:.1f}'} | "
+              f"{'-' if rate is None else f'{rate / base:.2f}x'} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":
