@@ -6,14 +6,14 @@
 #      with the FreeAnchor loss, eager (channels_last, the default on H100/H200);
 #   3. evaluation's speed: detect in batches of 8, bf16, channels_last (benchmarks/inference.py),
 #      then evaluate.py itself end to end, reading JPEG pictures, against detect alone
-#      (benchmarks/evaluation.py: about 2 minutes, not run on a GPU yet);
+#      (benchmarks/evaluation.py: about 2 minutes);
 #   4. synchronisations of train.py's steady-state step, eager and --compile (padded to fixed shapes,
 #      its default; with the number of graphs compiled over varying image sizes), and of detect
 #      (benchmarks/syncs.py; its --dynamic adds --compile --no-fixed-shapes, which had not finished
 #      compiling within 2.5 minutes on an H200);
-#   5. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image
-#      loop (the benchmark also checks that compiled equals eager to float32 rounding) with a
-#      profile at (B, G) = (2, 8), (16, 8) and (16, 100); then three pieces alone against their
+#   5. the loss's speed at COCO scale (A = 201,600, K = 80): eager, compiled and compiled with CUDA
+#      graphs vs the per-image loop (the benchmark also checks that compiled equals eager to float32
+#      rounding) with a profile at (B, G) = (2, 8) and (16, 8); then three pieces alone against their
 #      alternatives (the bag's top-n: one top-n over all anchors or bag_indices' two stages;
 #      P{a_j in A+}: the loss's class-major scatter-max, one into [B, A, K], a one-hot max; the
 #      negative term: P{a_j in A+} read transposed, in [B, A, K], or a pass over the logits plus
@@ -21,7 +21,7 @@
 #      tilings on or off);
 #   6. the training step of part 2 compiled as train.py --compile compiles it by default, the network
 #      for its one padded shape, static, the loss for its anchor count (the goal: >= 240 images/s):
-#      the network alone, then with the loss;
+#      the network alone, then with the loss, each with a profile of one step;
 #   7. the step with the network compiled for any image size, as train.py --compile --no-fixed-shapes
 #      marks it dynamic (on an H200: 4 minutes of compilation and a slower step than part 6's, which
 #      is why fixed shapes are --compile's default), in a run of its own.
@@ -36,6 +36,9 @@
 # part 1 took 21 s, part 5 about 100 s without its pieces, part 6 120 s, and part 4 did not finish
 # its last row (--compile, any size) in 235 s; tests/test_cuda.py took 49 s. On 2026-11-28 part 1
 # took 20 s, part 5's table with one profile 107 s, part 6 117 s, and part 7 alone about 300 s.
+# Later that day "6 5" in BUDGET=300 ran part 6 (then with a third row) in about 150 s and cut
+# part 5 before its last size; "3 2 1" took 176 s (part 3 about 120 s). Part 5's table at the four
+# sizes with two profiles, without the loop, took 87 s.
 #
 #     bash benchmarks/gpu_check.sh [DIR]
 #     PARTS="6 4" BUDGET=290 bash benchmarks/gpu_check.sh      # only some of the parts, in this order
@@ -163,8 +166,8 @@ timeout "$(cap 420)" $py benchmarks/syncs.py --device "${DEVICE:-cuda}" --compil
 part5() {
 enough 60 5 || return 0
 step "5. the loss at COCO scale (forward + backward, median of 7)"
-timeout "$(cap 240)" $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
-    --methods free_anchor_loss "per-image loop" --profile 2 8 --profile 16 8 --profile 16 100 2>&1 | tee -a "$log"
+timeout "$(cap 270)" $py benchmarks/loss.py --device cuda --compile --cudagraphs --repeats 7 --batch 2 16 --objects 8 100 \
+    --methods free_anchor_loss "per-image loop" --profile 2 8 --profile 16 8 2>&1 | tee -a "$log"
 enough 40 "5 (pieces)" || return 0
 step "5. the loss at COCO scale: the bag's top-n, P{a_j in A+} and the negative term alone, with alternatives"
 timeout "$(cap 270)" $py benchmarks/loss.py --device cuda --parts 16 8 52 2>&1 | tee -a "$log"  # 52: a block of G = 100 at B = 16
@@ -175,7 +178,7 @@ enough 120 6 || return 0  # a compiled R-50 row needs about a minute
 step "6. the training step of part 2 compiled for its one padded shape (train.py --compile)"
 # the second row finds the network's kernels in inductor's on-disk cache
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
-    --modes compiled_static --row-timeout "$(( ($(cap 300) + 1) / 2 ))" 2>&1 | tee -a "$log"
+    --modes compiled_static --profile --row-timeout "$(( ($(cap 300) + 1) / 2 ))" 2>&1 | tee -a "$log"
 }
 
 part7() {

@@ -4,6 +4,10 @@ Compares, on identical inputs, forward + backward of
   - `free_anchor_loss`: dense over images and objects, plain autograd (freeanchor.py);
   - `free_anchor_loss compiled` (with --compile): the same under torch.compile (dynamic shapes);
     the first call, which compiles, is not timed, and its duration is printed below the table;
+  - `free_anchor_loss compiled, CUDA graphs` (with --cudagraphs, CUDA only): the same compiled with
+    mode="reduce-overhead", which replays each shape's kernels as one CUDA graph, without the host's
+    launches (its inputs copied into the graph's own memory at each call); three untimed calls
+    first (compilation, a warm-up, the recording);
   - `per-image loop`: the same loss written the way the published implementations do it, one image
     at a time with plain autograd (kept here as the baseline every ratio refers to);
   - `retinanet_loss`: the hand-crafted IoU assignment + focal loss baseline (Eq. 1);
@@ -107,8 +111,9 @@ def sigmoid_pass(cls_logits, *rest):
 
 
 METHODS = {"free_anchor_loss": free_anchor_loss, "free_anchor_loss compiled": None,
+           "free_anchor_loss compiled, CUDA graphs": None,
            "per-image loop": per_image_loop, "retinanet_loss": retinanet_loss, "sigmoid pass": sigmoid_pass}
-COMPILED = "free_anchor_loss compiled"
+COMPILED, GRAPHED = "free_anchor_loss compiled", "free_anchor_loss compiled, CUDA graphs"
 
 
 def rss_bytes():
@@ -117,6 +122,8 @@ def rss_bytes():
 
 
 compiled_loss = compile_loss(free_anchor_loss, dynamic=True)  # dynamic shapes: one graph for every (B, G)
+graphed_loss = compile_loss(free_anchor_loss, dynamic=True, mode="reduce-overhead")  # a CUDA graph per shape
+COMPILED_LOSSES = {COMPILED: compiled_loss, GRAPHED: graphed_loss}
 
 
 def padded(gt_boxes, gt_labels):
@@ -130,16 +137,17 @@ def padded(gt_boxes, gt_labels):
 def run_one(method, B, G, device, repeats):
     """Time one configuration in this process: {"seconds" (median), "first_call_s", "peak_mb", "values", ...}."""
     cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_inputs(B, G, device)
-    fn = compiled_loss if method == COMPILED else METHODS[method]
-    if method == COMPILED:
+    fn = COMPILED_LOSSES.get(method) or METHODS[method]
+    if method in COMPILED_LOSSES:
         gt_boxes, gt_labels = padded(gt_boxes, gt_labels)
+    warmup = 3 if method == GRAPHED else 1  # CUDA graphs: compiled, then run once, then recorded
     forward_only = method == "sigmoid pass"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times, values = [], None
-    for r in range(repeats + 1):  # the first run warms up (allocator, kernels)
+    for r in range(repeats + warmup):  # the first runs warm up (allocator, kernels)
         x = cls_logits.clone().requires_grad_(not forward_only)
         d = box_deltas.clone().requires_grad_(not forward_only)
-        if r == 1:  # measure memory from here: inputs exist, the loss's own tensors don't
+        if r == warmup:  # measure memory from here: inputs exist, the loss's own tensors don't
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
@@ -159,7 +167,7 @@ def run_one(method, B, G, device, repeats):
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = sorted(times[1:])
+    times = sorted(times[warmup:])
     return {"method": method, "B": B, "G": G, "seconds": times[len(times) // 2],
             "first_call_s": first_call, "peak_mb": max(peak, 0) / 2**20, "values": values}
 
@@ -172,8 +180,8 @@ def profile(B, G, device, methods):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for method in methods:
-        fn = compiled_loss if method == COMPILED else METHODS[method]
-        boxes, labels = padded(gt_boxes, gt_labels) if method == COMPILED else (gt_boxes, gt_labels)
+        fn = COMPILED_LOSSES.get(method) or METHODS[method]
+        boxes, labels = padded(gt_boxes, gt_labels) if method in COMPILED_LOSSES else (gt_boxes, gt_labels)
 
         def step():
             x, d = cls_logits.clone().requires_grad_(), box_deltas.clone().requires_grad_()
@@ -357,8 +365,9 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[2, 16], help="images per batch (B)")
     ap.add_argument("--objects", type=int, nargs="+", default=[8, 100], help="objects per image (G)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
-    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != COMPILED], choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in COMPILED_LOSSES], choices=list(METHODS))
     ap.add_argument("--compile", action="store_true", help=f"add the '{COMPILED}' row")
+    ap.add_argument("--cudagraphs", action="store_true", help=f"add the '{GRAPHED}' row (CUDA only)")
     ap.add_argument("--profile", type=int, nargs=2, metavar=("B", "G"), action="append",
                     help="after the table, profile the free_anchor_loss rows at this (B, G); may be repeated")
     ap.add_argument("--parts", type=int, nargs="+", metavar=("B", "G"),
@@ -368,6 +377,8 @@ def main():
                     help="with --parts: which pieces (default: all three)")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if (args.cudagraphs or GRAPHED in args.methods) and args.device != "cuda":
+        ap.error(f"'{GRAPHED}': CUDA graphs need --device cuda")
     if args.parts:
         if len(args.parts) < 2:
             ap.error("--parts takes B and at least one G")
@@ -385,7 +396,8 @@ def main():
         machine = f"{model_name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     print(f"# FreeAnchor loss, forward + backward, A = {len(coco_anchors()):,} anchors (800x1344), K = {K}")
     print(f"# {args.device}: {machine}; torch {torch.__version__}; median of {args.repeats} runs\n")
-    methods = args.methods + ([COMPILED] if args.compile and COMPILED not in args.methods else [])
+    methods = args.methods + [m for m, wanted in ((COMPILED, args.compile), (GRAPHED, args.cudagraphs))
+                              if wanted and m not in args.methods]
     compile_times = []
     print("| B | G | method | time (ms) | vs per-image loop | vs retinanet_loss | x sigmoid pass | peak extra memory (MB) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -411,9 +423,9 @@ def main():
                 ratio = lambda base: f"{r['seconds'] / base:.2f}" if base else "-"
                 print(f"| {B} | {G} | {method} | {r['seconds'] * 1e3:.1f} | {ratio(loop)} | {ratio(retina)} "
                       f"| {ratio(sig)} | {r['peak_mb']:.0f} |", flush=True)
-            if COMPILED in rows:
-                compile_times.append(f"B={B} G={G}: {rows[COMPILED]['first_call_s']:.1f} s")
-                a, b = rows[COMPILED]["values"], rows.get("free_anchor_loss", {}).get("values")
+            for compiled in (m for m in COMPILED_LOSSES if m in rows):
+                compile_times.append(f"{compiled}, B={B} G={G}: {rows[compiled]['first_call_s']:.1f} s")
+                a, b = rows[compiled]["values"], rows.get("free_anchor_loss", {}).get("values")
                 if b:  # the same loss, compiled: float32 rounding apart
                     assert all(abs(a[k] - b[k]) <= 1e-4 * abs(b[k]) for k in a), f"compiled {a} vs eager {b}"
             if "free_anchor_loss" in rows and "per-image loop" in rows:  # same loss, two implementations
@@ -428,7 +440,7 @@ def main():
         print(f"\nfirst call of the compiled loss (includes compiling, or recompiling where a guard fails): "
               f"{'; '.join(compile_times)}")
     for B, G in args.profile or []:
-        profile(B, G, args.device, [m for m in methods if m in ("free_anchor_loss", COMPILED)])
+        profile(B, G, args.device, [m for m in methods if m == "free_anchor_loss" or m in COMPILED_LOSSES])
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def model_only_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels):
     return {"outputs": 1e-3 * (cls_logits.float().sum() + box_deltas.float().sum())}
 
 
-def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
+def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup, profile=False):
     torch.manual_seed(0)
     # a "pretrained" backbone from a local file: FrozenBatchNorm and frozen stem, as in the paper's runs
     path = f"/tmp/freeanchor_bench_{backbone}.pt"
@@ -114,12 +114,8 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, fused=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for step in range(warmup + steps):
-        if step == warmup and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        sync()
-        t0 = time.perf_counter()
+
+    def one_step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             if method == "torchvision":
                 losses = net(inputs, targets)
@@ -136,6 +132,14 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    times = []
+    for step in range(warmup + steps):
+        if step == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        one_step()
         sync()
         times.append(time.perf_counter() - t0)
     if device.type == "cuda":
@@ -143,6 +147,14 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timed = sorted(times[warmup:])
+    if profile:  # one more step: the ops (CPU) or kernels (CUDA) that take the most of it
+        from torch.profiler import ProfilerActivity
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            one_step()
+            sync()
+        print(prof.key_averages().table(sort_by="self_device_time_total" if device.type == "cuda" else
+                                        "self_cpu_time_total", row_limit=25, max_name_column_width=80))
     print(json.dumps({"seconds": timed[len(timed) // 2], "first": times[0], "peak_mb": peak}))
 
 
@@ -161,6 +173,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed steps first (default: 1, compiled rows 3: compilation and a recompilation)")
     ap.add_argument("--row-timeout", type=float, default=None, help="give up a row after this many seconds")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each row, torch.profiler's table of one more step (on CUDA its kernels by GPU time)")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -170,7 +184,7 @@ def main():
     if args._one:
         mode, method, B = args._one
         warmup = args.warmup if args.warmup is not None else (3 if mode.startswith("compiled") else 1)
-        run_one(mode, method, args.backbone, int(B), H, W, args.device, amp, args.steps, warmup)
+        run_one(mode, method, args.backbone, int(B), H, W, args.device, amp, args.steps, warmup, args.profile)
         return
 
     if args.device == "cuda":
@@ -182,6 +196,7 @@ def main():
     print(f"# {args.device}: {machine}; torch {torch.__version__}; median of {args.steps} steps\n")
     print("| images | mode | method | s/iter | images/s | vs model_only | first step (s) | peak memory (MB) |")
     print("|---|---|---|---|---|---|---|---|")
+    profiles = []  # printed after the table
     for B in args.batch:
         for mode in args.modes:
             base = None
@@ -193,6 +208,8 @@ def main():
                        "--amp" if amp else "--no-amp", "--_one", mode, method, str(B)]
                 if args.warmup is not None:
                     cmd += ["--warmup", str(args.warmup)]
+                if args.profile:
+                    cmd += ["--profile"]
                 try:
                     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
                 except subprocess.TimeoutExpired:
@@ -208,6 +225,11 @@ def main():
                 ratio = f"{r['seconds'] / base:.3f}" if base else "-"
                 print(f"| {B} | {mode} | {method} | {r['seconds']:.4f} | {B / r['seconds']:.1f} | {ratio} | "
                       f"{r['first']:.1f} | {r['peak_mb']:.0f} |", flush=True)
+                if args.profile:
+                    profiles.append((f"{mode}, {method}, B = {B}", res.stdout.strip().splitlines()[:-1]))
+    for name, lines in profiles:
+        print(f"\n# profile of one step: {name}")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
