@@ -276,16 +276,20 @@ def detect(model, images, scales, max_sizes, flip=False, candidates=False, class
     return (dets, cands, kept) if candidates else dets
 
 
-def best_iou(gt_boxes, gt_labels, boxes, labels, any_class=False):
-    """For each object, the highest IoU of a detection of its own class (any_class: of any class):
-    gt [G, 4], [G]; detections [N, 4], [N] -> [G] (0 where there is none)."""
-    if len(gt_boxes) == 0 or len(boxes) == 0:
-        return gt_boxes.new_zeros(len(gt_boxes))  # [G]
+def best_iou(gt_boxes, gt_labels, boxes, labels, first=None):
+    """For each object, the highest IoU of a detection of its own class, of a detection of any
+    class (as the authors' script counts), and of one of its own class among the `first`
+    detections (None: all), from one IoU matrix: gt [G, 4], [G]; detections [N, 4], [N] -> [G, 3]
+    (0 where there is none). NMS returns its boxes by decreasing score and the detections of an
+    image are the first model.detections_per_img of them, so one matrix with what NMS kept gives
+    --nms-recall's "after" and the detections' recall both."""
+    G = len(gt_boxes)
+    if G == 0 or len(boxes) == 0:
+        return gt_boxes.new_zeros(G, 3)  # [G, 3]
     iou = box_iou(gt_boxes.float(), boxes.float())  # [G, N]
-    if any_class:
-        return iou.max(dim=1).values  # [G]
-    same_class = gt_labels[:, None] == labels[None, :]  # [G, N]
-    return torch.where(same_class, iou, 0.0).max(dim=1).values  # [G]
+    own = torch.where(gt_labels[:, None] == labels[None, :], iou, 0.0)  # [G, N]  detections of the object's class
+    among_first = own[:, :first].amax(dim=1) if first != 0 else own.new_zeros(G)  # [G]
+    return torch.stack((own.amax(dim=1), iou.amax(dim=1), among_first), dim=1)  # [G, 3]
 
 
 def nms_recall(best_before, best_after, best_output=None, thresholds=NR_THRESHOLDS, strict=False):
@@ -602,8 +606,10 @@ def show_matching(model, dataset, indices, loss_config, min_size, folder):
 
 def batch_to_host(tensors):
     """Per-image tensors on the device -> the same on the CPU, in one copy for the batch (each copy
-    to the host waits for the device to finish)."""
-    return torch.cat(tensors).cpu().split([len(t) for t in tensors])
+    to the host waits for the device to finish). Each image's comes back as a tensor of its own: a
+    view of the batch's would carry the whole batch with it where the records are pickled (the
+    gather across processes)."""
+    return [t.clone() for t in torch.cat(tensors).cpu().split([len(t) for t in tensors])]
 
 
 def compile_network(model):
@@ -663,14 +669,13 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
         if cfg.nms_recall:
             targets = [(t["boxes"].to(device, non_blocking=True), t["labels"].to(device, non_blocking=True))
                        for _, t in batch]
-            on_host["before"] = batch_to_host([best_iou(*gt, c["boxes"], c["labels"]) for gt, c in zip(targets, candidates)])
-            on_host["after"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"]) for gt, d in zip(targets, after_nms)])
-            on_host["output"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"]) for gt, d in zip(targets, dets)])
-            # as the authors' script counts: a detection of any class
-            on_host["before_any"] = batch_to_host([best_iou(*gt, c["boxes"], c["labels"], any_class=True)
-                                                   for gt, c in zip(targets, candidates)])
-            on_host["after_any"] = batch_to_host([best_iou(*gt, d["boxes"], d["labels"], any_class=True)
-                                                  for gt, d in zip(targets, after_nms)])
+            # per object: the best IoU before NMS (own class, any class), after it (own, any) and among
+            # the detections output, the first detections_per_img of what NMS kept; one copy for the batch
+            best = batch_to_host([torch.cat((best_iou(*gt, c["boxes"], c["labels"])[:, :2],
+                                             best_iou(*gt, k["boxes"], k["labels"], model.detections_per_img)), dim=1)
+                                  for gt, c, k in zip(targets, candidates, after_nms)])  # [G_b, 5] each
+            for column, key in enumerate(("before", "before_any", "after", "after_any", "output")):
+                on_host[key] = [b[:, column].contiguous() for b in best]
         for b, (_, target) in enumerate(batch):
             if not (on_host["boxes"][b].isfinite().all() and on_host["scores"][b].isfinite().all()):
                 raise ValueError(f"{cfg.ckpt}: the network's detections on image id {target['image_id']} are not finite "

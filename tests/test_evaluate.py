@@ -218,10 +218,16 @@ def test_nms_recall_hand_built():
     gt_boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0]])
     gt_labels = torch.tensor([0, 0, 1])
     before = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 7.2], [40.0, 0.0, 50.0, 10.0]])
-    best_before = evaluate.best_iou(gt_boxes, gt_labels, before, torch.tensor([0, 0, 0]))
-    best_after = evaluate.best_iou(gt_boxes, gt_labels, before[:1], torch.tensor([0]))
-    assert best_before.tolist() == pytest.approx([1.0, 0.72, 0.0])
-    empty = evaluate.best_iou(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), before, torch.tensor([0, 0, 0]))
+    best_before = evaluate.best_iou(gt_boxes, gt_labels, before, torch.tensor([0, 0, 0]))  # [3, 3]
+    best_after = evaluate.best_iou(gt_boxes, gt_labels, before[:1], torch.tensor([0]))  # [3, 3]
+    assert best_before[:, 0].tolist() == pytest.approx([1.0, 0.72, 0.0])
+    # the third column: among the first detections only, here the first, which is what NMS kept
+    assert evaluate.best_iou(gt_boxes, gt_labels, before, torch.tensor([0, 0, 0]), 1)[:, 2].tolist() == \
+        best_after[:, 0].tolist()
+    assert evaluate.best_iou(gt_boxes, gt_labels, before, torch.tensor([0, 0, 0]), 0)[:, 2].tolist() == [0, 0, 0]
+    any_before, any_after = best_before[:, 1], best_after[:, 1]
+    best_before, best_after = best_before[:, 0], best_after[:, 0]
+    empty = evaluate.best_iou(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), before, torch.tensor([0, 0, 0]))[:, 0]
     nr = evaluate.nms_recall([best_before, empty], [best_after, empty])
     assert nr["objects"] == 3
     assert list(nr["NR_tau"]) == ["0.50", "0.55", "0.60", "0.65", "0.70", "0.75", "0.80", "0.85", "0.90"]
@@ -233,8 +239,6 @@ def test_nms_recall_hand_built():
     assert nr["NR"] == pytest.approx(650 / 9) and set(nr["recall_output"].values()) == {0.0}
     # as the authors' script counts: object 2 is recalled before NMS by the box of the other class,
     # and an IoU must exceed tau (0.72 > 0.70, but not 0.75)
-    any_before = evaluate.best_iou(gt_boxes, gt_labels, before, torch.tensor([0, 0, 0]), any_class=True)
-    any_after = evaluate.best_iou(gt_boxes, gt_labels, before[:1], torch.tensor([0]), any_class=True)
     assert any_before.tolist() == pytest.approx([1.0, 0.72, 1.0]) and any_after.tolist() == [1.0, 0.0, 0.0]
     nr = evaluate.nms_recall([any_before], [any_after], strict=True)
     assert list(nr["NR_tau"].values()) == pytest.approx([100 / 3] * 5 + [50.0] * 4)
@@ -892,6 +896,21 @@ def test_batches_images_of_one_shape_and_writes_results_in_dataset_order(tiny_ck
 
 
 @pytest.mark.slow
+def test_nms_recall_copies_to_the_host_once_per_batch(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """--nms-recall comes from the forward pass of the detections, and per batch its five best IoUs
+    of every object (before and after NMS, of its class and of any, and among the detections
+    output) reach the host in one copy, beside the detections' three (on a GPU each copy waits for
+    the device): 2 batches of 3 and 2 images, 8 copies."""
+    copies = []
+    real = evaluate.batch_to_host
+    monkeypatch.setattr(evaluate, "batch_to_host", lambda tensors: copies.append(len(tensors)) or real(tensors))
+    metrics, _ = run_main(["--ckpt", tiny_ckpt, "--workers", "0", "--max-images", "5", "--batch-size", "3",
+                           "--min-size", "160", "--max-size", "160", "--nms-recall", "--output", str(tmp_path / "e")],
+                          capsys)
+    assert copies == [3, 3, 3, 3, 2, 2, 2, 2]
+    assert metrics["nms_recall"]["objects"] > 0
+
+
 def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
     """Images sharded over 2 gloo processes (the environment torchrun sets up) and gathered on
     rank 0: the same results as 1 process. Each image is the very same computation in both runs
