@@ -143,7 +143,9 @@ def training_step_syncs(device, steps, compile, fixed_shapes=False):
         train.step_unless, train.pad_to_canvas = real_step, real_pad
         work.cleanup()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
-    return [b - a for a, b in zip(per_step[1:], per_step[2:])], graphs, len(canvases)
+    # a canvas and its transpose have the same anchor count (the loss's graph is one per anchor count)
+    anchor_counts = len({tuple(sorted(c)) for c in canvases})
+    return [b - a for a, b in zip(per_step[1:], per_step[2:])], graphs, len(canvases), anchor_counts
 
 
 def detect_syncs(device, batch):
@@ -203,13 +205,14 @@ def main():
         runs += [("train.py step (--compile --no-fixed-shapes)", True, False)] * args.dynamic
     for name, compile, fixed_shapes in runs:  # each row printed as soon as it is measured
         torch._dynamo.reset()  # each run compiles afresh, as a new process would
-        counts, graphs, canvases = training_step_syncs(args.device, args.steps, compile, fixed_shapes)
+        counts, graphs, canvases, anchor_counts = training_step_syncs(args.device, args.steps, compile, fixed_shapes)
         print(f"| {name}, steps 3..{args.steps} | {' '.join(map(str, counts))} (target on CUDA: 0 each) |", flush=True)
         if compile and args.device == "cuda":  # (on CPU the dry run's counting mode keeps torch.compile off)
-            # image sizes vary (--min-size 224 256): one graph per canvas met (224 only where all 4
-            # images of a batch drew 224), or with --no-fixed-shapes dynamic shapes, not a graph per size
-            expected = (f"{canvases + 1}: network for the {canvases} canvas(es) met, loss" if fixed_shapes
-                        else "2: network and loss")
+            # image sizes vary (--min-size 224 256): the network once per canvas met (224 only where all
+            # 4 images of a batch drew 224) and the loss once per their anchor counts, or with
+            # --no-fixed-shapes dynamic shapes, not a graph per size
+            expected = (f"{canvases + anchor_counts}: network for the {canvases} canvas(es) met, loss for their "
+                        f"{anchor_counts} anchor count(s)" if fixed_shapes else "2: network and loss")
             print(f"| {name}: graphs compiled in {args.steps} steps | {graphs} ({expected}) |", flush=True)
 
 
