@@ -389,9 +389,9 @@ def _open_image(path):
 
 
 def read_image(path, exif=True):
-    """Decode an image file -> uint8 numpy [h, w, 3] RGB (read-only), upright as `PIL.ImageOps.exif_transpose`
-    shows it when `exif` (what labelling tools display), as stored otherwise. Any PIL mode
-    becomes RGB. Raises DataError naming the file."""
+    """Decode an image file -> uint8 numpy [h, w, 3] RGB (read-only for an RGB image), upright as
+    `PIL.ImageOps.exif_transpose` shows it when `exif` (what labelling tools display), as stored
+    otherwise. Any PIL mode becomes RGB. Raises DataError naming the file."""
     try:
         with _open_image(path) as img:
             turned = _orientation(img) if img.format in TURNED_BY_PIL else 1  # what PIL applies as it loads
@@ -841,9 +841,9 @@ def coco_ground_truth(ann_file):
 
 
 def _to_rgb(img, file_format=None):
-    """PIL image of any mode -> uint8 numpy [h, w, 3], read-only where it is PIL's RGB pixels
-    themselves. file_format: the format of the file it was read from (img.format, which a
-    transposed image has lost)."""
+    """PIL image of any mode -> uint8 numpy [h, w, 3], read-only for an RGB image (a view of the
+    bytes PIL copies its pixels into). file_format: the format of the file it was read from
+    (img.format, which a transposed image has lost)."""
     if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         # 16-bit / integer / float grey: PIL's convert("RGB") would clip at 255, so rescale by the
         # value of white. 65535 where the file says 16 bits: modes I;16..., and mode I from PNG or

@@ -629,7 +629,8 @@ def compile_network(model):
 def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress, total):
     """Detect on dataset[indices] -> (records, first_batch_s, rate): one record per image, in the
     order they were detected (by aspect ratio): {"index", "image_id", "boxes", "scores", "labels"}
-    on the CPU, plus per-object best IoUs "before"/"after" NMS with --nms-recall; the seconds the
+    on the CPU, plus with --nms-recall each object's best IoUs (best_iou) "before" and "after" NMS,
+    "before_any" and "after_any" (a detection of any class) and "output"; the seconds the
     first batch took (the reading workers' start and first pictures, the device's first-time work,
     and with --compile the compilation), and images/s from then on (None after a single batch).
     Under DDP the counts are rank 0's share times the processes."""

@@ -128,8 +128,8 @@ class TrainConfig:
                 "capability 8.0 or later, off on older GPUs and CPUs)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the network and the loss: the network once per padded shape of --fixed-shapes "
-                "(on by default with --compile), the loss once per anchor count of those shapes, for any object "
-                "count (the log counts the compilations)"})
+                "(on by default with --compile), the loss once per anchor count of those shapes (with "
+                "--no-fixed-shapes, for any), for any object count (the log counts the compilations)"})
     fixed_shapes: bool = field(default=None, metadata={
         "help": "pad every batch to the largest shape of its orientation and scale, (min size, max size) "
                 "rounded up to 32 or its transpose: at most 2 image shapes per --min-size, and with --compile "

@@ -2,7 +2,8 @@
 
 torch.compile's inductor turns the loss's forward and backward into a few fused Triton kernels; how
 fast they run on a GPU depends much on how each kernel indexes memory. This script compiles a
-loss as `train.py --compile` compiles it (G and A marked dynamic, or A fixed with --static-anchors)
+loss as `train.py --compile` compiles it (G marked dynamic; A fixed for one canvas with
+--static-anchors, as with --fixed-shapes, its default, or A dynamic as with --no-fixed-shapes)
 at COCO scale, from bfloat16 predictions, and prints each Triton kernel inductor generates for an
 NVIDIA H100 (132 SMs, compute capability 9.0): its kind, sizes and memory reads. It flags the
 reads, in kernels of [B, A, K]'s size, whose address expression divides or takes a remainder by a
@@ -16,7 +17,7 @@ with a GPU nothing is filled in and they are compiled too. This leans on torch's
 with torch 2.14): what it reads, the generated code, is what a GPU would run, not its speed.
 
     python benchmarks/cuda_kernels.py                         # free_anchor_loss, B = 2, G = 8, A dynamic
-    python benchmarks/cuda_kernels.py --static-anchors        # A fixed, as for one padded canvas
+    python benchmarks/cuda_kernels.py --static-anchors        # A fixed for one canvas, as train.py --compile
     python benchmarks/cuda_kernels.py --loss retinanet --batch 16 --objects 100
     python benchmarks/cuda_kernels.py --full                  # the whole generated source
 """

@@ -174,7 +174,8 @@ def main():
                     help="untimed steps first (default: 1, compiled rows 3: compilation and a recompilation)")
     ap.add_argument("--row-timeout", type=float, default=None, help="give up a row after this many seconds")
     ap.add_argument("--profile", action="store_true",
-                    help="after each row, torch.profiler's table of one more step (on CUDA its kernels by GPU time)")
+                    help="after the table, torch.profiler's table of one more step of each row (on CUDA its "
+                         "kernels by GPU time)")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -895,7 +895,6 @@ def test_batches_images_of_one_shape_and_writes_results_in_dataset_order(tiny_ck
     assert ids and ids == sorted(ids, reverse=True)  # image ids 50, 49, ..., as in the file
 
 
-@pytest.mark.slow
 def test_nms_recall_copies_to_the_host_once_per_batch(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """--nms-recall comes from the forward pass of the detections, and per batch its five best IoUs
     of every object (before and after NMS, of its class and of any, and among the detections
@@ -911,6 +910,7 @@ def test_nms_recall_copies_to_the_host_once_per_batch(tiny_ckpt, tmp_path, capsy
     assert metrics["nms_recall"]["objects"] > 0
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_ckpt, tmp_path, capsys):
     """Images sharded over 2 gloo processes (the environment torchrun sets up) and gathered on
     rank 0: the same results as 1 process. Each image is the very same computation in both runs

@@ -638,7 +638,7 @@ class SumRecorder(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("loss", [free_anchor_loss, retinanet_loss], ids=["freeanchor", "retinanet"])
 def test_sums_over_every_logit_run_over_the_classes_first(loss):
     """The terms over all of [B, A, K] sum each anchor's K classes first, then the [B, A] rest.
-    Compiled for a symbolic anchor count (train.py --compile), one sum over the whole of
+    Compiled for a symbolic anchor count (train.py --compile --no-fixed-shapes), one sum over the whole of
     [B, A, K] becomes a flat reduction whose every read divides by the symbolic sizes, which on a
     GPU reads the logits and P{a_j in A+} out of order (benchmarks/cuda_kernels.py prints the
     kernels); by rows, the reads keep plain strides."""
