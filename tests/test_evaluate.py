@@ -157,10 +157,12 @@ def test_annotation_ids_from_zero_or_negative_score_like_any_other(dataset, tmp_
         E = [evaluate.coco_evaluate(ds.coco, results, ds.image_ids) for ds in (dataset, odd)]
         stats = [evaluate.coco_summary(e)[0] for e in E]
         assert stats[1] == stats[0] and stats[1]["AP"] == pytest.approx(100.0)
-        # detections matched at IoU 0.5, all areas: one per object, the duplicates unmatched
-        matched = [sum(int((m["dtMatches"][0] != 0).sum()) for m in e.evalImgs
-                       if m is not None and m["aRng"] == e.params.areaRng[0]) for e in E]
-        assert matched[1] == matched[0] == sum(len(d["boxes"]) for d in dets)
+        # recall at IoU 0.5, all areas, 100 detections: the matched detections over the objects of
+        # each category, exactly 1: every object matched once (an unmatched one gives less, a
+        # duplicate matched too more)
+        for e in E:
+            recall = e["arrays"][None][1][0, :, 0, -1]  # [K]
+            assert recall.tolist() == [1.0] * len(CATEGORIES)
 
 
 def test_results_map_back_to_dataset_ids(dataset):
@@ -175,8 +177,9 @@ def test_results_map_back_to_dataset_ids(dataset):
 
 
 def test_subset_summary_equals_a_fresh_cocoeval(dataset):
-    """coco_summary on a subset of images or categories reuses one evaluation; it must give what
-    COCOeval gives when run on that subset alone."""
+    """coco_summary on a group of images or a subset of categories reuses one evaluation; it must
+    give what COCOeval gives when run on that subset alone. Evaluated in processes, a chunk of
+    categories each, the evaluation is the same."""
     gen = torch.Generator().manual_seed(1)
     dets = []
     for d in ground_truth_detections(dataset):  # jittered hits with random scores, plus false alarms
@@ -186,9 +189,19 @@ def test_subset_summary_equals_a_fresh_cocoeval(dataset):
         dets.append({"boxes": boxes, "scores": torch.rand(n + 5, generator=gen),
                      "labels": torch.cat((d["labels"], torch.randint(0, 3, (5,), generator=gen)))})
     results = evaluate.to_coco_results(dets, dataset.image_ids, dataset.categories)
-    E = evaluate.coco_evaluate(dataset.coco, results, dataset.image_ids)
-    for img_ids, cat_ids in (([100, 114, 128], None), (None, [17]), ([107, 114], [3, 42])):
-        ours, _ = evaluate.coco_summary(E, img_ids=img_ids, cat_ids=cat_ids)
+    groups = {"a": [100, 114, 128], "b": [107, 114], "none": [999]}
+    E = evaluate.coco_evaluate(dataset.coco, results, dataset.image_ids, image_groups=groups)
+    # in processes, a chunk of categories each: the same arrays, bit for bit
+    in_processes = evaluate.coco_evaluate(dataset.coco, results, dataset.image_ids, image_groups=groups, workers=2)
+    assert E["arrays"].keys() == in_processes["arrays"].keys() == {None, "a", "b", "none"}
+    assert E["arrays"]["none"] is None and evaluate.coco_summary(E, group="none")[0]["AP"] is None
+    for name, arrays in E["arrays"].items():
+        for ours, theirs in zip(arrays or (), in_processes["arrays"][name] or ()):
+            assert ours.shape[2 if ours.ndim == 5 else 1] == len(CATEGORIES) and np.array_equal(ours, theirs)
+    assert evaluate.coco_summary(E) == evaluate.coco_summary(in_processes)
+    for group, cat_ids in ((None, None), ("a", None), (None, [17]), ("b", [3, 42])):
+        ours, _ = evaluate.coco_summary(E, group=group, cat_ids=cat_ids)
+        img_ids = groups.get(group)
         with contextlib.redirect_stdout(io.StringIO()):
             fresh = COCOeval(dataset.coco, dataset.coco.loadRes(copy.deepcopy(results)), "bbox")
             fresh.params.imgIds = img_ids or dataset.image_ids
@@ -199,6 +212,27 @@ def test_subset_summary_equals_a_fresh_cocoeval(dataset):
         expected = [100 * v if v >= 0 else None for v in fresh.stats[:6]]
         assert [ours[k] for k in evaluate.COCO_STATS] == pytest.approx(expected, abs=1e-9)
         assert ours["AP"] is not None and 0 < ours["AP"] < 100
+
+
+def _record_chunk(chunk):
+    """A chunk of COCOeval's work that takes a while and leaves a file behind."""
+    time.sleep(0.2)
+    open(os.path.join(evaluate._forked["folder"], f"chunk_{chunk[0]}"), "w").close()
+    return chunk
+
+
+def test_a_stop_during_cocoeval_in_processes_drops_the_chunks_not_started(tmp_path):
+    """Ctrl-C while COCOeval runs in processes: KeyboardInterrupt in the main process, the
+    chunks not started are never run, and no process is left (they ignore the signal themselves:
+    it is the main process's to handle)."""
+    import multiprocessing
+    import threading
+    before = set(multiprocessing.active_children())
+    threading.Timer(0.6, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate._by_category(_record_chunk, [[k] for k in range(200)], 2, {"folder": str(tmp_path)})
+    assert 0 < len(os.listdir(tmp_path)) < 50  # 200 chunks would take 20 s in 2 processes
+    assert not set(multiprocessing.active_children()) - before and not evaluate._forked
 
 
 def test_crowd_groups_count_non_crowd_objects(dataset):
