@@ -271,10 +271,16 @@ def _load_annotations(ann_file):
     broken = [i for i, a in enumerate(anns) if not isinstance(a, dict) or not _is_id(a.get("id"))]
     if broken:
         bad("annotations at list positions", broken, "need an integer 'id'")
+    broken = [a["id"] for a in anns if not -2**63 <= a["id"] < 2**63]
+    if broken:  # CocoDataset keeps them in an int64 array
+        bad("annotation ids", broken, "do not fit in 64 bits (signed)")
     broken = [a["id"] for a in anns if not isinstance(a.get("bbox"), list) or len(a["bbox"]) != 4
               or not all(_is_number(v) for v in a["bbox"])]
     if broken:
         bad("annotation ids", broken, "need a 'bbox' of 4 finite numbers [x, y, w, h]")
+    broken = [a["id"] for a in anns if not math.isfinite(float(a["bbox"][2]) * float(a["bbox"][3]))]
+    if broken:  # each side finite, their product, the box's area, not (2^600 x 2^600)
+        bad("annotation ids", broken, "have a 'bbox' whose width x height is not a finite number")
     # A negative width or height is no box at all (corners swapped by a converter, say); a zero or
     # sub-pixel one is a degenerate object, which CocoDataset leaves out of the loss.
     broken = [a["id"] for a in anns if a["bbox"][2] < 0 or a["bbox"][3] < 0]
@@ -304,7 +310,7 @@ def _load_annotations(ann_file):
         bad("annotation ids", broken, "have an 'iscrowd' other than 0 or 1")
     for a in anns:  # COCOeval reads both fields of every ground truth
         a.setdefault("iscrowd", 0)
-        a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
+        a.setdefault("area", float(a["bbox"][2]) * float(a["bbox"][3]))
     return coco, annotated
 
 

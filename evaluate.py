@@ -1000,11 +1000,11 @@ def _evaluate(cfg, ddp, rank, world, master):
         for label, n, ap in crowd:
             print(f"  {label:>8} {n:>7} {_fmt(ap):>6}")
         shown = [" ".join(c["name"].split()) for c in per_category]  # a name on one line, as in the pictures
-        width = max(map(len, shown))
+        width, id_width = max(map(len, shown)), max(8, *(len(str(c["id"])) for c in per_category))
         print("AP by category:")
-        print(f"  {'id':>8} {'name':<{width}} {'objects':>8} {'AP':>6} {'AP50':>6} {'AP75':>6}")
+        print(f"  {'id':>{id_width}} {'name':<{width}} {'objects':>8} {'AP':>6} {'AP50':>6} {'AP75':>6}")
         for c, name in zip(per_category, shown):
-            print(f"  {c['id']:>8} {name:<{width}} {c['objects']:>8} "
+            print(f"  {c['id']:>{id_width}} {name:<{width}} {c['objects']:>8} "
                   + " ".join(f"{_fmt(c[k]):>6}" for k in ("AP", "AP50", "AP75")))
         if square or slender:
             cats = [*square, *slender]

@@ -561,6 +561,10 @@ def test_malformed_annotation_file(tiny, content, culprit):
     (lambda d: [d["annotations"][k].update(area=v) for k, v in ((1, "big"), (3, None), (5, -1))],
      "annotation ids 12, 14, 41 have an 'area' that is not a number >= 0"),
     (lambda d: d["annotations"][2].update(bbox=[1, 2, 10**400, 3]), "annotation ids 13 need a 'bbox'"),  # past float
+    (lambda d: [d["annotations"][0].update(id=2**64), d["annotations"][1].update(id=-2**63)],
+     f"annotation ids {2**64} do not fit in 64 bits"),
+    (lambda d: [d["annotations"][2].update(bbox=[1, 2, 2**600, 2**600]), d["annotations"][2].pop("area", None)],
+     "annotation ids 13 have a 'bbox' whose width x height is not a finite number"),  # each side within float
 ])
 def test_incomplete_entries_are_named(tiny, break_it, culprit):
     path = os.path.join(tiny, "annotations", "instances_val.json")
