@@ -6,7 +6,8 @@
 #      with the FreeAnchor loss, eager (channels_last, the default on H100/H200);
 #   3. evaluation's speed: detect in batches of 8, bf16, channels_last (benchmarks/inference.py),
 #      then evaluate.py itself end to end, reading JPEG pictures, against detect alone
-#      (benchmarks/evaluation.py: about 2 minutes);
+#      (benchmarks/evaluation.py: about 2 minutes), and COCOeval on the machine's CPUs
+#      (benchmarks/cocoeval.py at 1000 images: about 20 s on 2 cores);
 #   4. synchronisations of train.py's steady-state step, eager and --compile (padded to fixed shapes,
 #      its default; with the number of graphs compiled over varying image sizes), and of detect
 #      (benchmarks/syncs.py; its --dynamic adds --compile --no-fixed-shapes, which had not finished
@@ -155,6 +156,9 @@ enough 90 "3 (evaluate.py end to end)" || return 0
 step "3. evaluate.py end to end on 960 JPEG pictures of 1333x800, against detect alone"
 timeout "$(cap 240)" $py benchmarks/evaluation.py --device cuda --images 960 --root /tmp/evaluation_benchmark \
     --timeout "$(( $(cap 240) / 3 ))" 2>&1 | tee -a "$log"
+enough 30 "3 (COCOeval)" || return 0
+step "3. COCOeval of 100,000 detections: pycocotools in one process, evaluate.py's in every CPU's"
+timeout "$(cap 60)" $py benchmarks/cocoeval.py --images 1000 2>&1 | tee -a "$log"
 }
 
 part4() {
