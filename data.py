@@ -1722,8 +1722,8 @@ def print_stop(message, own=False):
 
 def stop_on_failure(e):
     """End a run stopped by the machine or by another process of it, with one line and status 1:
-    an OSError (a full disk, a file system gone read-only) names its file; a DataLoader worker
-    killed (by the kernel's out-of-memory killer, most likely) says so; a collective that lost
+    an OSError (a full disk, a file system gone read-only) names its file; a DataLoader worker or a
+    process of a pool killed (by the kernel's out-of-memory killer, most likely) says so; a collective that lost
     another process (lost_connection) says so, once. Anything else is raised again: a bug, whose
     traceback is wanted."""
     if isinstance(e, OSError):
@@ -1734,6 +1734,8 @@ def stop_on_failure(e):
                 "too little shared memory (/dev/shm)?" if first.endswith("Bus error") else
                 "killed, out of memory? --workers 0 shows an error of its own")  # "exited unexpectedly"
         message, own = f"error: {first} ({hint})", True
+    elif isinstance(e, concurrent.futures.BrokenExecutor):  # a process of a pool (image checks, COCOeval) killed
+        message, own = f"error: {e} (killed, out of memory?)", True
     elif lost_connection(e):
         message, own = "error: stopped: another process of this run stopped (its message, if any, is above)", False
     else:

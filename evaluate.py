@@ -35,8 +35,8 @@ defines (§4.2-4.3: Table 1, Figs. 5-6).
 Speed: images are read by DataLoader workers and go through the network a batch at a time; on
 CUDA the network runs in channels_last with bfloat16 autocast by default (both from compute
 capability 8.0; --no-amp, --no-channels-last), and --compile runs it under torch.compile.
-COCOeval, a Python loop over images and categories, runs in processes over chunks of the
-categories once there are many detections (the same numbers as one process).
+COCOeval, a Python loop over images and categories, runs in processes, a category at a time,
+once there are many detections (the same numbers as one process).
 
 Tests: python -m pytest tests/test_evaluate.py
 """
@@ -45,6 +45,8 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import ctypes
+import gc
 import glob
 import io
 import json
@@ -354,35 +356,56 @@ def to_coco_results(dets, image_ids, categories):
 # processes, a category at a time (fewer: forking them costs more than it saves).
 COCO_PROCESSES_FROM = 20_000
 _forked = {}  # what the processes of _by_category read, set before they are forked (nothing is copied)
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def _ignore_stop_signals():
-    """The COCOeval processes leave Ctrl-C and SIGTERM to the main process, which stops them."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _process_of_the_main_one(parent):
+    """Initializer of the COCOeval processes: Ctrl-C and SIGTERM (which a terminal or a scheduler
+    sends to every process of the job) are the main process's to handle, and it kills these; and
+    each ends with the main process however that one ends (kill -9, the out-of-memory killer):
+    Linux's parent-death signal, where there is one. The signals were blocked across the fork (a
+    Ctrl-C then would have raised here, in the main process's handler) and come unblocked, ignored."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    with contextlib.suppress(OSError, AttributeError):  # no prctl: not Linux
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # gone before that
+        os._exit(1)
 
 
 def _by_category(fn, tasks, workers, shared, what=None):
     """[fn(task) for task in tasks], in `workers` processes forked from this one (started in the
     order of `tasks`), which read `shared` (the COCO evaluation's objects) without a copy; in this
     process where workers is 1 or the system cannot fork. what: the progress line's name (None:
-    none). A stop (Ctrl-C, SIGTERM) cancels the tasks not started and waits for those running."""
+    none). A stop (Ctrl-C, SIGTERM) or a process killed ends the others at once: nothing is
+    waited for."""
     _forked.update(shared)
     try:
         if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
             return [fn(task) for task in tasks]
         start, results = time.time(), [None] * len(tasks)
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), initializer=_ignore_stop_signals,
-                                                    mp_context=multiprocessing.get_context("fork")) as pool:
-            try:
+        gc.freeze()  # the objects so far are left alone by the processes' garbage collection, whose
+        # visits would copy every page of them into each process (and reach CUDA tensors)
+        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), initializer=_process_of_the_main_one,
+                                                      initargs=(os.getpid(),), mp_context=multiprocessing.get_context("fork"))
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:  # the first submit forks every process
                 futures = {pool.submit(fn, task): n for n, task in enumerate(tasks)}
-                for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                    results[futures[future]] = future.result()
-                    if what:
-                        progress_line(what, done, len(tasks), start)
-            except BaseException:  # the `with` would run every task left before it ends
-                pool.shutdown(cancel_futures=True)
-                raise
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                results[futures[future]] = future.result()
+                if what:
+                    progress_line(what, done, len(tasks), start)
+        except BaseException:  # a stop, or a process gone: the others' results are not wanted
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.kill()  # SIGKILL: they ignore SIGTERM, which is what the pool would send
+            raise
+        finally:
+            pool.shutdown(cancel_futures=True)
+            gc.unfreeze()
         if what:
             end_progress_line(f" done in {time.time() - start:.1f} s")
         return results

@@ -4,8 +4,8 @@ COCOeval as it is usually run, in one process.
 evaluate.py's COCO AP is pycocotools' COCOeval, whose evaluate() and accumulate() are Python loops
 over images and categories: at val2017's scale (5000 images, 100 detections each, 80 categories)
 they take longer than the detection itself at 150 images/s. Each category is evaluated and
-accumulated on its own, so evaluate.coco_evaluate runs chunks of categories in processes forked
-from the main one (from evaluate.COCO_PROCESSES_FROM detections on). This times, on synthetic
+accumulated on its own, so evaluate.coco_evaluate runs the categories in processes forked from
+the main one (from evaluate.COCO_PROCESSES_FROM detections on). This times, on synthetic
 ground truth and detections of that shape (objects of 5 to 200 pixels, 1 to 14 per image, 30%
 of them of the first category, as person in COCO, the rest spread over the other 79; detections:
 the objects jittered, 30% with another category, and scores falling off). The categories are

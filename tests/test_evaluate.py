@@ -214,25 +214,70 @@ def test_subset_summary_equals_a_fresh_cocoeval(dataset):
         assert ours["AP"] is not None and 0 < ours["AP"] < 100
 
 
-def _record_chunk(chunk):
-    """A chunk of COCOeval's work that takes a while and leaves a file behind."""
-    time.sleep(0.2)
-    open(os.path.join(evaluate._forked["folder"], f"chunk_{chunk[0]}"), "w").close()
-    return chunk
+def _record_task(task):
+    """A task of COCOeval's processes that leaves a file named by its process and takes a while;
+    task -1 kills its own process, as the out-of-memory killer would."""
+    if task == -1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    open(os.path.join(evaluate._forked["folder"], f"{task}_{os.getpid()}"), "w").close()
+    time.sleep(evaluate._forked["seconds"])
+    return task
 
 
-def test_a_stop_during_cocoeval_in_processes_drops_the_chunks_not_started(tmp_path):
-    """Ctrl-C while COCOeval runs in processes: KeyboardInterrupt in the main process, the
-    chunks not started are never run, and no process is left (they ignore the signal themselves:
-    it is the main process's to handle)."""
+def _pids(folder):
+    return {int(name.split("_")[1]) for name in os.listdir(folder)}
+
+
+def _gone(pid):
+    """Whether process pid has ended (a zombie not yet reaped by its parent counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_cocoeval_processes_end_with_a_stop_a_killed_process_or_the_main_process(tmp_path, capsys):
+    """COCOeval's processes (evaluate._by_category): a Ctrl-C in the main process raises there and
+    ends them at once, the tasks not started never run; one of them killed (the out-of-memory
+    killer) ends the others and is said in one line; and they end with the main process when it
+    is killed (kill -9), instead of running on."""
     import multiprocessing
     import threading
     before = set(multiprocessing.active_children())
+    # a stop: 200 tasks of 0.2 s in 2 processes would take 20 s
+    (tmp_path / "stop").mkdir()
     threading.Timer(0.6, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
-        evaluate._by_category(_record_chunk, [[k] for k in range(200)], 2, {"folder": str(tmp_path)})
-    assert 0 < len(os.listdir(tmp_path)) < 50  # 200 chunks would take 20 s in 2 processes
+        evaluate._by_category(_record_task, list(range(200)), 2, {"folder": str(tmp_path / "stop"), "seconds": 0.2})
+    assert 0 < len(os.listdir(tmp_path / "stop")) < 50
     assert not set(multiprocessing.active_children()) - before and not evaluate._forked
+    # a process killed while the other works on a long task
+    (tmp_path / "killed").mkdir()
+    with pytest.raises(RuntimeError) as e:  # BrokenProcessPool
+        evaluate._by_category(_record_task, [0, -1, 1, 2], 2, {"folder": str(tmp_path / "killed"), "seconds": 60})
+    assert not set(multiprocessing.active_children()) - before
+    assert all(_gone(pid) for pid in _pids(tmp_path / "killed"))
+    with pytest.raises(SystemExit) as exit_info:
+        data.stop_on_failure(e.value)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and "(killed, out of memory?)" in err, err
+    # the main process killed: a process forked from this one runs the pool, and is killed
+    folder = tmp_path / "main_killed"
+    folder.mkdir()
+    main = multiprocessing.get_context("fork").Process(
+        target=evaluate._by_category, args=(_record_task, [0, 1, 2], 2, {"folder": str(folder), "seconds": 60}))
+    main.start()
+    deadline = time.time() + 60
+    while len(os.listdir(folder)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _pids(folder)
+    assert len(workers) == 2
+    os.kill(main.pid, signal.SIGKILL)
+    main.join()
+    while not all(_gone(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(pid) for pid in workers)
 
 
 def test_crowd_groups_count_non_crowd_objects(dataset):
@@ -446,9 +491,11 @@ def test_a_split_without_annotations_gets_its_detections_only(tiny_data, tiny_ck
 
 def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
     """The CLI on a detector with a known answer (known_detect): every number, chart bar and drawn
-    box is checked against it. The Fig. 4 pictures come from the checkpoint's real network."""
+    box is checked against it. The Fig. 4 pictures come from the checkpoint's real network.
+    COCOeval runs in processes, as for a large dataset (where the machine has more than one CPU)."""
     known = known_detect(dataset)
     monkeypatch.setattr(RetinaNet, "detect", known)
+    monkeypatch.setattr(evaluate, "COCO_PROCESSES_FROM", 1)
     out = str(tmp_path / "eval")
     metrics, printed = run_main(["--ckpt", tiny_ckpt, "--output", out, "--workers", "0", "--batch-size", "4",
                                  "--nms-recall", "--breakdown", "--visualize", "6", "--vis-score", "0.5",
@@ -490,6 +537,8 @@ def test_cli_end_to_end(tiny_ckpt, dataset, tmp_path, capsys, monkeypatch):
          for k in (*evaluate.COCO_STATS, *evaluate.COCO_RECALLS)], abs=6e-4)
     assert "AP50" in printed.out and "83.3" in printed.out and "Fig. 5" in printed.out and "Fig. 6" in printed.out
     assert "evaluated images: done in" in printed.out  # off a terminal, a task of less than a second
+    if data.available_cpus() > 1:
+        assert f"COCOeval in {data.available_cpus()} processes, categories: done in" in printed.out
 
     # Charts: a bar's height over the y axis' (black, 0 to 100) is its AP / 100.
     def height(img, color):
