@@ -42,12 +42,15 @@ import argparse
 import codecs
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import glob
 import hashlib
 import io
 import json
 import math
+import multiprocessing
 import operator
 import os
 import re
@@ -469,8 +472,74 @@ def _inspect(path, size, exif):
     return f"is {read[0]}x{read[1]} but the annotations say {W}x{H}", orientation
 
 
-def _check_chunk(paths, sizes, exif):
-    return [_inspect(path, size, exif) for path, size in zip(paths, sizes)]
+def _check_piece(piece):
+    """_inspect of the images lo:hi of the forked check (check_images)."""
+    lo, hi = piece
+    return [_inspect(path, size, FORKED["exif"]) for path, size in zip(FORKED["paths"][lo:hi], FORKED["sizes"][lo:hi])]
+
+
+# ----------------------------------------------------------------------------- work in processes
+
+FORKED = {}  # what the processes of in_processes read, set before they are forked (nothing is copied)
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _process_of_the_main_one(parent):
+    """Initializer of in_processes' processes: Ctrl-C and SIGTERM (which a terminal or a scheduler
+    sends to every process of the job) are the main process's to handle, and it kills these; and
+    each ends with the main process however that one ends (kill -9, the out-of-memory killer):
+    Linux's parent-death signal, where there is one. The signals were blocked across the fork (a
+    Ctrl-C then would have raised here, in the main process's handler) and come unblocked, ignored."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    with contextlib.suppress(OSError, AttributeError):  # no prctl: not Linux
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # gone before that
+        os._exit(1)
+
+
+def in_processes(fn, tasks, workers, shared, on_done=None):
+    """[fn(task) for task in tasks], in `workers` processes forked from this one (started in the
+    order of `tasks`), which read `shared`, put in FORKED, without a copy (the image check, COCO's
+    evaluation: Python loops that one core would run for a minute at COCO's scale); in this process
+    where workers is 1 or the system cannot fork. on_done(n, count): after task n, the count-th to
+    finish (a progress line). A stop (Ctrl-C, SIGTERM) or a process killed ends the others at once:
+    nothing is waited for."""
+    FORKED.update(shared)
+    try:
+        if workers <= 1 or len(tasks) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+            results = []
+            for n, task in enumerate(tasks):
+                results.append(fn(task))
+                if on_done:
+                    on_done(n, n + 1)
+            return results
+        results = [None] * len(tasks)
+        gc.freeze()  # the objects so far are left alone by the processes' garbage collection, whose
+        # visits would copy every page of them into each process (and reach CUDA tensors)
+        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), initializer=_process_of_the_main_one,
+                                                      initargs=(os.getpid(),), mp_context=multiprocessing.get_context("fork"))
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:  # the first submit forks every process
+                futures = {pool.submit(fn, task): n for n, task in enumerate(tasks)}
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            for count, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                results[futures[future]] = future.result()
+                if on_done:
+                    on_done(futures[future], count)
+        except BaseException:  # a stop, or a process gone: the others' results are not wanted
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.kill()  # SIGKILL: they ignore SIGTERM, which is what the pool would send
+            raise
+        finally:
+            pool.shutdown(cancel_futures=True)
+            gc.unfreeze()
+        return results
+    finally:
+        FORKED.clear()
 
 
 def format_eta(seconds):
@@ -526,23 +595,17 @@ def check_images(paths, sizes, exif=True, workers=None, show_progress=True, what
     n = len(paths)
     workers = min(workers or available_cpus(), max(1, n // 500))  # a pool only pays from ~1000 images
     chunk = max(1, min(1000, math.ceil(n / (workers * 8))))  # several chunks per process: a live progress line
-    checked, start = [None] * n, time.time()  # (reason or None, EXIF orientation) of each image
+    start, images_done = time.time(), 0
     pieces = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
-    if workers == 1:
-        for lo, hi in pieces:
-            checked[lo:hi] = _check_chunk(paths[lo:hi], sizes[lo:hi], exif)
-            if show_progress:
-                progress_line(what, hi, n, start)
-    else:
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-            jobs = {pool.submit(_check_chunk, paths[lo:hi], sizes[lo:hi], exif): (lo, hi) for lo, hi in pieces}
-            done = 0
-            for job in concurrent.futures.as_completed(jobs):
-                lo, hi = jobs[job]
-                checked[lo:hi] = job.result()
-                done += hi - lo
-                if show_progress:
-                    progress_line(what, done, n, start)
+
+    def progress(k, count):
+        nonlocal images_done
+        images_done += pieces[k][1] - pieces[k][0]
+        if show_progress:
+            progress_line(what, images_done, n, start)
+
+    results = in_processes(_check_piece, pieces, workers, {"paths": paths, "sizes": sizes, "exif": exif}, progress)
+    checked = [answer for piece in results for answer in piece]  # (reason or None, EXIF orientation) of each image
     end_progress_line(f" done in {time.time() - start:.1f} s")
     bad = [(path, reason) for path, (reason, _) in zip(paths, checked) if reason is not None]
     if bad:

@@ -42,16 +42,12 @@ Tests: python -m pytest tests/test_evaluate.py
 """
 
 import collections
-import concurrent.futures
 import contextlib
 import copy
-import ctypes
-import gc
 import glob
 import io
 import json
 import math
-import multiprocessing
 import os
 import signal
 import sys
@@ -87,10 +83,10 @@ from torchvision.ops import batched_nms
 
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, DeferredInterrupt,
-                  HelpFormatter, ImageError, add_config_arguments, available_cpus, catch_stop_signals, config_from_args,
-                  device_defaults, end_progress_line, init_worker, load_checkpoint_file, loader_batches, on_rank0,
-                  print_stop, progress_line, remove_partial_writes, resolve_root_once, setup_processes,
-                  stop_on_failure, stopped_by, write_atomic)
+                  FORKED, HelpFormatter, ImageError, add_config_arguments, available_cpus, catch_stop_signals,
+                  config_from_args, device_defaults, end_progress_line, in_processes, init_worker, load_checkpoint_file,
+                  loader_batches, on_rank0, print_stop, progress_line, remove_partial_writes, resolve_root_once,
+                  setup_processes, stop_on_failure, stopped_by, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -355,62 +351,6 @@ def to_coco_results(dets, image_ids, categories):
 # COCO (100 detections each) on one core, 40 s for val2017. From this many detections it runs in
 # processes, a category at a time (fewer: forking them costs more than it saves).
 COCO_PROCESSES_FROM = 20_000
-_forked = {}  # what the processes of _by_category read, set before they are forked (nothing is copied)
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _process_of_the_main_one(parent):
-    """Initializer of the COCOeval processes: Ctrl-C and SIGTERM (which a terminal or a scheduler
-    sends to every process of the job) are the main process's to handle, and it kills these; and
-    each ends with the main process however that one ends (kill -9, the out-of-memory killer):
-    Linux's parent-death signal, where there is one. The signals were blocked across the fork (a
-    Ctrl-C then would have raised here, in the main process's handler) and come unblocked, ignored."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    with contextlib.suppress(OSError, AttributeError):  # no prctl: not Linux
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # gone before that
-        os._exit(1)
-
-
-def _by_category(fn, tasks, workers, shared, what=None):
-    """[fn(task) for task in tasks], in `workers` processes forked from this one (started in the
-    order of `tasks`), which read `shared` (the COCO evaluation's objects) without a copy; in this
-    process where workers is 1 or the system cannot fork. what: the progress line's name (None:
-    none). A stop (Ctrl-C, SIGTERM) or a process killed ends the others at once: nothing is
-    waited for."""
-    _forked.update(shared)
-    try:
-        if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-            return [fn(task) for task in tasks]
-        start, results = time.time(), [None] * len(tasks)
-        gc.freeze()  # the objects so far are left alone by the processes' garbage collection, whose
-        # visits would copy every page of them into each process (and reach CUDA tensors)
-        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), initializer=_process_of_the_main_one,
-                                                      initargs=(os.getpid(),), mp_context=multiprocessing.get_context("fork"))
-        try:
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-            try:  # the first submit forks every process
-                futures = {pool.submit(fn, task): n for n, task in enumerate(tasks)}
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                results[futures[future]] = future.result()
-                if what:
-                    progress_line(what, done, len(tasks), start)
-        except BaseException:  # a stop, or a process gone: the others' results are not wanted
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.kill()  # SIGKILL: they ignore SIGTERM, which is what the pool would send
-            raise
-        finally:
-            pool.shutdown(cancel_futures=True)
-            gc.unfreeze()
-        if what:
-            end_progress_line(f" done in {time.time() - start:.1f} s")
-        return results
-    finally:
-        _forked.clear()
 
 
 def _evaluate_category(k):
@@ -420,10 +360,10 @@ def _evaluate_category(k):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    coco_gt, params, groups = _forked["coco_gt"], _forked["params"], _forked["groups"]
+    coco_gt, params, groups = FORKED["coco_gt"], FORKED["params"], FORKED["groups"]
     coco_dt = COCO()
     coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
-                       "annotations": _forked["detections"][k]}
+                       "annotations": FORKED["detections"][k]}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
         coco_dt.createIndex()
         E = COCOeval(coco_gt, coco_dt, "bbox")
@@ -483,9 +423,12 @@ def coco_evaluate(coco_gt, results, img_ids, image_groups=None, workers=None, sh
     names = [None, *(image_groups or {})]
     groups = [list(range(len(p.imgIds)))] + [sorted({position[i] for i in ids if i in position})
                                              for ids in (image_groups or {}).values()]
-    done = _by_category(_evaluate_category, order, workers,
+    what, start = f"COCOeval in {workers} processes, categories", time.time()
+    done = in_processes(_evaluate_category, order, workers,
                         {"coco_gt": coco_gt, "params": p, "groups": groups, "detections": detections},
-                        f"COCOeval in {workers} processes, categories" if show_progress else None)
+                        lambda n, count: progress_line(what, count, len(order), start) if show_progress else None)
+    if show_progress:
+        end_progress_line(f" done in {time.time() - start:.1f} s")
     parts = [None] * len(p.catIds)
     for n, part in zip(order, done):
         parts[n] = part

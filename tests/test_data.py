@@ -578,6 +578,71 @@ def test_incomplete_entries_are_named(tiny, break_it, culprit):
     assert path in one_line(e) and culprit in one_line(e)
 
 
+def _record_task(task):
+    """A task of in_processes' processes that leaves a file named by its process and takes a while;
+    task -1 kills its own process, as the out-of-memory killer would."""
+    if task == -1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    open(os.path.join(data.FORKED["folder"], f"{task}_{os.getpid()}"), "w").close()
+    time.sleep(data.FORKED["seconds"])
+    return task
+
+
+def _pids(folder):
+    return {int(name.split("_")[1]) for name in os.listdir(folder)}
+
+
+def _gone(pid):
+    """Whether process pid has ended (a zombie not yet reaped by its parent counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_processes_end_with_a_stop_a_killed_process_or_the_main_process(tmp_path, capsys):
+    """The processes of the image check and of COCOeval (data.in_processes): a Ctrl-C in the main
+    process raises there and ends them at once, the tasks not started never run; one of them
+    killed (the out-of-memory killer) ends the others and is said in one line; and they end with
+    the main process when it is killed (kill -9), instead of running on."""
+    import multiprocessing
+    before = set(multiprocessing.active_children())
+    # a stop: 200 tasks of 0.2 s in 2 processes would take 20 s
+    (tmp_path / "stop").mkdir()
+    threading.Timer(0.6, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        data.in_processes(_record_task, list(range(200)), 2, {"folder": str(tmp_path / "stop"), "seconds": 0.2})
+    assert 0 < len(os.listdir(tmp_path / "stop")) < 50
+    assert not set(multiprocessing.active_children()) - before and not data.FORKED
+    # a process killed while the other works on a long task
+    (tmp_path / "killed").mkdir()
+    with pytest.raises(RuntimeError) as e:  # BrokenProcessPool
+        data.in_processes(_record_task, [0, -1, 1, 2], 2, {"folder": str(tmp_path / "killed"), "seconds": 60})
+    assert not set(multiprocessing.active_children()) - before
+    assert all(_gone(pid) for pid in _pids(tmp_path / "killed"))
+    with pytest.raises(SystemExit) as exit_info:
+        data.stop_on_failure(e.value)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and "(killed, out of memory?)" in err, err
+    # the main process killed: a process forked from this one runs the pool, and is killed
+    folder = tmp_path / "main_killed"
+    folder.mkdir()
+    main = multiprocessing.get_context("fork").Process(
+        target=data.in_processes, args=(_record_task, [0, 1, 2], 2, {"folder": str(folder), "seconds": 60}))
+    main.start()
+    deadline = time.time() + 60
+    while len(os.listdir(folder)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _pids(folder)
+    assert len(workers) == 2
+    os.kill(main.pid, signal.SIGKILL)
+    main.join()
+    while not all(_gone(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(pid) for pid in workers)
+
+
 def test_whole_number_float_ids_are_read_as_ints(tiny):
     """Ids written as 3.0 (some converters, pandas) are the ids 3: the annotations find their
     images and categories, and what comes back is an int."""
