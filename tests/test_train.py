@@ -683,7 +683,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tiny_data, tm
     then runs the whole run from the start."""
     import data
     args = [*TINY, "--data", tiny_data, "--batch-size", "2", "--max-iter", "3", "--output", str(tmp_path / "r")]
-    real_check, calls = data._check_chunk, {"n": 0}
+    real_check, calls = data._check_piece, {"n": 0}
 
     def interrupted_check(*a, **k):
         calls["n"] += 1
@@ -691,7 +691,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tiny_data, tm
             raise KeyboardInterrupt
         return real_check(*a, **k)
 
-    monkeypatch.setattr(data, "_check_chunk", interrupted_check)
+    monkeypatch.setattr(data, "_check_piece", interrupted_check)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the progress line redrawn with \r, left open
     with pytest.raises(SystemExit) as e:
         train.main(args)
