@@ -414,19 +414,17 @@ def coco_evaluate(coco_gt, results, img_ids, image_groups=None, workers=None, sh
                 {**r, "id": i + 1, "area": r["bbox"][2] * r["bbox"][3], "iscrowd": 0})
     # the work of a category: about its detections times its objects, image by image
     counts = collections.Counter((a["image_id"], a["category_id"]) for a in coco_gt.dataset["annotations"])
-    work = [0] * len(p.catIds)
-    for n, found in enumerate(detections):
-        for (image, _), d in collections.Counter((r["image_id"], r["category_id"]) for r in found).items():
-            work[n] += d * (counts[image, p.catIds[n]] + 1)
+    work = [sum(d * (counts[image, k] + 1) for image, d in collections.Counter(r["image_id"] for r in found).items())
+            for k, found in zip(p.catIds, detections)]
     order = sorted(range(len(p.catIds)), key=lambda n: -work[n])
     position = {i: n for n, i in enumerate(p.imgIds)}
     names = [None, *(image_groups or {})]
     groups = [list(range(len(p.imgIds)))] + [sorted({position[i] for i in ids if i in position})
                                              for ids in (image_groups or {}).values()]
-    what, start = f"COCOeval in {workers} processes, categories", time.time()
+    what, start = f"COCOeval in {workers} process{'es' if workers > 1 else ''}, categories", time.time()
     done = in_processes(_evaluate_category, order, workers,
                         {"coco_gt": coco_gt, "params": p, "groups": groups, "detections": detections},
-                        lambda n, count: progress_line(what, count, len(order), start) if show_progress else None)
+                        (lambda n, count: progress_line(what, count, len(order), start)) if show_progress else None)
     if show_progress:
         end_progress_line(f" done in {time.time() - start:.1f} s")
     parts = [None] * len(p.catIds)
