@@ -12,9 +12,8 @@
 #      its default; with the number of graphs compiled over varying image sizes), and of detect
 #      (benchmarks/syncs.py; its --dynamic adds --compile --no-fixed-shapes, which had not finished
 #      compiling within 2.5 minutes on an H200);
-#   5. the loss's speed at COCO scale (A = 201,600, K = 80): eager, compiled and compiled with CUDA
-#      graphs vs the per-image loop (the benchmark also checks that compiled equals eager to float32
-#      rounding) with a profile at (B, G) = (2, 8) and (16, 8); then three pieces alone against their
+#   5. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image loop
+#      (the benchmark also checks that compiled equals eager to float32 rounding) with a profile at (B, G) = (2, 8) and (16, 8); then three pieces alone against their
 #      alternatives (the bag's top-n: one top-n over all anchors or bag_indices' two stages;
 #      P{a_j in A+}: the loss's class-major scatter-max, one into [B, A, K], a one-hot max; the
 #      negative term: P{a_j in A+} read transposed, in [B, A, K], or a pass over the logits plus
@@ -25,12 +24,15 @@
 #      the network alone, then with the loss, each with a profile of one step;
 #   7. the step with the network compiled for any image size, as train.py --compile --no-fixed-shapes
 #      marks it dynamic (on an H200: 4 minutes of compilation and a slower step than part 6's, which
-#      is why fixed shapes are --compile's default), in a run of its own.
+#      is why fixed shapes are --compile's default), in a run of its own;
+#   8. the compiled loss as CUDA graphs (torch.compile's "reduce-overhead") at B = 2, G = 8, where the
+#      host's launches bound the compiled loss, against eager and compiled, alone (as a row of part 5
+#      it ended the process with a segmentation fault on an H200, 2026-11-28).
 # Everything printed is also appended to DIR/gpu_check.txt (default: $OUT if set, else runs/gpu_check), line by line,
 # so a run stopped early keeps what it had. The whole run keeps to BUDGET seconds (default 290, under
 # 5 minutes): every command's timeout is cut to the time left, and a part that has less than its
 # minimum left is skipped with a line saying so. Parts run in the order PARTS gives, most wanted
-# first (default "1 2 3 5 6 4 7": correctness, the eager step's speed, evaluation's, the loss's,
+# first (default "1 2 3 5 6 4 7 8": correctness, the eager step's speed, evaluation's, the loss's,
 # then the compiled steps and the counts, which do not fit the same 5 minutes); run the skipped ones
 # in further runs. On an H200 (2026-11-26) parts 1, 2, 3 and 5 took 235 s together, part 6 about
 # 140 s, and part 7's compilation over 142 s: three runs, "1 2 3 5", "6 4" and "7". On 2026-11-27
@@ -39,7 +41,9 @@
 # took 20 s, part 5's table with one profile 107 s, part 6 117 s, and part 7 alone about 300 s.
 # Later that day "6 5" in BUDGET=300 ran part 6 (then with a third row) in about 150 s and cut
 # part 5 before its last size; "3 2 1" took 176 s (part 3 about 120 s). Part 5's table at the four
-# sizes with two profiles, without the loop, took 87 s.
+# sizes with two profiles, without the loop, took 87 s. On the evening of 2026-11-28 "6 5" took
+# 283 s (part 5's table ended in a segmentation fault in its CUDA graphs row, now part 8), "1 6 5"
+# 233 s, and "1 6 3" 174 s, where part 3's end-to-end run did not fit BUDGET=258.
 #
 #     bash benchmarks/gpu_check.sh [DIR]
 #     PARTS="6 4" BUDGET=290 bash benchmarks/gpu_check.sh      # only some of the parts, in this order
@@ -49,10 +53,10 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu_check}}
 mkdir -p "$out"
 log="$out/gpu_check.txt"
-echo "==== $(date -u '+%Y-%m-%d %H:%M UTC'), PARTS=\"${PARTS:-1 2 3 5 6 4 7}\", BUDGET=${BUDGET:-290}" >> "$log"  # appended: pieces run one by one add up
+echo "==== $(date -u '+%Y-%m-%d %H:%M UTC'), PARTS=\"${PARTS:-1 2 3 5 6 4 7 8}\", BUDGET=${BUDGET:-290}" >> "$log"  # appended: pieces run one by one add up
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-parts=${PARTS:-1 2 3 5 6 4 7}
+parts=${PARTS:-1 2 3 5 6 4 7 8}
 budget=${BUDGET:-290}
 step() { echo "== $1" | tee -a "$log"; }
 left() { echo $(( budget - SECONDS )); }
@@ -170,7 +174,7 @@ timeout "$(cap 420)" $py benchmarks/syncs.py --device "${DEVICE:-cuda}" --compil
 part5() {
 enough 60 5 || return 0
 step "5. the loss at COCO scale (forward + backward, median of 7)"
-timeout "$(cap 270)" $py benchmarks/loss.py --device cuda --compile --cudagraphs --repeats 7 --batch 2 16 --objects 8 100 \
+timeout "$(cap 270)" $py benchmarks/loss.py --device cuda --compile --repeats 7 --batch 2 16 --objects 8 100 \
     --methods free_anchor_loss "per-image loop" --profile 2 8 --profile 16 8 2>&1 | tee -a "$log"
 enough 40 "5 (pieces)" || return 0
 step "5. the loss at COCO scale: the bag's top-n, P{a_j in A+} and the negative term alone, with alternatives"
@@ -191,7 +195,15 @@ step "7. the training step with the network compiled for any image size (train.p
 $py benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods free_anchor_loss \
     --modes compiled --row-timeout "$(cap 560)" 2>&1 | tee -a "$log"
 }
+part8() {
+enough 60 8 || return 0
+step "8. the compiled loss as CUDA graphs at B = 2, G = 8, against eager and compiled (with faulthandler)"
+# in part 5's table on 2026-11-28 this row ended the process with a segmentation fault, so it runs
+# alone, with Python's stack at a fault
+timeout "$(cap 150)" $py -X faulthandler benchmarks/loss.py --device cuda --compile --cudagraphs --repeats 7 \
+    --batch 2 --objects 8 --methods free_anchor_loss 2>&1 | tee -a "$log"
+}
 for p in $parts; do
-    case $p in [1-7]) "part$p" ;; *) echo "PARTS: no part $p (1-7)" | tee -a "$log" ;; esac
+    case $p in [1-8]) "part$p" ;; *) echo "PARTS: no part $p (1-8)" | tee -a "$log" ;; esac
 done
 echo "written to $log ($SECONDS s)"

@@ -279,9 +279,9 @@ def negative_term_rows(p_match, labels, B, G, device):
         assert torch.allclose(value, want, rtol=1e-4), (name, float(value), float(want))
         eager = median_ms(lambda x, *rest: torch.autograd.grad(term(x, *rest), x), cls_logits, p_match, labels)
         for how, compiled_with in (("one shape, analysis on", lambda f: torch.compile(f)),
-                                   ("one shape, analysis off", lambda f: compile_loss(f)),
+                                   ("one shape, analysis off (train.py --compile's: A fixed)", lambda f: compile_loss(f)),
                                    ("any shape, analysis on", lambda f: torch.compile(f, dynamic=True)),
-                                   ("any shape, analysis off (train.py's)", lambda f: compile_loss(f, dynamic=True))):
+                                   ("any shape, analysis off (train.py --compile --no-fixed-shapes')", lambda f: compile_loss(f, dynamic=True))):
             torch._dynamo.reset()  # each variant compiles afresh
             compiled = compiled_with(term)
 

@@ -155,7 +155,36 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup, profile
             sync()
         print(prof.key_averages().table(sort_by="self_device_time_total" if device.type == "cuda" else
                                         "self_cpu_time_total", row_limit=25, max_name_column_width=80))
+        print(step_regions(prof, device.type == "cuda"))
     print(json.dumps({"seconds": timed[len(timed) // 2], "first": times[0], "peak_mb": peak}))
+
+
+def step_regions(prof, cuda, kernels=6):
+    """The profiled step's top-level ops in the order they started (the network's and the loss's
+    compiled forwards, their backwards, the optimizer, ...), each with the time of everything it ran
+    (on CUDA: the device time of the kernels it launched) and its longest kernels: which part of the
+    step each kernel belongs to, where the table above sums kernels of one name over the step."""
+    def own_kernels(event):
+        found = list(event.kernels)
+        for child in event.cpu_children:
+            found += own_kernels(child)
+        return found
+
+    from torch.autograd import DeviceType
+    tops = sorted((e for e in prof.events() if e.cpu_parent is None and e.device_type == DeviceType.CPU),
+                  key=lambda e: e.time_range.start)  # the ops the host ran (kernels have no parent either)
+    lines = ["", "| top-level op, in order | %s (ms) | longest kernels (ms) |" % ("device" if cuda else "CPU"),
+             "|---|---|---|"]
+    for event in tops:
+        total = (event.device_time_total if cuda else event.cpu_time_total) / 1e3
+        if total < 0.01:
+            continue
+        by_name = {}
+        for k in own_kernels(event):
+            by_name[k.name] = by_name.get(k.name, 0.0) + k.duration / 1e3
+        longest = sorted(by_name.items(), key=lambda kv: -kv[1])[:kernels]
+        lines.append(f"| {event.name[:72]} | {total:.3f} | " + "; ".join(f"{n[:90]} {t:.3f}" for n, t in longest) + " |")
+    return "\n".join(lines)
 
 
 def main():

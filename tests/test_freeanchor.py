@@ -404,6 +404,33 @@ def test_p_plus_is_a_per_class_max():
     assert_matches_oracle(batch, cfg=FreeAnchorConfig(bag_size=2))
 
 
+def test_p_plus_with_padding_among_the_objects_and_more_objects_than_classes():
+    """P{a_j in A+} per class, computed here object by object, for padded objects given by the
+    caller with padding among the objects (label -1 anywhere), classes absent, an image without
+    objects, and more objects than classes."""
+    g = torch.Generator().manual_seed(5)
+    anchors = torch.rand(40, 2, generator=g, dtype=torch.float64) * 60
+    anchors = torch.cat([anchors, anchors + 10 + torch.rand(40, 2, generator=g, dtype=torch.float64) * 20], 1)  # [A, 4]
+    K, A, t = 4, 40, 0.3
+    boxes = anchors[torch.randint(0, A, (3, 7), generator=g)] + torch.rand(3, 7, 4, generator=g, dtype=torch.float64)  # [B, G, 4]
+    labels = torch.tensor([[2, -1, 2, 0, -1, 2, 0],  # padding among the objects; classes 1 and 3 absent
+                           [-1, -1, -1, -1, -1, -1, -1],  # no objects
+                           [3, 1, 0, 2, 1, 3, 0]])  # G = 7 > K = 4
+    deltas = torch.randn(3, A, 4, generator=g, dtype=torch.float64) * 0.1
+    pred = decode(anchors, deltas)  # [B, A, 4]
+    _, p_plus = freeanchor.match(anchors, pred, *freeanchor.pad_objects(boxes, labels, torch.float64, "cpu"), 5, t, K)
+    expected = torch.zeros(3, A, K, dtype=torch.float64)
+    for b in range(3):
+        iou = box_iou(boxes[b], pred[b])  # [G, A]
+        t2 = iou.amax(1, keepdim=True).clamp(min=t + freeanchor.EPS)
+        p_match = torch.where(iou > t, (iou - t) / (t2 - t), 0.0).clamp(max=1)  # [G, A]
+        for i, c in enumerate(labels[b].tolist()):
+            if c >= 0:
+                expected[b, :, c] = torch.maximum(expected[b, :, c], p_match[i])
+    assert (expected[0, :, 2] > 0).any() and (expected[2] > 0).any()  # the case tests something
+    torch.testing.assert_close(p_plus, expected, rtol=0, atol=0)
+
+
 def test_p_plus_max_not_last_write_end_to_end():
     """Same objects, all orders: a last-write implementation would depend on the order."""
     cls_logits, box_deltas, anchors, gt_boxes, gt_labels = make_batch(71, [6], hit=1.0, K=2)
