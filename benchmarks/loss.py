@@ -4,8 +4,8 @@ Compares, on identical inputs, forward + backward of
   - `free_anchor_loss`: dense over images and objects, plain autograd (freeanchor.py);
   - `free_anchor_loss compiled` (with --compile): the same under torch.compile (dynamic shapes);
     the first call, which compiles, is not timed, and its duration is printed below the table;
-  - `free_anchor_loss compiled, CUDA graphs` (with --cudagraphs, CUDA only): the same compiled with
-    mode="reduce-overhead", which replays each shape's kernels as one CUDA graph, without the host's
+  - `free_anchor_loss compiled, CUDA graphs` (with --cudagraphs, CUDA only): the same compiled for
+    each shape with mode="reduce-overhead", which replays each shape's kernels as one CUDA graph, without the host's
     launches (its inputs copied into the graph's own memory at each call); three untimed calls
     first (compilation, a warm-up, the recording);
   - `per-image loop`: the same loss written the way the published implementations do it, one image
@@ -122,7 +122,10 @@ def rss_bytes():
 
 
 compiled_loss = compile_loss(free_anchor_loss, dynamic=True)  # dynamic shapes: one graph for every (B, G)
-graphed_loss = compile_loss(free_anchor_loss, dynamic=True, mode="reduce-overhead")  # a CUDA graph per shape
+# a CUDA graph per shape, compiled for each shape (static): CUDA graphs record one graph per shape
+# anyway, and compiled with dynamic=True this row ended the process with a segmentation fault on an
+# H200 (torch 2.11), as CUDA graph trees with dynamic shapes and a backward have before
+graphed_loss = compile_loss(free_anchor_loss, dynamic=False, mode="reduce-overhead")
 COMPILED_LOSSES = {COMPILED: compiled_loss, GRAPHED: graphed_loss}
 
 

@@ -24,7 +24,10 @@ weights. On CUDA the network runs under bfloat16 autocast by default where the G
 bfloat16, compute capability 8.0 on, as in train.py (--no-amp: float32), the loss in float32.
 Each row runs in its own subprocess, so that its peak memory is its own (CPU: peak resident
 memory; CUDA: torch.cuda.max_memory_allocated); "first step" is the first step's time,
-compilation included for compiled rows.
+compilation included for compiled rows. s/iter is the median of steps timed one by one, each
+starting with an idle GPU; on CUDA, "back to back" is the mean of as many steps run with no
+synchronisation between them, as train.py runs them, where the host queues a step's work while the
+GPU still runs the step before.
 
     python benchmarks/train_step.py --backbone resnet18 --size 128 160 --batch 2      # CPU smoke test
     python benchmarks/train_step.py --device cuda --size 800 1333 --batch 2 8 16      # every row
@@ -142,8 +145,17 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup, profile
         one_step()
         sync()
         times.append(time.perf_counter() - t0)
+    back_to_back = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
+        # as train.py runs: no synchronisation between steps, so that the host queues a step's work
+        # while the GPU still runs the step before (each timed step above starts with an idle GPU)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        sync()
+        back_to_back = (time.perf_counter() - t0) / steps
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timed = sorted(times[warmup:])
@@ -156,7 +168,7 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup, profile
         print(prof.key_averages().table(sort_by="self_device_time_total" if device.type == "cuda" else
                                         "self_cpu_time_total", row_limit=25, max_name_column_width=80))
         print(step_regions(prof, device.type == "cuda"))
-    print(json.dumps({"seconds": timed[len(timed) // 2], "first": times[0], "peak_mb": peak}))
+    print(json.dumps({"seconds": timed[len(timed) // 2], "first": times[0], "peak_mb": peak, "back_to_back": back_to_back}))
 
 
 def step_regions(prof, cuda, kernels=6):
@@ -223,13 +235,15 @@ def main():
         name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
         machine = f"{name}, {os.cpu_count()} cores"
     print(f"# training step, {args.backbone}, {H}x{W}, K = {K}, {'bf16 autocast' if amp else 'float32'}, fused SGD")
-    print(f"# {args.device}: {machine}; torch {torch.__version__}; median of {args.steps} steps\n")
-    print("| images | mode | method | s/iter | images/s | vs model_only | first step (s) | peak memory (MB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"# {args.device}: {machine}; torch {torch.__version__}; median of {args.steps} steps, "
+          f"then {args.steps} back to back (CUDA)\n")
+    print("| images | mode | method | s/iter | images/s | vs model_only | first step (s) | peak memory (MB) "
+          "| back to back: s/iter | images/s | vs model_only |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     profiles = []  # printed after the table
     for B in args.batch:
         for mode in args.modes:
-            base = None
+            base = base_b2b = None
             for method in args.methods:
                 if method == "torchvision" and mode.startswith("compiled"):
                     continue  # its step has data-dependent Python control flow; eager and channels_last only
@@ -243,18 +257,21 @@ def main():
                 try:
                     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout)
                 except subprocess.TimeoutExpired:
-                    print(f"| {B} | {mode} | {method} | over --row-timeout {args.row_timeout:g} s | | | | |", flush=True)
+                    print(f"| {B} | {mode} | {method} | over --row-timeout {args.row_timeout:g} s | | | | | | | |", flush=True)
                     continue
                 if res.returncode != 0:
                     last = (res.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"| {B} | {mode} | {method} | failed: {last} | | | | |", flush=True)
+                    print(f"| {B} | {mode} | {method} | failed: {last} | | | | | | | |", flush=True)
                     continue
                 r = json.loads(res.stdout.strip().splitlines()[-1])
+                b2b = r.get("back_to_back")
                 if method == "model_only":
-                    base = r["seconds"]
+                    base, base_b2b = r["seconds"], b2b
                 ratio = f"{r['seconds'] / base:.3f}" if base else "-"
+                b2b_cells = (f"{b2b:.4f} | {B / b2b:.1f} | {b2b / base_b2b:.3f}" if b2b and base_b2b else
+                             f"{b2b:.4f} | {B / b2b:.1f} | -" if b2b else "- | - | -")
                 print(f"| {B} | {mode} | {method} | {r['seconds']:.4f} | {B / r['seconds']:.1f} | {ratio} | "
-                      f"{r['first']:.1f} | {r['peak_mb']:.0f} |", flush=True)
+                      f"{r['first']:.1f} | {r['peak_mb']:.0f} | {b2b_cells} |", flush=True)
                 if args.profile:
                     profiles.append((f"{mode}, {method}, B = {B}", res.stdout.strip().splitlines()[:-1]))
     for name, lines in profiles:
