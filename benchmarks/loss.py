@@ -255,10 +255,21 @@ def negative_by_class_rows(cls_logits, p_plus, labels, first, gamma):
     return total + torch.where(first[:, None, :], change, 0.0).sum()  # []
 
 
+def negative_flat_sum(cls_logits, p_plus, gamma):
+    """negative_focal_sum's terms summed in one flat reduction over [B, A, K], as the loss summed them
+    before it summed each anchor's classes first (for a fixed A, inductor reduced rows of 4 anchors x
+    80 classes; for a symbolic A, the flat reduction that read out of order). gamma >= 1."""
+    p = torch.sigmoid(cls_logits)  # [B, A, K]
+    p_taken = p * p_plus  # [B, A, K]
+    one_minus_q = (torch.sigmoid(-cls_logits) + p_taken).clamp(min=ONE_MINUS_Q_MIN)  # [B, A, K]
+    return -((p - p_taken).pow(gamma) * torch.log(one_minus_q)).sum()  # []
+
+
 def negative_term_rows(p_match, labels, B, G, device):
     """The negative term alone, forward + backward through the logits, from P{a_j -> b_i} [B, G, A]:
     the loss's (negative_focal_sum: FL(q) over all of [B, A, K], P{a_j in A+} built class-major and
-    read through a transposed view), the same with P{a_j in A+} built in [B, A, K], and split into a
+    read through a transposed view), the same in one flat sum (negative_flat_sum), the same with
+    P{a_j in A+} built in [B, A, K], and split into a
     pass over the logits plus the rows of the classes present (negative_by_class_rows); eager, and
     compiled for one shape or for any (dynamic=True), each with inductor's analysis of tilings on
     (torch's default) or off (compile_loss, as train.py compiles the loss). On an H200 the
@@ -271,6 +282,8 @@ def negative_term_rows(p_match, labels, B, G, device):
     variants = (
         ("FL(q) over [B, A, K], P{a_j in A+} class-major, read transposed (the loss's)",
          lambda x, p_match, labels: negative_focal_sum(x, scatter_by_class(p_match, labels, K), 2.0)),
+        ("FL(q) over [B, A, K], P{a_j in A+} class-major, one flat sum (the loss's before it summed by anchor)",
+         lambda x, p_match, labels: negative_flat_sum(x, scatter_by_class(p_match, labels, K), 2.0)),
         ("FL(q) over [B, A, K], P{a_j in A+} in [B, A, K]",
          lambda x, p_match, labels: negative_focal_sum(x, scatter_by_anchor(p_match, labels, K), 2.0)),
         ("FL(P_cls) over [B, A, K] + the rows of the classes present",
