@@ -27,12 +27,14 @@
 #      is why fixed shapes are --compile's default), in a run of its own;
 #   8. the compiled loss as CUDA graphs (torch.compile's "reduce-overhead") at B = 2, G = 8, where the
 #      host's launches bound the compiled loss, against eager and compiled, alone (as a row of part 5
-#      it ended the process with a segmentation fault on an H200, 2026-11-28).
+#      it ended the process with a segmentation fault on an H200, 2026-11-28);
+#   9. part 6's step with every compiled graph replayed as CUDA graphs, the network only and with the
+#      loss (train_step.py --modes compiled_static_graphs; not a train.py option).
 # Everything printed is also appended to DIR/gpu_check.txt (default: $OUT if set, else runs/gpu_check), line by line,
 # so a run stopped early keeps what it had. The whole run keeps to BUDGET seconds (default 290, under
 # 5 minutes): every command's timeout is cut to the time left, and a part that has less than its
 # minimum left is skipped with a line saying so. Parts run in the order PARTS gives, most wanted
-# first (default "1 2 3 5 6 4 7 8": correctness, the eager step's speed, evaluation's, the loss's,
+# first (default "1 2 3 5 6 4 7 8 9": correctness, the eager step's speed, evaluation's, the loss's,
 # then the compiled steps and the counts, which do not fit the same 5 minutes); run the skipped ones
 # in further runs. On an H200 (2026-11-26) parts 1, 2, 3 and 5 took 235 s together, part 6 about
 # 140 s, and part 7's compilation over 142 s: three runs, "1 2 3 5", "6 4" and "7". On 2026-11-27
@@ -53,10 +55,10 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu_check}}
 mkdir -p "$out"
 log="$out/gpu_check.txt"
-echo "==== $(date -u '+%Y-%m-%d %H:%M UTC'), PARTS=\"${PARTS:-1 2 3 5 6 4 7 8}\", BUDGET=${BUDGET:-290}" >> "$log"  # appended: pieces run one by one add up
+echo "==== $(date -u '+%Y-%m-%d %H:%M UTC'), PARTS=\"${PARTS:-1 2 3 5 6 4 7 8 9}\", BUDGET=${BUDGET:-290}" >> "$log"  # appended: pieces run one by one add up
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-parts=${PARTS:-1 2 3 5 6 4 7 8}
+parts=${PARTS:-1 2 3 5 6 4 7 8 9}
 budget=${BUDGET:-290}
 step() { echo "== $1" | tee -a "$log"; }
 left() { echo $(( budget - SECONDS )); }
@@ -203,7 +205,14 @@ step "8. the compiled loss as CUDA graphs at B = 2, G = 8, against eager and com
 timeout "$(cap 150)" $py -X faulthandler benchmarks/loss.py --device cuda --compile --cudagraphs --repeats 7 \
     --batch 2 --objects 8 --methods free_anchor_loss 2>&1 | tee -a "$log"
 }
+part9() {
+enough 120 9 || return 0
+step "9. the training step of part 6 with its compiled graphs replayed as CUDA graphs (mode=\"reduce-overhead\")"
+# whether the host's launches bound the compiled step: part 6's profile shows the GPU idle about 5.5 ms a step
+$py -X faulthandler benchmarks/train_step.py --device cuda --batch 16 --size 800 1333 --methods model_only free_anchor_loss \
+    --modes compiled_static_graphs --row-timeout "$(( ($(cap 300) + 1) / 2 ))" 2>&1 | tee -a "$log"
+}
 for p in $parts; do
-    case $p in [1-8]) "part$p" ;; *) echo "PARTS: no part $p (1-8)" | tee -a "$log" ;; esac
+    case $p in [1-9]) "part$p" ;; *) echo "PARTS: no part $p (1-9)" | tee -a "$log" ;; esac
 done
 echo "written to $log ($SECONDS s)"

@@ -19,6 +19,9 @@ each in the modes
                         shapes (--fixed-shapes; faster on an H200, to compile and to run): the network
                         compiled for this one padded shape, static, the loss for its anchor count
                         (static) and any object count
+  - compiled_static_graphs  the same with every shape static and torch.compile's mode="reduce-overhead":
+                        each compiled forward and backward replayed as one CUDA graph, without the
+                        host's kernel launches (CUDA only; not a train.py option)
 with the same backbone, weights initialised identically, frozen BatchNorm as with pretrained
 weights. On CUDA the network runs under bfloat16 autocast by default where the GPU has native
 bfloat16, compute capability 8.0 on, as in train.py (--no-amp: float32), the loss in float32.
@@ -52,7 +55,7 @@ import freeanchor  # noqa: E402
 from data import gpu_has_native_bf16, pad_targets  # noqa: E402
 from model import RetinaNet, batch_images, host_to_device, normalize, to_torchvision  # noqa: E402
 
-MODES = ("eager", "channels_last", "compiled", "compiled_static")
+MODES = ("eager", "channels_last", "compiled", "compiled_static", "compiled_static_graphs")
 METHODS = ("model_only", "free_anchor_loss", "retinanet_loss", "torchvision")
 K = 80
 
@@ -106,7 +109,10 @@ def run_one(mode, method, backbone, B, H, W, device, amp, steps, warmup, profile
         batch = batch_images([normalize(im) for im in images]).to(device, memory_format=memory_format)
         loss_fn = {"model_only": model_only_loss, "free_anchor_loss": freeanchor.free_anchor_loss,
                    "retinanet_loss": freeanchor.retinanet_loss}[method]
-        if mode.startswith("compiled"):  # compiled_static: the network static, as train.py --compile
+        if mode == "compiled_static_graphs":  # every shape static, replayed as CUDA graphs
+            net = torch.compile(net, dynamic=False, mode="reduce-overhead")
+            loss_fn = freeanchor.compile_loss(loss_fn, dynamic=False, mode="reduce-overhead")
+        elif mode.startswith("compiled"):  # compiled_static: the network static, as train.py --compile
             net = torch.compile(net, dynamic=None if mode == "compiled" else False)
             loss_fn = freeanchor.compile_loss(loss_fn)
             # the dimensions train.py --compile marks dynamic: the object count, and with
@@ -205,7 +211,7 @@ def main():
     ap.add_argument("--backbone", default="resnet50")
     ap.add_argument("--batch", type=int, nargs="+", default=[2], help="images per step")
     ap.add_argument("--size", type=int, nargs=2, default=[512, 640], metavar=("H", "W"))
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=[m for m in MODES if m != "compiled_static_graphs"], choices=MODES)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                     help="bfloat16 autocast for the network, the loss stays float32 (default: on with a GPU "
@@ -219,6 +225,8 @@ def main():
                          "kernels by GPU time)")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if "compiled_static_graphs" in args.modes and args.device != "cuda":
+        ap.error("--modes compiled_static_graphs: CUDA graphs need --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
     amp = (args.device == "cuda" and gpu_has_native_bf16(None)) if args.amp is None else args.amp
