@@ -13,11 +13,12 @@
 #      (benchmarks/syncs.py; its --dynamic adds --compile --no-fixed-shapes, which had not finished
 #      compiling within 2.5 minutes on an H200);
 #   5. the loss's speed at COCO scale (A = 201,600, K = 80): eager and compiled vs the per-image loop
-#      (the benchmark also checks that compiled equals eager to float32 rounding) with a profile at (B, G) = (2, 8) and (16, 8); then three pieces alone against their
-#      alternatives (the bag's top-n: one top-n over all anchors or bag_indices' two stages;
-#      P{a_j in A+}: the loss's class-major scatter-max, one into [B, A, K], a one-hot max; the
-#      negative term: P{a_j in A+} read transposed (also in one flat sum), in [B, A, K], or a pass over the logits plus
-#      the rows of the classes present, compiled for one shape or for any, with inductor's analysis of
+#      (the benchmark also checks that compiled equals eager to float32 rounding) with a profile at
+#      (B, G) = (2, 8) and (16, 8); then three pieces alone against their alternatives (the bag's
+#      top-n: one top-n over all anchors or bag_indices' two stages; P{a_j in A+}: the loss's
+#      class-major scatter-max, one into [B, A, K], a one-hot max; the negative term: P{a_j in A+}
+#      read transposed (also in one flat sum), in [B, A, K], or a pass over the logits plus the rows
+#      of the classes present, compiled for one shape or for any, with inductor's analysis of
 #      tilings on or off);
 #   6. the training step of part 2 compiled as train.py --compile compiles it by default, the network
 #      for its one padded shape, static, the loss for its anchor count (the goal: >= 240 images/s):

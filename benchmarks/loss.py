@@ -5,9 +5,9 @@ Compares, on identical inputs, forward + backward of
   - `free_anchor_loss compiled` (with --compile): the same under torch.compile (dynamic shapes);
     the first call, which compiles, is not timed, and its duration is printed below the table;
   - `free_anchor_loss compiled, CUDA graphs` (with --cudagraphs, CUDA only): the same compiled for
-    each shape with mode="reduce-overhead", which replays each shape's kernels as one CUDA graph, without the host's
-    launches (its inputs copied into the graph's own memory at each call); three untimed calls
-    first (compilation, a warm-up, the recording);
+    each shape with mode="reduce-overhead", which replays each shape's kernels as one CUDA graph,
+    without the host's launches (its inputs copied into the graph's own memory at each call); three
+    untimed calls first (compilation, a warm-up, the recording);
   - `per-image loop`: the same loss written the way the published implementations do it, one image
     at a time with plain autograd (kept here as the baseline every ratio refers to);
   - `retinanet_loss`: the hand-crafted IoU assignment + focal loss baseline (Eq. 1);
@@ -235,6 +235,11 @@ def first_of_class(labels):
     return ~((labels[:, :, None] == labels[:, None, :]) & earlier).any(-1)  # [B, G]
 
 
+def focal(q, one_minus_q, gamma):
+    """FL(q) = q^gamma (-log(1 - q)) elementwise, 1 - q given apart (as negative_focal_sum computes it)."""
+    return -q.pow(gamma) * torch.log(one_minus_q.clamp(min=ONE_MINUS_Q_MIN))
+
+
 def negative_by_class_rows(cls_logits, p_plus, labels, first, gamma):
     """The same sum as negative_focal_sum, split: FL(P_cls) over all of [B, A, K] (as if P{a_j in A+}
     were 0 everywhere: a pass over the logits alone), plus FL(q) - FL(P_cls) on the rows of the
@@ -242,16 +247,13 @@ def negative_by_class_rows(cls_logits, p_plus, labels, first, gamma):
     its class-major rows). cls_logits [B, A, K], p_plus [B, A, K] (a view of [B, K, A]), labels
     [B, G] in [0, K) (no padding objects), first [B, G] -> []. Without the loss's clamp of q for
     gamma < 1: timed at gamma = 2."""
-    def focal(q, one_minus_q):  # FL(q) = q^gamma (-log(1 - q)), 1 - q given apart (as negative_focal_sum)
-        return -q.pow(gamma) * torch.log(one_minus_q.clamp(min=ONE_MINUS_Q_MIN))
-
     # FL(P_cls) everywhere, each anchor's classes summed first, as negative_focal_sum sums
-    total = focal(torch.sigmoid(cls_logits), torch.sigmoid(-cls_logits)).sum(-1).sum()  # []
+    total = focal(torch.sigmoid(cls_logits), torch.sigmoid(-cls_logits), gamma).sum(-1).sum()  # []
     cls = labels[:, None, :].expand(-1, cls_logits.shape[1], -1)  # [B, A, G]  class c_i at every anchor
     x, taken = cls_logits.gather(2, cls), p_plus.gather(2, cls)  # [B, A, G]  logits, P{a_j in A+} of c_i
     p, p_not = torch.sigmoid(x), torch.sigmoid(-x)  # [B, A, G]  P_cls, 1 - P_cls
     p_taken = p * taken  # [B, A, G]
-    change = focal(p - p_taken, p_not + p_taken) - focal(p, p_not)  # [B, A, G]  FL(q) - FL(P_cls)
+    change = focal(p - p_taken, p_not + p_taken, gamma) - focal(p, p_not, gamma)  # [B, A, G]  FL(q) - FL(P_cls)
     return total + torch.where(first[:, None, :], change, 0.0).sum()  # []
 
 
@@ -261,8 +263,7 @@ def negative_flat_sum(cls_logits, p_plus, gamma):
     80 classes; for a symbolic A, the flat reduction that read out of order). gamma >= 1."""
     p = torch.sigmoid(cls_logits)  # [B, A, K]
     p_taken = p * p_plus  # [B, A, K]
-    one_minus_q = (torch.sigmoid(-cls_logits) + p_taken).clamp(min=ONE_MINUS_Q_MIN)  # [B, A, K]
-    return -((p - p_taken).pow(gamma) * torch.log(one_minus_q)).sum()  # []
+    return focal(p - p_taken, torch.sigmoid(-cls_logits) + p_taken, gamma).sum()  # []
 
 
 def negative_term_rows(p_match, labels, B, G, device):

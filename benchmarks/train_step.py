@@ -49,6 +49,7 @@ import sys
 import time
 
 import torch
+from torch.autograd import DeviceType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import freeanchor  # noqa: E402
@@ -188,7 +189,6 @@ def step_regions(prof, cuda, kernels=6):
             found += own_kernels(child)
         return found
 
-    from torch.autograd import DeviceType
     tops = sorted((e for e in prof.events() if e.cpu_parent is None and e.device_type == DeviceType.CPU),
                   key=lambda e: e.time_range.start)  # the ops the host ran (kernels have no parent either)
     lines = ["", "| top-level op, in order | %s (ms) | longest kernels (ms) |" % ("device" if cuda else "CPU"),
