@@ -108,8 +108,9 @@ def available_cpus():
 
 
 def _name_some(names, limit=10):
-    """'a, b, c' for at most `limit` names, then '... and N more'."""
-    names = [str(n) for n in names]
+    """'a, b, c' for at most `limit` names, then '... and N more'. A name that would read as
+    something else in that list (empty, holding a comma, or with spaces at an end) is quoted."""
+    names = [repr(n) if not n or "," in n or n != n.strip() else n for n in map(str, names)]
     shown = ", ".join(names[:limit])
     return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -213,7 +214,12 @@ def _load_annotations(ann_file):
     without an 'annotations' list, such as COCO's image_info_test-dev2017.json, is a list of images
     to detect on: its dict gets an empty one. Raises DataError."""
     if not os.path.isfile(ann_file):
-        raise DataError(f"annotation file not found: {ann_file}")
+        # the splits the folder has, where the name given is not one of them (instances_train.json
+        # for a default of train2017): --train-split, --val-split and --split take their names
+        files = sorted(os.listdir(os.path.dirname(ann_file))) if os.path.isdir(os.path.dirname(ann_file)) else []
+        splits = [m.group(2) for m in map(re.compile(r"(instances|image_info)_(.+)\.json").fullmatch, files) if m]
+        raise DataError(f"annotation file not found: {ann_file}"
+                        + (f" (the splits there: {_name_some(dict.fromkeys(splits))})" if splits else ""))
     try:
         with open(ann_file, "rb") as f:
             coco = json.load(f)
@@ -634,7 +640,8 @@ class CocoDataset(torch.utils.data.Dataset):
     usable box (its header check, check_images, still opens every image listed); train=False
     keeps every image (evaluation); `tiny_boxes` and `images_without_boxes`
     count what the loss never sees (crowd regions aside), `unseen_categories` names the classes
-    without a usable box ("id:name"). Images are read upright (EXIF
+    without a usable box ("id:name"), `shared_names` the categories whose name another one has too
+    (told apart by id only, in the tables and pictures). Images are read upright (EXIF
     orientation applied, as labelling tools show them) unless exif=False.
 
     dataset[i] -> (image [3, h, w] uint8 RGB at the original size, target);
@@ -705,6 +712,8 @@ class CocoDataset(torch.utils.data.Dataset):
 
         self.categories = [{"id": c["id"], "name": c["name"]}
                            for c in sorted(coco["categories"], key=lambda c: c["id"])]
+        named = Counter(c["name"] for c in self.categories)
+        self.shared_names = [f"{c['id']}:{c['name']}" for c in self.categories if named[c["name"]] > 1]
         self.category_note = None  # for evaluate.py to print
         if categories is not None:  # a trained model's labels, of which the file may hold a part
             known = {(c["id"], c["name"]) for c in categories}
@@ -1479,6 +1488,16 @@ def cpu_has_native_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_threads(local_world):
+    """Threads for each of `local_world` CPU processes of a torchrun job on this machine: the CPUs
+    shared among them, or None where the user set OMP_NUM_THREADS (torch follows it). torchrun sets
+    it to 1 itself for several processes where the user set none, which would idle the rest."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads and not (threads == "1" and local_world > 1):
+        return None
+    return max(1, available_cpus() // local_world)
+
+
 def setup_processes(device):
     """torchrun or plain python -> (ddp, rank, world, device): under torchrun one process per GPU
     (torchrun_gpu's, NCCL) or CPU processes sharing the cores (gloo); otherwise (False, 0, 1, device)."""
@@ -1491,8 +1510,8 @@ def setup_processes(device):
     if device.startswith("cuda"):
         device = f"cuda:{torchrun_gpu(local_rank, local_world)}"
         torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, available_cpus() // local_world))  # torchrun's OMP_NUM_THREADS=1 would idle the rest
+    elif cpu_threads(local_world) is not None:
+        torch.set_num_threads(cpu_threads(local_world))
     try:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     except getattr(torch.distributed, "DistNetworkError", ()) as e:  # rank 0 listens at MASTER_ADDR:MASTER_PORT

@@ -44,7 +44,7 @@ Tests: python -m pytest tests/test_evaluate.py
 import collections
 import contextlib
 import copy
-import glob
+import fnmatch
 import io
 import json
 import math
@@ -95,6 +95,10 @@ NR_THRESHOLDS = tuple(round(0.50 + 0.05 * i, 2) for i in range(9))  # Table 1: I
 COCO_SQUARE = ("clock", "traffic light", "sports ball")  # Fig. 5
 COCO_SLENDER = ("toothbrush", "skis", "couch", "tie")  # Fig. 5
 CROWD_GROUPS = ((0, 10), (11, 20), (21, 30), (31, None))  # Fig. 6: objects per image, inclusive
+# in an --output folder: each chart and picture an evaluation drew there, one a line, which the next
+# evaluation there removes (and nothing else: a user's own pictures/ of the same names stay)
+DRAWN = "drawn_by_evaluate.txt"
+DRAWN_NAMES = ("ap_by_shape.png", "ap_by_crowdedness.png", "pictures/*.png", "matching/matching_*.png")
 MATCHING_IMAGES, MATCHING_OBJECTS = 4, 2  # --show-matching draws this many images x objects
 GT_COLOR, PRED_COLOR = (0, 200, 0), (255, 40, 40)
 
@@ -494,9 +498,9 @@ def _fmt(v):
     return "n/a" if v is None else f"{v:.1f}"
 
 
-def bar_chart(path, title, labels, values, colors, xlabel, ylabel="AP (%)", legend=()):
-    """A PNG bar chart: one bar per label with its value written on top (None = no data: 'n/a').
-    legend: [(text, colour)] drawn under the title."""
+def bar_chart(output, name, title, labels, values, colors, xlabel, ylabel="AP (%)", legend=()):
+    """A PNG bar chart `name` in the folder `output` (save_png): one bar per label with its value
+    written on top (None = no data: 'n/a'). legend: [(text, colour)] drawn under the title."""
     font = ImageFont.load_default()
     slot, plot_h, left, top, bottom = 100, 240, 70, 40 + 14 * len(legend), 64
     W, H = left + slot * len(labels) + 20, top + plot_h + bottom
@@ -533,15 +537,32 @@ def bar_chart(path, title, labels, values, colors, xlabel, ylabel="AP (%)", lege
     ImageDraw.Draw(ylab).text((2, 1), ylabel, fill="black", font=font)
     ylab = ylab.rotate(90, expand=True)
     img.paste(ylab, (8, top + (plot_h - ylab.height) // 2))
-    save_png(img, path)
+    save_png(img, output, name)
 
 
-def save_png(img, path):
-    """The PIL image `img` as a PNG file at `path`, whole or not at all (data.write_atomic): a
-    Ctrl-C or a kill while pictures are drawn never leaves one cut short."""
+def save_png(img, output, name):
+    """The PIL image `img` as a PNG file `name` (relative, one of DRAWN_NAMES) in the --output
+    folder `output`, whole or not at all (data.write_atomic): a Ctrl-C or a kill while pictures are
+    drawn never leaves one cut short. Listed in output's DRAWN before it is written, so that the
+    next evaluation there removes it even if this one is killed in the middle."""
     buffer = io.BytesIO()
     img.save(buffer, format="PNG")
-    write_atomic(path, buffer.getbuffer())
+    with open(os.path.join(output, DRAWN), "a", encoding="utf-8") as f:
+        f.write(name + "\n")
+    write_atomic(os.path.join(output, name), buffer.getbuffer())
+
+
+def drawn_here(output):
+    """The files that evaluations listed in output's DRAWN as drawn there, those of DRAWN_NAMES
+    only (an edited list names nothing else) -> paths."""
+    try:
+        with open(os.path.join(output, DRAWN), encoding="utf-8", errors="replace") as f:
+            names = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    return [os.path.join(output, name) for name in dict.fromkeys(names)
+            if any(fnmatch.fnmatchcase(name, pattern) and name.count("/") == pattern.count("/")
+                   for pattern in DRAWN_NAMES) and ".." not in name.split("/")]
 
 
 def _to_pil(image, scale=1.0):
@@ -638,12 +659,12 @@ def draw_matching(image, box, anchors, weights, ious, caption):
     return out
 
 
-def show_matching(model, dataset, indices, loss_config, min_size, folder):
-    """Fig. 4 pictures for the first MATCHING_IMAGES images of `indices` that hold objects: the
-    image resized, normalised and padded exactly as in training (dataset[(i, min_size, False)],
-    model.preprocess), one forward pass, freeanchor.bag_weights; the MATCHING_OBJECTS most slender
-    objects of each image. Returns the paths written."""
-    os.makedirs(folder, exist_ok=True)
+def show_matching(model, dataset, indices, loss_config, min_size, output):
+    """Fig. 4 pictures in the folder `output`/matching, for the first MATCHING_IMAGES images of
+    `indices` that hold objects: the image resized, normalised and padded exactly as in training
+    (dataset[(i, min_size, False)], model.preprocess), one forward pass, freeanchor.bag_weights;
+    the MATCHING_OBJECTS most slender objects of each image. Returns the paths written."""
+    os.makedirs(os.path.join(output, "matching"), exist_ok=True)
     device = model.cls_head[-1].weight.device
     paths, pictured = [], 0
     for i in indices:
@@ -669,9 +690,9 @@ def show_matching(model, dataset, indices, loss_config, min_size, folder):
             name = dataset.categories[target["labels"][g].item()]["name"]
             caption = (f"image {target['image_id']}, {name} {wh[g, 0]:.0f}x{wh[g, 1]:.0f} px at shorter side "
                        f"{min_size}: its bag of {bag.shape[1]} anchors")
-            path = os.path.join(folder, f"matching_{target['image_id']}_{g}.png")
-            save_png(draw_matching(image, box, bag_anchors, weights[g].float().cpu(), ious, caption), path)
-            paths.append(path)
+            name = f"matching/matching_{target['image_id']}_{g}.png"
+            save_png(draw_matching(image, box, bag_anchors, weights[g].float().cpu(), ious, caption), output, name)
+            paths.append(os.path.join(output, name))
     return paths
 
 
@@ -791,16 +812,15 @@ def make_output_folder(path, subfolders=()):
             os.makedirs(os.path.join(path, name), exist_ok=True)
         except OSError as e:
             raise ValueError(f"--output {path}: cannot make the folder {os.path.join(path, name)} ({e.strerror})") from None
-    remove_partial_writes(path, ("detections.json", "metrics.json", "ap_by_shape.png", "ap_by_crowdedness.png",
-                                 "pictures/*.png", "matching/matching_*.png"))
-    # what an earlier evaluation drew here, which this one may not draw again (other options, another
-    # checkpoint): charts and pictures never sit beside results they were not made from
-    stale = [os.path.join(path, name) for name in ("ap_by_shape.png", "ap_by_crowdedness.png")]
-    stale += glob.glob(os.path.join(glob.escape(path), "pictures", "*.png"))
-    stale += glob.glob(os.path.join(glob.escape(path), "matching", "matching_*.png"))
-    for file in stale:
+    remove_partial_writes(path, ("detections.json", "metrics.json", *DRAWN_NAMES))
+    # what earlier evaluations drew here, which this one may not draw again (other options, another
+    # checkpoint): charts and pictures never sit beside results they were not made from. Only the
+    # files they listed in DRAWN go: a picture of the same name that no evaluation drew stays.
+    for file in drawn_here(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(file)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(path, DRAWN))
     for name in {"pictures", "matching"} - set(subfolders):  # emptied above: gone, unless it holds other files
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(path, name))
@@ -854,7 +874,7 @@ def _evaluate(cfg, ddp, rank, world, master):
         same = cfg.data == train_cfg.get("data") or os.path.abspath(root) == train_cfg.get("data")
         stem = os.path.splitext(os.path.basename(cfg.ckpt))[0]
         name = "_".join([*([] if stem == "model_final" else [stem]),
-                         *([] if same else [os.path.basename(os.path.normpath(root))]), cfg.split])
+                         *([] if same else [os.path.basename(os.path.abspath(root)) or "root"]), cfg.split])
         cfg.output = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), f"eval_{name}")
     raw = cfg.raw_orientation
     if raw is None:  # read images as training did
@@ -991,11 +1011,11 @@ def _evaluate(cfg, ddp, rank, world, master):
                   + " ".join(f"{_fmt(c[k]):>6}" for k in ("AP", "AP50", "AP75")))
         if square or slender:
             cats = [*square, *slender]
-            bar_chart(os.path.join(cfg.output, "ap_by_shape.png"), "AP of square and slender categories (Fig. 5)",
+            bar_chart(cfg.output, "ap_by_shape.png", "AP of square and slender categories (Fig. 5)",
                       [n.replace(" ", "\n") for n in cats], [shapes[n] for n in cats],
                       [(70, 120, 220)] * len(square) + [(240, 140, 40)] * len(slender), "category",
                       legend=(("square", (70, 120, 220)), ("slender", (240, 140, 40))))
-        bar_chart(os.path.join(cfg.output, "ap_by_crowdedness.png"), "AP by objects per image (Fig. 6)",
+        bar_chart(cfg.output, "ap_by_crowdedness.png", "AP by objects per image (Fig. 6)",
                   [f"{label}\n{n} images" for label, n, _ in crowd], [ap for _, _, ap in crowd],
                   [(70, 120, 220)] * len(crowd), "objects per image")
         sys.stdout.flush()
@@ -1009,14 +1029,14 @@ def _evaluate(cfg, ddp, rank, world, master):
         names = [c["name"] for c in dataset.categories]
         for i in sorted(order[:cfg.visualize]):
             image, target = dataset[i]  # uint8
-            path = os.path.join(folder, f"{target['image_id']}.png")
             image = image.float() / 255  # [3, h, w] in [0, 1]
             gt_boxes = target["boxes"] if dataset.annotated else None
-            save_png(draw_detections(image, gt_boxes, target["labels"], records[i], names, cfg.vis_score), path)
+            save_png(draw_detections(image, gt_boxes, target["labels"], records[i], names, cfg.vis_score),
+                     cfg.output, f"pictures/{target['image_id']}.png")
         print(f"\n{min(cfg.visualize, num_images)} pictures in {folder}")
     if cfg.show_matching:
         loss_config = freeanchor.FreeAnchorConfig(**(ckpt.get("loss_config") or {}))
-        paths = show_matching(model, dataset, order, loss_config, scales[0], os.path.join(cfg.output, "matching"))
+        paths = show_matching(model, dataset, order, loss_config, scales[0], cfg.output)
         print(f"{len(paths)} matching pictures (Fig. 4) in {os.path.join(cfg.output, 'matching')}")
 
     pace = metrics["images_per_s_after_first_batch"]

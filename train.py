@@ -204,7 +204,7 @@ def parse_config(argv):
     if cfg.weights not in ("imagenet", "none"):  # a file: the same one, wherever --resume starts from
         cfg.weights = os.path.abspath(cfg.weights)
     if cfg.output is None:
-        data_name = os.path.basename(os.path.normpath(cfg.data))
+        data_name = os.path.basename(os.path.abspath(cfg.data)) or "root"  # "." -> this folder's name
         cfg.output = os.path.join("runs", f"{cfg.loss}_{cfg.backbone}_{data_name}")
     cfg = device_defaults(cfg)  # a --device error before any note
     if os.environ.get("RANK", "0") == "0":  # a schedule that cannot be what was meant (said once under torchrun)
@@ -360,6 +360,9 @@ def train(cfg, loss_cfg):
     if not cfg.resume and os.path.exists(last_path):
         raise ValueError(f"{cfg.output} already holds a run (last.pt): pass --resume to continue it, "
                          f"or --output to start another")
+    if cfg.weights not in ("imagenet", "none") and not os.path.isfile(cfg.weights) and not os.path.exists(last_path):
+        raise ValueError(f"--weights {cfg.weights}: {'not a file' if os.path.exists(cfg.weights) else 'no such file'}"
+                         f" (a backbone state dict, or 'imagenet' or 'none')")  # said before the data is read
 
     # ------------------------------------------------------------------ data (all checks before iteration 0)
     root = resolve_root_once(cfg.data, ddp, master)  # builds shapes once
@@ -376,6 +379,10 @@ def train(cfg, loss_cfg):
               f"{dataset.ann_file} {'has' if len(dataset.unseen_categories) == 1 else 'have'} no usable box there ({', '.join(dataset.unseen_categories[:8])}"
               f"{', ...' if len(dataset.unseen_categories) > 8 else ''}): the model gets a class for each, which it "
               f"never sees an example of", flush=True)
+    if master and dataset.shared_names:
+        print(f"note: categories of {dataset.ann_file} share a name ({', '.join(dataset.shared_names[:8])}"
+              f"{', ...' if len(dataset.shared_names) > 8 else ''}): they are told apart by id only, in the "
+              f"evaluation's tables and pictures", flush=True)
     if master and dataset.boxes_past_border:
         print(f"note: {dataset.boxes_past_border} of the {dataset.num_boxes} boxes of {dataset.ann_file} extend more "
               f"than 1 px past their image and are clipped to it (COCO boxes are [x, y, width, height])", flush=True)

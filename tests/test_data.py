@@ -514,9 +514,17 @@ def test_a_coco_test_split_is_a_list_of_images_to_detect_on(tiny):
 
 
 def test_missing_annotation_file(tiny):
+    """Named, with the splits the folder has (the name of one given wrong, as train2017 by default
+    for a dataset whose file is instances_train.json)."""
     with pytest.raises(DataError) as e:
         CocoDataset(tiny, "train", train=True)
-    assert os.path.join(tiny, "annotations", "instances_train.json") in one_line(e)
+    listed = sorted(f[len("instances_"):-len(".json")] for f in os.listdir(os.path.join(tiny, "annotations")))
+    assert one_line(e) == (f"annotation file not found: {os.path.join(tiny, 'annotations', 'instances_train.json')} "
+                           f"(the splits there: {', '.join(listed)})")
+    os.rename(os.path.join(tiny, "annotations"), os.path.join(tiny, "elsewhere"))
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "train", train=True)
+    assert one_line(e) == f"annotation file not found: {os.path.join(tiny, 'annotations', 'instances_train.json')}"
 
 
 @pytest.mark.parametrize("content, culprit", [
@@ -753,6 +761,21 @@ def test_missing_images_are_counted_and_the_first_named(tiny):
     with pytest.raises(DataError) as e:
         CocoDataset(tiny, "val", train=True)
     assert os.path.join(tiny, "val") in one_line(e)
+
+
+def test_missing_image_names_that_would_read_as_others_are_quoted(tiny):
+    """A listed name with a space at its end (the file on disk has none) or a comma in it is
+    quoted in the list of missing files, where it would read as another file or as two."""
+    path = os.path.join(tiny, "annotations", "instances_val.json")
+    with open(path) as f:
+        d = json.load(f)
+    d["images"] += [image_entry(100, "a.jpg ", 10, 10), image_entry(101, "x.jpg, b.jpg", 10, 10),
+                    image_entry(102, "plain.jpg", 10, 10)]
+    with open(path, "w") as f:
+        json.dump(d, f)
+    with pytest.raises(DataError) as e:
+        CocoDataset(tiny, "val", train=True)
+    assert one_line(e).endswith(": 'a.jpg ', 'x.jpg, b.jpg', plain.jpg")
 
 
 def test_corrupt_image_names_the_file_also_from_a_worker(tiny):
@@ -1493,7 +1516,7 @@ def test_training_dataset_keeps_only_flat_arrays(tiny):
     for name, value in vars(ds).items():
         if name == "categories":  # K small dicts, the label -> category id table
             assert all(set(c) == {"id", "name"} for c in value)
-        elif name == "unseen_categories":  # at most K "id:name" strings
+        elif name in ("unseen_categories", "shared_names"):  # at most K "id:name" strings
             assert all(isinstance(c, str) for c in value)
         else:
             assert value is None or isinstance(value, (np.ndarray, str, bool, int)), name
@@ -1562,8 +1585,19 @@ def test_training_says_what_it_leaves_out(tiny, tmp_path, capsys):
         json.dump(coco, f)
     with pytest.raises(SystemExit):
         train.main(args)
+    out = capsys.readouterr().out
     assert f"note: 1 of the 4 categories of {path} has no usable box there (7:unused): the model gets a class " \
-           f"for each, which it never sees an example of\n" in capsys.readouterr().out
+           f"for each, which it never sees an example of\n" in out
+    assert "share a name" not in out
+    coco["categories"][-1]["name"] = coco["categories"][0]["name"]  # two categories of one name
+    with open(path, "w") as f:
+        json.dump(coco, f)
+    with pytest.raises(SystemExit):
+        train.main(args)
+    name = coco["categories"][0]["name"]
+    shared = ", ".join(f"{i}:{name}" for i in sorted((coco["categories"][0]["id"], 7)))  # in the order of the ids
+    assert f"note: categories of {path} share a name ({shared}): they are " \
+           f"told apart by id only, in the evaluation's tables and pictures\n" in capsys.readouterr().out
 
 
 def test_to_device_pads_the_objects_for_the_loss(tiny):
@@ -1578,3 +1612,17 @@ def test_to_device_pads_the_objects_for_the_loss(tiny):
     for b, (bx, lb) in enumerate(zip(lists_boxes, lists_labels)):
         assert torch.equal(boxes[b, :len(bx)], bx) and torch.equal(labels[b, :len(lb)], lb)
         assert (labels[b, len(lb):] == -1).all()
+
+
+def test_cpu_processes_share_the_cpus_unless_the_user_set_the_threads(monkeypatch):
+    """Under torchrun on CPUs each process takes its share of the CPUs, also where torchrun set
+    OMP_NUM_THREADS=1 itself (which it does for several processes where the user set none); a
+    user's own OMP_NUM_THREADS is kept, so that torchrun with 1 process runs as plain python."""
+    monkeypatch.setattr(data, "available_cpus", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert data.cpu_threads(1) == 8 and data.cpu_threads(2) == 4 and data.cpu_threads(16) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert data.cpu_threads(2) == 4  # torchrun's own setting
+    assert data.cpu_threads(1) is None  # torchrun sets none for 1 process: the user's
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert data.cpu_threads(2) is None and data.cpu_threads(1) is None

@@ -857,6 +857,33 @@ def test_a_stop_while_pictures_are_drawn_leaves_none_cut_short(tiny_ckpt, tmp_pa
     assert os.listdir(out / "pictures") == ["notes.txt"]  # the pictures gone, the folder kept for the other file
 
 
+def test_only_what_an_evaluation_drew_is_removed_from_its_folder(tiny_ckpt, tmp_path, capsys):
+    """An --output folder that holds a user's own pictures of the names evaluate.py draws: they
+    stay. What an evaluation drew there is listed as it is drawn, and the next evaluation removes
+    those files only; a list edited to name other files removes nothing else."""
+    out = tmp_path / "eval"
+    (out / "pictures").mkdir(parents=True)
+    own = [out / "pictures" / "holiday.png", out / "ap_by_shape.png", out / "matching" / "matching_1_0.png"]
+    (out / "matching").mkdir()
+    for file in own:
+        file.write_bytes(b"\x89PNG the user's")
+    args = ["--ckpt", tiny_ckpt, "--output", str(out), "--workers", "0", "--max-images", "2"]
+    run_main([*args, "--visualize", "2"], capsys)
+    drawn = (out / evaluate.DRAWN).read_text().splitlines()
+    assert sorted(drawn) == sorted(f"pictures/{p}" for p in os.listdir(out / "pictures") if p != "holiday.png")
+    assert len(drawn) == 2 and all((out / name).is_file() for name in drawn)
+    assert all(file.read_bytes() == b"\x89PNG the user's" for file in own)
+
+    (tmp_path / "elsewhere.png").write_bytes(b"\x89PNG")
+    with open(out / evaluate.DRAWN, "a") as f:
+        f.write("../elsewhere.png\npictures/../../elsewhere.png\ndetections.json\nmetrics.json\n")
+    run_main(args, capsys)  # no pictures this time: those drawn before go, nothing else
+    assert sorted(p.name for p in (out / "pictures").iterdir()) == ["holiday.png"]
+    assert all(file.read_bytes() == b"\x89PNG the user's" for file in own)
+    assert (tmp_path / "elsewhere.png").exists() and (out / "detections.json").exists() and (out / "metrics.json").exists()
+    assert not (out / evaluate.DRAWN).exists()
+
+
 def test_a_stop_while_metrics_json_is_written_says_the_evaluation_completed(tiny_ckpt, tmp_path, capsys, monkeypatch):
     """A scheduler's SIGTERM (or Ctrl-C) that lands while the last file is written: the write
     completes, the results line is printed, and the stop line says nothing was lost."""

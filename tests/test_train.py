@@ -126,6 +126,17 @@ def test_amp_falls_back_to_float32_on_a_cpu_without_native_bfloat16(monkeypatch,
     assert "--amp ignored" not in capsys.readouterr().out
 
 
+def test_default_output_is_named_after_the_data_folder(monkeypatch, tmp_path):
+    """runs/<loss>_<backbone>_<data folder's name>, also for a --data of "." or ending in a slash."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    for data_arg, name in (("shapes", "shapes"), ("mine/", "mine"), (".", tmp_path.name), ("mine/..", tmp_path.name),
+                           ("/", "root")):
+        cfg = train.parse_config(["--device", "cpu", "--data", data_arg, "--backbone", "resnet18"])[0]
+        assert cfg.output == os.path.join("runs", f"freeanchor_resnet18_{name}"), data_arg
+
+
 def test_compile_pads_to_fixed_shapes_unless_told_not_to(monkeypatch):
     """--compile pads every batch to a few fixed canvases by default (static graphs: faster to
     compile and to run than one graph for any size, measured on a GPU); --no-fixed-shapes compiles
@@ -495,6 +506,18 @@ def test_refuses_a_directory_another_run_is_writing(tiny_data, tmp_path, capsys)
         train.main([*args, "--resume", "--max-iter", "1"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--max-iter 100000 -> 1" in err, err
+
+
+def test_a_missing_weights_file_is_said_before_the_data_is_read(tmp_path, capsys):
+    """--weights naming no file: one line at once, before the dataset (here one that is not there
+    either) is looked for."""
+    args = [*TINY, "--data", str(tmp_path / "no_data"), "--output", str(tmp_path / "run")]
+    args[args.index("--weights") + 1] = str(tmp_path / "r18.pth")
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: --weights {tmp_path / 'r18.pth'}: no such file (a backbone state "
+                                       f"dict, or 'imagenet' or 'none')\n")
 
 
 def test_output_that_cannot_be_written_or_locked(tiny_data, tmp_path, monkeypatch, capsys):
