@@ -44,6 +44,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
 import gc
 import glob
 import hashlib
@@ -1575,6 +1576,15 @@ def catch_stop_signals():
     return restore
 
 
+def signals_while_exiting():
+    """For train.py and evaluate.py run as programs, once main() is done or stopping: the exit takes
+    a moment more (Python's last garbage collection, about a second after a run), in which Ctrl-C and
+    SIGTERM are ignored. Not a handler of ours: Python's finalization puts those back to the default
+    action, a death by the signal, which a scheduler reads as a crash."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def stopped_by(interrupt):
     """A KeyboardInterrupt (Ctrl-C), Terminated or DeferredInterrupt -> the word for it in the line the
     programs end with, and their exit status (128 + the signal's number: 130 or 143)."""
@@ -1755,15 +1765,61 @@ def load_checkpoint_file(path):
     """torch.load of a checkpoint of train.py, on the CPU, after checking every part of the file
     (torch.save writes a zip archive) against the CRC-32 stored with it: torch.load reads a file
     damaged in its middle (a failing disk, a bad copy) without noticing, and a run would go on
-    from, or an evaluation report, weights that no training made. Reads the file twice (the
+    from, or an evaluation report, weights that no training made. The file is opened once, so that
+    what is loaded is what was checked (a last.pt replaced meanwhile stays out), and read twice (the
     second time from the page cache). weights_only=False: last.pt holds numpy's RNG state; load
     only checkpoints you trust."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-        if damaged is not None:
-            raise ValueError(f"its part {damaged} does not match its checksum: the file is damaged")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as archive:
+                damaged = archive.testzip()
+            if damaged is not None:
+                raise ValueError(f"its part {damaged} does not match its checksum: the file is damaged")
+        f.seek(0)
+        return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def error_line(e):
+    """An exception as one short line, "Type: the first sentence of its message": torch.load's
+    errors run over several lines, or on into a paragraph of advice."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {re.split(r'(?<=[a-z0-9)])[.] ', text, maxsplit=1)[0]}"
+
+
+@contextlib.contextmanager
+def directory_lock(path):
+    """An exclusive lock on the output directory of a run of train.py or evaluate.py (its file
+    .lock), held by rank 0 while the run writes there: a second run in it would write the same
+    last.pt.tmp and log.jsonl, or detections beside another run's metrics (say, a resume while the
+    workers of a torchrun stopped with kill -9 still go on: they outlive it). A POSIX record lock:
+    the kernel drops it when the process ends, kill -9 included, and forked DataLoader workers
+    (which may linger a few seconds after their parent died) do not inherit it, so none is left
+    stale. Creates the directory; removes it again if the run leaves nothing else there."""
+    created = not os.path.isdir(path)
+    lock = os.path.join(path, ".lock")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if os.path.isfile(path):
+            raise ValueError(f"--output {path} is a file, not a directory") from None
+        raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
+            created = False  # the other run's
+            raise ValueError(f"{path} is in use by another run of train.py or evaluate.py (after kill -9 on "
+                             f"torchrun its workers go on): stop it, or use another --output") from None
+        except OSError as e:  # a file system without locks (NFS mounted nolock, some parallel ones)
+            print(f"note: {path} cannot be locked ({e.strerror}): make sure no other run writes there",
+                  flush=True)
+        yield
+    finally:
+        if created and os.listdir(path) == [".lock"]:  # stopped before writing anything: no directory left
+            os.remove(lock)
+            os.rmdir(path)
+        os.close(fd)
 
 
 def on_rank0(fn, ddp, master):

@@ -84,9 +84,10 @@ from torchvision.ops import batched_nms
 import freeanchor
 from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, DataError, DeferredInterrupt,
                   FORKED, HelpFormatter, ImageError, add_config_arguments, available_cpus, catch_stop_signals,
-                  config_from_args, device_defaults, end_progress_line, in_processes, init_worker, load_checkpoint_file,
-                  loader_batches, on_rank0, print_stop, progress_line, remove_partial_writes, resolve_root_once,
-                  setup_processes, stop_on_failure, stopped_by, write_atomic)
+                  config_from_args, device_defaults, directory_lock, end_progress_line, error_line, in_processes,
+                  init_worker, load_checkpoint_file, loader_batches, on_rank0, print_stop, progress_line,
+                  remove_partial_writes, resolve_root_once, setup_processes, signals_while_exiting, stop_on_failure,
+                  stopped_by, write_atomic)
 from model import RetinaNet, box_iou, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
@@ -205,7 +206,7 @@ def load_checkpoint(path, device):
     try:
         ckpt = load_checkpoint_file(path)  # checksums checked
     except Exception as e:  # whatever torch.load chokes on, the user needs the file name
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {error_line(e)}") from None
     missing = [k for k in ("model", "model_config", "categories") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a checkpoint of train.py (no {', '.join(missing)})")
@@ -832,7 +833,8 @@ def evaluate(cfg):
     ddp, rank, world, cfg.device = setup_processes(cfg.device)
     master = rank == 0
     try:
-        return _evaluate(cfg, ddp, rank, world, master)
+        with contextlib.ExitStack() as held:  # the output folder's lock, taken in _evaluate
+            return _evaluate(cfg, ddp, rank, world, master, held)
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -845,7 +847,7 @@ def longer_side_cap(scale, trained_min, trained_max):
     return -(-trained_max * scale // trained_min)  # ceil, in integers
 
 
-def _evaluate(cfg, ddp, rank, world, master):
+def _evaluate(cfg, ddp, rank, world, master, held):
     device = torch.device(cfg.device)
     model, ckpt = load_checkpoint(cfg.ckpt, device)
     model.score_thresh = cfg.score_thresh
@@ -901,7 +903,11 @@ def _evaluate(cfg, ddp, rank, world, master):
         on_rank0(lambda: dataset.check_images(count=num_images), ddp, master)
     shard = [i for i in range(num_images) if i % world == rank]
     subfolders = [name for name, wanted in (("pictures", cfg.visualize), ("matching", cfg.show_matching)) if wanted]
-    on_rank0(lambda: make_output_folder(cfg.output, subfolders), ddp, master)
+
+    def output_folder():  # locked by rank 0 to the end: a second evaluation there is refused, not mixed in
+        held.enter_context(directory_lock(cfg.output))
+        make_output_folder(cfg.output, subfolders)
+    on_rank0(output_folder, ddp, master)
     if master:
         K, listed = len(dataset.categories), len(dataset.listed_labels)
         classes = f"{K} classes" if listed == K else f"{listed} of the model's {K} classes (only those detected)"
@@ -1080,5 +1086,5 @@ if __name__ == "__main__":
         _stream.reconfigure(errors="bytes_or_escape")
     try:
         main()
-    finally:  # done or stopping: a Ctrl-C during the exit (DataLoader workers ending) interrupts nothing
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    finally:  # done or stopping: a Ctrl-C or SIGTERM during the exit interrupts nothing
+        signals_while_exiting()

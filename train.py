@@ -29,7 +29,6 @@ Tests: python -m pytest tests/test_train.py
 
 import contextlib
 import dataclasses
-import fcntl
 import io
 import json
 import math
@@ -69,10 +68,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import freeanchor
 from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError,
                   TrainSampler, add_config_arguments, available_cpus, canvas_shapes, catch_stop_signals, collate,
-                  config_from_args, device_defaults, end_progress_line, format_eta, init_worker, load_checkpoint_file,
-                  loader_batches, on_rank0, pad_to_canvas, print_stop, remove_partial_writes, resolve_root_once,
-                  setup_processes, signals_deferred, split_files, stop_on_failure, stopped_by, to_device,
-                  write_atomic)
+                  config_from_args, device_defaults, directory_lock, end_progress_line, error_line, format_eta,
+                  init_worker, load_checkpoint_file, loader_batches, on_rank0, pad_to_canvas, print_stop,
+                  remove_partial_writes, resolve_root_once, setup_processes, signals_deferred, signals_while_exiting,
+                  split_files, stop_on_failure, stopped_by, to_device, write_atomic)
 from model import BACKBONES, PRIOR_PROB, RETINANET_PRIOR_PROB, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -307,11 +306,17 @@ RESUME_MAY_CHANGE = ("data", "device", "amp", "channels_last", "compile", "fixed
 
 def resume_changes(names, saved, given):
     """The changes "--flag saved -> given", one for each of `names` that last.pt's settings (dict
-    `saved`) hold with another value than this run's (dict `given`), written as on the command line."""
+    `saved`) hold with another value than this run's (dict `given`), written as on the command line
+    (an on/off setting as its two flags: "--no-amp -> --amp")."""
     def shown(value):
         return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
-    return [f"--{k.replace('_', '-')} {shown(saved[k])} -> {shown(given[k])}" for k in names
-            if k in saved and not same_setting(k, saved[k], given[k])]
+
+    def change(k):
+        name = k.replace("_", "-")
+        if isinstance(saved[k], bool) and isinstance(given[k], bool):
+            return " -> ".join(f"--{name}" if on else f"--no-{name}" for on in (saved[k], given[k]))
+        return f"--{name} {shown(saved[k])} -> {shown(given[k])}"
+    return [change(k) for k in names if k in saved and not same_setting(k, saved[k], given[k])]
 
 
 def same_setting(name, saved, given):
@@ -343,10 +348,13 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def train(cfg, loss_cfg):
+def train(cfg, loss_cfg, held):
+    """The run; `held` (an ExitStack) keeps the run directory's lock until the caller is done."""
     # ------------------------------------------------------------------ processes (torchrun or plain python)
     ddp, rank, world, cfg.device = setup_processes(cfg.device)
     master = rank == 0
+    # rank 0 locks the run directory; a refusal stops every process at once (not one left waiting)
+    on_rank0(lambda: held.enter_context(directory_lock(cfg.output)), ddp, master)
     device = torch.device(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
@@ -436,7 +444,7 @@ def train(cfg, loss_cfg):
             if not isinstance(start_iter, int) or not 0 <= start_iter <= saved.get("max_iter", start_iter):
                 raise TypeError(f"iteration {start_iter!r} is not a count from 0 to its --max-iter {saved.get('max_iter')}")
         except Exception as e:
-            raise ValueError(f"cannot read checkpoint {last_path}: {type(e).__name__}: {e}") from None
+            raise ValueError(f"cannot read checkpoint {last_path}: {error_line(e)}") from None
         if ckpt_categories != dataset.categories:
             raise ValueError(f"{last_path} was trained on other categories than {dataset.ann_file}")
         given, given_loss = dataclasses.asdict(cfg), dataclasses.asdict(loss_cfg)
@@ -685,44 +693,6 @@ def train(cfg, loss_cfg):
     return final_path
 
 
-@contextlib.contextmanager
-def run_directory_lock(path):
-    """Rank 0 holds an exclusive lock on the run directory (its file .lock) while it runs: a second
-    run there would write the same last.pt.tmp and log.jsonl (say, a resume while the workers of
-    a torchrun stopped with kill -9 still go on: they outlive it). A POSIX record lock: the kernel
-    drops it when the process ends, kill -9 included, and forked DataLoader workers (which may
-    linger a few seconds after their parent died) do not inherit it, so none is left stale.
-    Creates the directory."""
-    if os.environ.get("RANK", "0") != "0":  # the other ranks of a torchrun write nothing
-        yield
-        return
-    created = not os.path.isdir(path)
-    lock = os.path.join(path, ".lock")
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        if os.path.isfile(path):
-            raise ValueError(f"--output {path} is a file, not a directory") from None
-        raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
-            created = False  # the other run's
-            raise ValueError(f"{path} is in use by another training process (after kill -9 on torchrun its "
-                             f"workers go on): stop it, or use another --output") from None
-        except OSError as e:  # a file system without locks (NFS mounted nolock, some parallel ones)
-            print(f"note: {path} cannot be locked ({e.strerror}): make sure no other run writes there",
-                  flush=True)
-        yield
-    finally:
-        if created and os.listdir(path) == [".lock"]:  # stopped before writing anything: no run directory left
-            os.remove(lock)
-            os.rmdir(path)
-        os.close(fd)
-
-
 def _iter_of(line):
     try:
         return json.loads(line)["iter"]
@@ -738,8 +708,8 @@ def main(argv=None):
     restore_signals = catch_stop_signals()  # from here Ctrl-C and SIGTERM are the KeyboardInterrupt below
     try:
         cfg, loss_cfg = parse_config(argv)
-        with run_directory_lock(cfg.output):
-            return train(cfg, loss_cfg)
+        with contextlib.ExitStack() as held:  # the run directory's lock, taken in train()
+            return train(cfg, loss_cfg, held)
     except (DataError, ValueError, FloatingPointError) as e:
         end_progress_line()
         print_stop(f"error: {e}", own=isinstance(e, ImageError))
@@ -775,5 +745,5 @@ if __name__ == "__main__":
         _stream.reconfigure(errors="bytes_or_escape")
     try:
         main()
-    finally:  # done or stopping: a Ctrl-C during the exit (DataLoader workers ending) interrupts nothing
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    finally:  # done or stopping: a Ctrl-C or SIGTERM during the exit interrupts nothing
+        signals_while_exiting()

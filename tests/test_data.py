@@ -885,6 +885,24 @@ def test_a_main_process_gone_mid_batch_leaves_no_worker_traceback(capfd):
         assert ("Traceback" in err) == traceback, err
 
 
+def test_a_stop_signal_during_the_programs_exit_is_ignored():
+    """After main(), train.py and evaluate.py exit with their status though a SIGTERM comes while
+    Python finalizes (its last garbage collection takes about a second after a run): a handler of
+    ours would be put back to the default action there, a death by the signal. Here the signal
+    comes from an object's __del__, run by that last collection."""
+    code = ("import os, signal, time, data\n"
+            "data.signals_while_exiting()\n"
+            "class Late:\n"
+            "    def __del__(self):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(0.2)\n"
+            "late = Late(); late.cycle = late; del late\n"
+            "raise SystemExit(143)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True)
+    assert done.returncode == 143 and done.stderr == ""
+
+
 def test_a_second_stop_signal_is_ignored_and_a_third_ends_at_once(monkeypatch):
     """catch_stop_signals: the first Ctrl-C or SIGTERM raises; a second one, which would cut the
     stop short with a traceback, is ignored; a third ends the process at once (the first may have

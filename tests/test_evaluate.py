@@ -29,7 +29,7 @@ import freeanchor
 import data
 from data import CocoDataset
 from model import RetinaNet
-from test_train import assert_a_bad_image_stops_it_and_its_workers, run_two_processes
+from test_train import assert_a_bad_image_stops_it_and_its_workers, lock_held_elsewhere, run_two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORIES = [{"id": 3, "name": "square"}, {"id": 17, "name": "needle"}, {"id": 42, "name": "blob"}]  # not contiguous
@@ -666,6 +666,16 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: cannot read checkpoint {other}: ValueError: its part ") \
         and err.endswith(" does not match its checksum: the file is damaged\n"), err
+    # cut short: torch.load's own errors, over two lines or on into a paragraph of advice, in one short line
+    for size, reason in ((1, "UnpicklingError: A load persistent id instruction was encountered, but no "
+                             "persistent_load function was specified.\n"),
+                         (len(damaged) // 2, "RuntimeError: PytorchStreamReader failed reading zip archive: failed "
+                                             "finding central directory\n")):
+        with open(other, "wb") as f:
+            f.write(open(tiny_ckpt, "rb").read()[:size])
+        with pytest.raises(SystemExit) as e:
+            evaluate_on_cpu(["--ckpt", other, "--output", str(tmp_path / "x")])
+        assert e.value.code == 2 and capsys.readouterr().err == f"error: cannot read checkpoint {other}: {reason}"
 
     for argv, culprit in ((["--batch-size", "0"], "--batch-size 0"), (["--batch-size", "x"], "--batch-size: invalid int"),
                           (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -813,7 +823,7 @@ def test_interrupted_evaluation_leaves_no_mismatched_results(tiny_ckpt, tmp_path
     assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
     with open(os.path.join(out, "detections.json")) as f:
         assert {r["image_id"] for r in json.load(f)} == {100, 107, 114}
-    assert sorted(os.listdir(out)) == ["detections.json"]
+    assert sorted(os.listdir(out)) == [".lock", "detections.json"]
     monkeypatch.setattr(evaluate, "coco_evaluate", real)
     metrics, _ = run_main([*args, "--max-images", "3"], capsys)
     with open(os.path.join(out, "metrics.json")) as f:
@@ -882,6 +892,25 @@ def test_only_what_an_evaluation_drew_is_removed_from_its_folder(tiny_ckpt, tmp_
     assert all(file.read_bytes() == b"\x89PNG the user's" for file in own)
     assert (tmp_path / "elsewhere.png").exists() and (out / "detections.json").exists() and (out / "metrics.json").exists()
     assert not (out / evaluate.DRAWN).exists()
+
+
+def test_a_folder_another_evaluation_writes_to_is_refused(tiny_ckpt, tmp_path, capsys):
+    """Two evaluations in one --output would leave a metrics.json beside the other's detections:
+    the second is refused in one line while the first holds the folder, and nothing there is
+    touched; the first one's end frees it."""
+    out = tmp_path / "eval"
+    args = ["--ckpt", tiny_ckpt, "--output", str(out), "--workers", "0", "--max-images", "2"]
+    run_main(args, capsys)
+    before = {name: (out / name).read_bytes() for name in ("detections.json", "metrics.json")}
+    with lock_held_elsewhere(out):
+        with pytest.raises(SystemExit) as e:
+            run_main([*args, "--max-images", "1"], capsys)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: {out} is in use by another run of train.py or evaluate.py (after "
+                                       f"kill -9 on torchrun its workers go on): stop it, or use another --output\n")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    metrics, _ = run_main([*args, "--max-images", "1"], capsys)
+    assert metrics["images"] == 1
 
 
 def test_a_stop_while_metrics_json_is_written_says_the_evaluation_completed(tiny_ckpt, tmp_path, capsys, monkeypatch):

@@ -10,6 +10,7 @@ from compute capability 8.0, pinned memory); tests/test_cuda.py has the GPU's ow
     python -m pytest tests/test_train.py
 """
 
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -498,7 +499,7 @@ def test_refuses_a_directory_another_run_is_writing(tiny_data, tmp_path, capsys)
         with pytest.raises(SystemExit) as exit_info:
             train.main([*args, "--resume", "--max-iter", "1"])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "in use by another training process" in err and err.count("\n") == 1, err
+        assert exit_info.value.code == 2 and "in use by another run" in err and err.count("\n") == 1, err
     finally:
         first.kill()
         first.wait()
@@ -506,6 +507,37 @@ def test_refuses_a_directory_another_run_is_writing(tiny_data, tmp_path, capsys)
         train.main([*args, "--resume", "--max-iter", "1"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--max-iter 100000 -> 1" in err, err
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder):
+    """The lock of `folder` (its .lock, as train.py and evaluate.py take it) held by another
+    process while the block runs: a POSIX record lock belongs to a process, which would get it again."""
+    os.makedirs(folder, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                               "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.lockf(fd, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(600)", os.path.join(folder, ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_two_processes_refused_by_the_lock_both_stop_at_once(tiny_data, tmp_path):
+    """Under torchrun rank 0 alone takes the run directory's lock: refused, it says so in one line
+    and every process stops with it (the other one used to wait in the rendezvous until torchrun
+    killed it, a traceback and 30 s later)."""
+    out = tmp_path / "r"
+    args = [os.path.join(ROOT, "train.py"), *TINY, "--data", tiny_data, "--batch-size", "2", "--output", str(out)]
+    with lock_held_elsewhere(out):
+        (status0, err0), (status1, err1) = run_two_processes(args, check=False, OMP_NUM_THREADS="1")
+    assert (status0, status1) == (2, 2) and err1 == ""
+    assert err0 == (f"error: {out} is in use by another run of train.py or evaluate.py (after kill -9 on torchrun "
+                    f"its workers go on): stop it, or use another --output\n")
 
 
 def test_a_missing_weights_file_is_said_before_the_data_is_read(tmp_path, capsys):
@@ -793,7 +825,7 @@ def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
         json.dump(coco, f)
     train.main([*args, "--resume", "--channels-last"])
     out = capsys.readouterr().out
-    assert "note: resuming with other settings than " in out and "(--channels-last False -> True)" in out, out
+    assert "note: resuming with other settings than " in out and "(--no-channels-last -> --channels-last)" in out, out
     assert f"note: {ann_file} has changed since " in out, out
     good = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
     broken = [lambda c: c.pop("rng"), lambda c: c.pop("iteration"), lambda c: c.update(iteration="1"),
