@@ -1511,8 +1511,8 @@ def setup_processes(device):
     if device.startswith("cuda"):
         device = f"cuda:{torchrun_gpu(local_rank, local_world)}"
         torch.cuda.set_device(device)
-    elif cpu_threads(local_world) is not None:
-        torch.set_num_threads(cpu_threads(local_world))
+    elif (threads := cpu_threads(local_world)) is not None:
+        torch.set_num_threads(threads)
     try:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     except getattr(torch.distributed, "DistNetworkError", ()) as e:  # rank 0 listens at MASTER_ADDR:MASTER_PORT
