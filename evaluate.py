@@ -794,15 +794,9 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
 
 
 def make_output_folder(path, subfolders=()):
-    """--output and the `subfolders` the pictures go to, made before the first detection: a
-    name taken by a file, or a folder that cannot be written, is said then, not once the metrics
-    are computed."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        if os.path.isfile(path):
-            raise ValueError(f"--output {path} is a file, not a directory") from None
-        raise ValueError(f"--output {path}: cannot write there ({e.strerror})") from None
+    """The `subfolders` the pictures go to in --output (made, and locked, by data.directory_lock)
+    before the first detection: a name taken by a file, or a folder that cannot be written, is said
+    then, not once the metrics are computed."""
     try:  # a folder that exists but takes no file (read-only): said now too
         with tempfile.TemporaryFile(dir=path):
             pass
