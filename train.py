@@ -353,15 +353,24 @@ def train(cfg, loss_cfg, held):
     # ------------------------------------------------------------------ processes (torchrun or plain python)
     ddp, rank, world, cfg.device = setup_processes(cfg.device)
     master = rank == 0
+    last_path, final_path = os.path.join(cfg.output, "last.pt"), os.path.join(cfg.output, "model_final.pt")
+
+    def lock_output():
+        try:
+            held.enter_context(directory_lock(cfg.output))
+        except ValueError as e:
+            if cfg.resume and os.path.isfile(final_path) and not os.access(cfg.output, os.W_OK):
+                raise ValueError(f"{e}; it holds a finished run (model_final.pt): nothing to resume") from None
+            raise
+
     # rank 0 locks the run directory; a refusal stops every process at once (not one left waiting)
-    on_rank0(lambda: held.enter_context(directory_lock(cfg.output)), ddp, master)
+    on_rank0(lock_output, ddp, master)
     device = torch.device(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a handful of padded shapes recur all run long
     # a run already there is refused before the dataset is read and its images checked
-    last_path, final_path = os.path.join(cfg.output, "last.pt"), os.path.join(cfg.output, "model_final.pt")
     if os.path.exists(final_path) and not os.path.exists(last_path):
         raise ValueError(f"{cfg.output} holds a finished run (model_final.pt) without its last.pt: nothing to "
                          f"resume; use another --output")

@@ -792,9 +792,14 @@ def test_ctrl_c_while_torch_imports_is_one_line():
     assert proc.returncode == 130 and len(said) == 1 and said[0].startswith("interrupted"), said
 
 
-def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
+def _raise(error):
+    raise error
+
+
+def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
     """--resume refuses a last.pt of other settings, naming them as flags (also another training split
-    with the same categories); settings that change only the numbers get a note."""
+    with the same categories); settings that change only the numbers get a note. A complete run is
+    left as it is, and said to be complete where its folder is read-only."""
     import shutil
     data = str(tmp_path / "data")
     shutil.copytree(tiny_data, data)
@@ -816,6 +821,16 @@ def test_resume_refuses_another_runs_checkpoint(tiny_data, tmp_path, capsys):
     train.main([*args, "--resume", "--channels-last"])  # a complete run is left as it is
     assert capsys.readouterr().out.endswith(f"\nthe run in {run} is complete ({run / 'model_final.pt'}): nothing to resume\n")
     assert before == {name: (run / name).read_bytes() for name in before}
+    with monkeypatch.context() as m:  # the same on a read-only file system: it cannot be locked, and is complete
+        real_open, real_access = os.open, os.access
+        m.setattr(os, "open", lambda path, *a, **k: _raise(OSError(errno.EROFS, "Read-only file system"))
+                  if str(path).endswith(".lock") else real_open(path, *a, **k))
+        m.setattr(os, "access", lambda path, mode, **k: mode != os.W_OK and real_access(path, mode, **k))
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*args, "--resume"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        f"error: --output {run}: cannot write there (Read-only file system); it holds a finished run "
+        f"(model_final.pt): nothing to resume\n")
     os.remove(run / "model_final.pt")  # as if stopped between its last checkpoint and the final model
     ann_file = os.path.join(data, "annotations", "instances_train2017.json")
     with open(ann_file) as f:
