@@ -72,8 +72,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
-from model import (SIZE_DIVISIBLE, batch_images, host_to_device, prepare_image, preprocess, resize_boxes,
-                   resized_size)
+from model import (SIZE_DIVISIBLE, batch_images, flip_boxes, host_to_device, prepare_image, preprocess,
+                   resize_boxes, resized_size)
 
 # PIL refuses images above 179 million pixels ("decompression bomb"), a guard for files from strangers;
 # a dataset's own images may be that large (aerial and satellite tiles), and each is checked against
@@ -887,8 +887,7 @@ class CocoDataset(torch.utils.data.Dataset):
         boxes = resize_boxes(boxes, orig_size, size)  # [G, 4]
         if flip:  # at the original size: bilinear resizing commutes with a mirror (same sample grid)
             image = image.flip(-1)
-            W = size[1]
-            boxes = torch.stack((W - boxes[:, 2], boxes[:, 1], W - boxes[:, 0], boxes[:, 3]), dim=1)
+            boxes = flip_boxes(boxes, size[1])
         if self.resize_in_worker:  # on 1 thread, as in a DataLoader worker: bilinear resizing on the CPU
             # rounds differently with the number of threads, and --workers 0 must give the same batches
             threads = torch.get_num_threads()
@@ -1583,6 +1582,30 @@ def signals_while_exiting():
     action, a death by the signal, which a scheduler reads as a crash."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def run_program(main, stopped_before_main):
+    """train.py's and evaluate.py's `__main__`: main() with the signals handed to it from the handler
+    the script installed before its imports (`stopped_before_main`), output that survives paths
+    that are not UTF-8 on any terminal (see _bytes_or_escape), and the signals ignored during the
+    exit (signals_while_exiting)."""
+    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) is stopped_before_main:
+            signal.signal(signum, default)  # main() handles them from here on
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(errors="bytes_or_escape")
+    try:
+        main()
+    finally:  # done or stopping: a Ctrl-C or SIGTERM during the exit interrupts nothing
+        signals_while_exiting()
+
+
+def usable_workers(workers, say):
+    """--workers, at most the CPUs available here (with a note where `say`: rank 0, progress shown)."""
+    usable = min(workers, available_cpus())
+    if say and usable < workers:
+        print(f"note: --workers {workers} lowered to {usable}, the CPUs available here", flush=True)
+    return usable
 
 
 def stopped_by(interrupt):

@@ -86,9 +86,9 @@ from data import (SHAPES_SLENDER, SHAPES_SQUARE, ArgumentParser, CocoDataset, Da
                   FORKED, HelpFormatter, ImageError, add_config_arguments, available_cpus, catch_stop_signals,
                   config_from_args, device_defaults, directory_lock, end_progress_line, error_line, in_processes,
                   init_worker, load_checkpoint_file, loader_batches, on_rank0, print_stop, progress_line,
-                  remove_partial_writes, resolve_root_once, setup_processes, signals_while_exiting, stop_on_failure,
-                  stopped_by, write_atomic)
-from model import RetinaNet, box_iou, preprocess, resize_image
+                  remove_partial_writes, resolve_root_once, run_program, setup_processes, stop_on_failure,
+                  stopped_by, usable_workers, write_atomic)
+from model import RetinaNet, box_iou, flip_boxes, preprocess, resize_image
 
 COCO_STATS = ("AP", "AP50", "AP75", "APS", "APM", "APL")  # COCOeval.stats[:6], Table 2's columns
 COCO_RECALLS = ("AR1", "AR10", "AR100", "ARS", "ARM", "ARL")  # COCOeval.stats[6:], the rest of its table
@@ -233,12 +233,6 @@ def load_checkpoint(path, device):
 
 
 # ----------------------------------------------------------------------------- detection
-
-def flip_boxes(boxes, width):
-    """xyxy boxes [N, 4] of a horizontally flipped image of `width` -> the same boxes in the
-    unflipped image: x1' = W - x2, x2' = W - x1."""
-    return torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)  # [N, 4]
-
 
 def class_wise_nms(cands, nms_thresh):
     """Candidates of one image {"boxes" [N, 4], "scores" [N], "labels" [N]} -> what class-wise NMS
@@ -736,9 +730,7 @@ def run_inference(model, dataset, indices, scales, max_sizes, cfg, show_progress
     # puts them back in dataset order.
     aspect_ratios = dataset.aspect_ratios
     indices = sorted(indices, key=lambda i: aspect_ratios[i])
-    workers = min(cfg.workers, available_cpus())
-    if show_progress and workers < cfg.workers:  # as train.py says it
-        print(f"note: --workers {cfg.workers} lowered to {workers}, the CPUs available here", flush=True)
+    workers = usable_workers(cfg.workers, say=show_progress)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size,
                                          num_workers=workers, collate_fn=list,
                                          pin_memory=device.type == "cuda", worker_init_fn=init_worker)
@@ -1073,12 +1065,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    for _signum, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
-        if signal.getsignal(_signum) is _stopped_before_main:
-            signal.signal(_signum, _default)  # main() handles them from here on
-    for _stream in (sys.stdout, sys.stderr):  # paths that are not UTF-8, on any terminal (see data._bytes_or_escape)
-        _stream.reconfigure(errors="bytes_or_escape")
-    try:
-        main()
-    finally:  # done or stopping: a Ctrl-C or SIGTERM during the exit interrupts nothing
-        signals_while_exiting()
+    run_program(main, _stopped_before_main)

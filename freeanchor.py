@@ -5,8 +5,9 @@ Instead of assigning each anchor to an object by an IoU threshold, FreeAnchor le
 b_i pick its anchors from a bag A_i of candidates (the n anchors that overlap it most) by
 maximising a likelihood that rewards both classification and localisation (recall, Eq. 3),
 while every anchor that does not clearly predict an object is pushed towards background
-(precision, Eq. 4). The Mean-max function (Eq. 6) turns "the best anchor of the bag" into
-something smooth enough to train, and Eq. 7 is the loss: -log of the product of the two.
+(precision, Eq. 4). Eq. 5 is the product of the two likelihoods; Eq. 7 is the loss: its -log, with
+the max over each bag made smooth enough to train by the Mean-max function (Eq. 6) and the
+precision term weighted as a focal loss.
 
 Letters of the shape comments: B images, A anchors, K classes, G objects per image (padded to at
 least the largest count in the batch), n bag size; g the objects of one block (object_blocks),
@@ -123,7 +124,8 @@ def pad_objects(gt_boxes, gt_labels, dtype, device):
     gt_labels = F.pad(gt_labels, (0, max(0, 1 - G)), value=-1)  # [B, G]
     valid = (gt_labels >= 0).to(device)  # [B, G]
     boxes = torch.where(valid[..., None], gt_boxes.to(device, dtype), unit_box(dtype, device))  # [B, G, 4]
-    return boxes, gt_labels.to(device).clamp(min=0), valid
+    labels = gt_labels.to(device).clamp(min=0)  # [B, G]  padding: class 0, masked out by `valid`
+    return boxes, labels, valid
 
 
 def object_blocks(B, G, A):
@@ -189,7 +191,7 @@ def match(anchors, pred_boxes, boxes, labels, valid, n, t, K):
     learned through: it only decides which anchors the negative term leaves alone.
 
     anchors [A, 4], pred_boxes [B, A, 4] (decoded predictions), boxes [B, G, 4], labels [B, G],
-    valid [B, G]. Returns bag [B, G, n] anchor indices and p_plus [B, A, K] = P{a_j in A+} per
+    valid [B, G]; n the bag size, t the IoU threshold of P{a_j -> b_i}, K the classes. Returns bag [B, G, n] anchor indices and p_plus [B, A, K] = P{a_j in A+} per
     class: the max of P{a_j -> b_i} over the objects i of class c (0 with no object of class c), a
     transposed view of a [B, K, A] tensor.
     """
@@ -221,8 +223,8 @@ def bag_likelihood(cls_logits, box_deltas, anchors, bag, boxes, labels, cfg):
     """P_ij = P_cls_ij * P_loc_ij of every anchor j in the bag of every object i (Eq. 3): [B, G, n].
 
     P_cls_ij = sigmoid(cls_logits)[j, label_i]; P_loc_ij = exp(-beta L_loc_ij) (beta of Eq. 1,
-    cfg.loc_weight), L_loc the SmoothL1
-    between the predicted deltas and those that would move a_j onto b_i. Gradient flows into both.
+    cfg.loc_weight), L_loc the SmoothL1 between the predicted deltas and those that would move a_j
+    onto b_i. Gradient flows into both.
     """
     img = torch.arange(bag.shape[0], device=bag.device)[:, None, None]  # [B, 1, 1]
     p_cls = torch.sigmoid(cls_logits[img, bag, labels[:, :, None]])  # [B, G, n]  P_cls_ij
@@ -244,8 +246,9 @@ def negative_focal_sum(cls_logits, p_plus, gamma):
     q = P{a_j in A-} (1 - P_bg) per class = P_cls (1 - P{a_j in A+}). cls_logits [B, A, K],
     p_plus [B, A, K] = P{a_j in A+} (match's; no gradient) -> [].
     1 - q as (1 - P_cls) + P_cls P{a_j in A+}: exact where float32 rounds P_cls to 1 (logits > 17).
-    The authors clamp q to [EPS, 1 - EPS]: the upper clamp is that of 1 - q below; the lower one
-    only matters for gamma < 1, where q^gamma has an infinite slope at q = 0.
+    The authors clamp q to [EPS, 1 - EPS]: the upper clamp is that of 1 - q below, at the value 1 - q
+    takes in float64 at q = 1 - EPS (in float32, 1 - EPS rounds to 1, and a clamp of q would do
+    nothing); the lower one only matters for gamma < 1, where q^gamma has an infinite slope at q = 0.
     The sum runs over each anchor's K classes first, then over the anchors: under torch.compile
     with a symbolic A (train.py), one sum over all of [B, A, K] became a flat reduction whose every
     read divides by the symbolic sizes, which reads P{a_j in A+} (a transposed view) and the
@@ -284,6 +287,7 @@ def free_anchor_loss(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=F
             num_objects = torch.full((), float(num_objects), dtype=box_deltas.dtype, device=box_deltas.device)  # []
         num_objects = num_objects.to(box_deltas.device, box_deltas.dtype, non_blocking=True)  # []
 
+        # the predicted boxes only decide P{a_j -> b_i}, which is not learned through (§3.2)
         pred_boxes = decode(anchors, box_deltas.detach())  # [B, A, 4]
         bag, p_plus = match(anchors, pred_boxes, boxes, labels, valid, n, cfg.iou_threshold, K)  # [B, G, n], [B, A, K]
 
@@ -325,7 +329,7 @@ def bag_weights(cls_logits, box_deltas, anchors, gt_boxes, gt_labels, cfg=FreeAn
         bag, _ = match(anchors, pred_boxes, boxes, labels, valid, n, cfg.iou_threshold, K)  # [B, G, n]
         w = mean_max_weights(bag_likelihood(cls_logits, box_deltas, anchors, bag, boxes, labels, cfg))  # [B, G, n]
         w = w / w.sum(-1, keepdim=True)  # [B, G, n]
-    return [(bag[b, valid[b]], w[b, valid[b]]) for b in range(B)]
+    return [(bag[b, valid[b]], w[b, valid[b]]) for b in range(B)]  # B x ([G_b, n], [G_b, n])
 
 
 def compile_loss(loss_fn, **kwargs):
@@ -355,7 +359,8 @@ def retinanet_assign(anchors, boxes, valid, cfg):
     Each anchor takes the object it overlaps most (the first on ties): IoU >= fg_iou is positive,
     < bg_iou negative, in between ignored; every object also keeps the anchors that overlap it
     best (torchvision's low-quality matches, which take their own best object), so small objects
-    are never left without a positive. anchors [A, 4], boxes [B, G, 4], valid [B, G] -> best_obj
+    are never left without a positive; unlike torchvision's Matcher, not where that best IoU is 0
+    (an object that overlaps no anchor would make every anchor positive for it). anchors [A, 4], boxes [B, G, 4], valid [B, G] -> best_obj
     [B, A], positive [B, A], ignored [B, A].
     """
     B, G = valid.shape

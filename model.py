@@ -147,6 +147,12 @@ def _resize(image, size):
     return F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
+def flip_boxes(boxes, width):
+    """xyxy boxes [N, 4] -> the same boxes in the horizontal mirror of an image of `width`:
+    x1' = W - x2, x2' = W - x1 (its own inverse: flipping twice gives the boxes back)."""
+    return torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)  # [N, 4]
+
+
 def resize_boxes(boxes, old_size, new_size):
     """Move xyxy boxes [G, 4] from an image of size old_size (h, w) to one of new_size (h, w)."""
     ratio_h = torch.tensor(new_size[0], dtype=torch.float32) / torch.tensor(old_size[0], dtype=torch.float32)

@@ -67,11 +67,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import freeanchor
 from data import (ArgumentParser, CocoDataset, DataError, DeferredInterrupt, HelpFormatter, ImageError,
-                  TrainSampler, add_config_arguments, available_cpus, canvas_shapes, catch_stop_signals, collate,
+                  TrainSampler, add_config_arguments, canvas_shapes, catch_stop_signals, collate,
                   config_from_args, device_defaults, directory_lock, end_progress_line, error_line, format_eta,
                   init_worker, load_checkpoint_file, loader_batches, on_rank0, pad_to_canvas, print_stop,
-                  remove_partial_writes, resolve_root_once, setup_processes, signals_deferred, signals_while_exiting,
-                  split_files, stop_on_failure, stopped_by, to_device, write_atomic)
+                  remove_partial_writes, resolve_root_once, run_program, setup_processes, signals_deferred,
+                  split_files, stop_on_failure, stopped_by, to_device, usable_workers, write_atomic)
 from model import BACKBONES, PRIOR_PROB, RETINANET_PRIOR_PROB, RetinaNet
 
 # maskrcnn-benchmark's SOLVER.BIAS_LR_FACTOR = 2 and SOLVER.WEIGHT_DECAY_BIAS = 0, kept by the
@@ -523,9 +523,7 @@ def train(cfg, loss_cfg, held):
 
     sampler = TrainSampler(dataset, cfg.batch_size, min_sizes=cfg.min_size, flip=True, rank=rank,
                            world_size=world, seed=cfg.seed, start_iter=start_iter, max_iter=cfg.max_iter)
-    workers = min(cfg.workers, available_cpus())  # the batches do not depend on it (the sampler draws)
-    if master and workers < cfg.workers:
-        print(f"note: --workers {cfg.workers} lowered to {workers}, the CPUs available here", flush=True)
+    workers = usable_workers(cfg.workers, say=master)  # the batches do not depend on it (the sampler draws)
     # The loader draws its workers' seed when iteration starts: from a generator of its own, not
     # from the global RNG that checkpoints save, or a resumed run would be one draw ahead of an
     # uninterrupted one (nothing random reads it today; dropout or a random crop would).
@@ -541,7 +539,7 @@ def train(cfg, loss_cfg, held):
              "categories": dataset.categories, "world_size": world}, indent=1).encode())
         if os.path.exists(log_path):  # a resumed run: forget what happened after the checkpoint
             with open(log_path) as f:
-                kept = [l for l in f if l.strip() and _iter_of(l) is not None and _iter_of(l) <= start_iter]
+                kept = [l for l in f if l.strip() and (i := _iter_of(l)) is not None and i <= start_iter]
             write_atomic(log_path, "".join(kept).encode())
         elif start_iter > 0:  # removed since the checkpoint: what it held is gone, not to be taken for the run
             print(f"note: {log_path} is missing: it starts again at iteration {start_iter + 1}", flush=True)
@@ -606,15 +604,18 @@ def train(cfg, loss_cfg, held):
         if cfg.compile:  # image size and object count vary: compile for any of them at once
             if not canvases:
                 torch._dynamo.maybe_mark_dynamic(images, [2, 3])  # H, W
-            torch._dynamo.maybe_mark_dynamic(gt_boxes, 1), torch._dynamo.maybe_mark_dynamic(gt_labels, 1)  # G
+            torch._dynamo.maybe_mark_dynamic(gt_boxes, 1)  # G
+            torch._dynamo.maybe_mark_dynamic(gt_labels, 1)
 
         with autocast:
             cls_logits, box_deltas, anchors = model(images)
         if cfg.compile and canvases:  # A, fixed by the canvas: the loss compiled once per canvas's A
-            torch._dynamo.mark_static(cls_logits, 1), torch._dynamo.mark_static(box_deltas, 1)
+            torch._dynamo.mark_static(cls_logits, 1)
+            torch._dynamo.mark_static(box_deltas, 1)
             torch._dynamo.mark_static(anchors, 0)
         elif cfg.compile:  # A, which follows H and W
-            torch._dynamo.maybe_mark_dynamic(cls_logits, 1), torch._dynamo.maybe_mark_dynamic(box_deltas, 1)
+            torch._dynamo.maybe_mark_dynamic(cls_logits, 1)
+            torch._dynamo.maybe_mark_dynamic(box_deltas, 1)
             torch._dynamo.maybe_mark_dynamic(anchors, 0)
         if cfg.loss == "freeanchor":
             # ||B|| of Eq. 7 from the host's lists (no device read), averaged over processes; made
@@ -747,12 +748,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    for _signum, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
-        if signal.getsignal(_signum) is _stopped_before_main:
-            signal.signal(_signum, _default)  # main() handles them from here on
-    for _stream in (sys.stdout, sys.stderr):  # paths that are not UTF-8, on any terminal (see data._bytes_or_escape)
-        _stream.reconfigure(errors="bytes_or_escape")
-    try:
-        main()
-    finally:  # done or stopping: a Ctrl-C or SIGTERM during the exit interrupts nothing
-        signals_while_exiting()
+    run_program(main, _stopped_before_main)

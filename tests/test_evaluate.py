@@ -579,7 +579,7 @@ def test_orientation_follows_the_checkpoint_unless_given(tiny_ckpt, tmp_path, ca
 
 
 def test_more_workers_than_cpus_are_lowered_with_a_note(tiny_ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "available_cpus", lambda: 1)
+    monkeypatch.setattr(data, "available_cpus", lambda: 1)
     args = ["--ckpt", tiny_ckpt, "--output", str(tmp_path / "eval"), "--max-images", "1"]
     _, printed = run_main([*args, "--workers", "3"], capsys)
     assert "note: --workers 3 lowered to 1, the CPUs available here\n" in printed.out
