@@ -153,6 +153,16 @@ def flip_boxes(boxes, width):
     return torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), dim=1)  # [N, 4]
 
 
+def one_column_padded(x):
+    """x [B, C, h, w] as the stride-2 3x3 convolutions of P6 and P7 (padding 1) should get it: with a
+    column of zeros on the right where w = 1 (images at most 32 or 64 pixels wide), which they read as
+    padding anyway, so their output is the same. On a CPU, under bfloat16 autocast, oneDNN's backward
+    for the weights of such a convolution on an input one column wide reads memory it never wrote
+    (jit_bf16:avx512_core_bf16 in oneDNN 3.12, torch 2.14): a gradient that changes from run to run,
+    and can be NaN. Two columns take another path, which is right."""
+    return F.pad(x, (0, 1)) if x.shape[-1] == 1 else x  # [B, C, h, max(w, 2)]
+
+
 def resize_boxes(boxes, old_size, new_size):
     """Move xyxy boxes [G, 4] from an image of size old_size (h, w) to one of new_size (h, w)."""
     ratio_h = torch.tensor(new_size[0], dtype=torch.float32) / torch.tensor(old_size[0], dtype=torch.float32)
@@ -489,8 +499,8 @@ class RetinaNet(nn.Module):
         p4 = output[1](top)
         top = lateral[0](c3) + F.interpolate(top, size=c3.shape[-2:], mode="nearest")
         p3 = output[0](top)
-        p6 = self.fpn["p6"](p5)  # from P5 (not C5), as torchvision's LastLevelP6P7(256, 256)
-        p7 = self.fpn["p7"](F.relu(p6))
+        p6 = self.fpn["p6"](one_column_padded(p5))  # from P5 (not C5), as torchvision's LastLevelP6P7(256, 256)
+        p7 = self.fpn["p7"](one_column_padded(F.relu(p6)))
         return [p3, p4, p5, p6, p7]
 
     def anchors(self, feature_sizes, image_size, device):

@@ -422,6 +422,45 @@ def test_frozen_batchnorm_is_torchvisions_and_keeps_bfloat16():
     assert x.dtype == c5.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("width", [32, 64, 96])
+def test_p6_p7_of_narrow_images_are_exact_and_their_gradients_steady_under_bfloat16(width):
+    """Images 32 or 64 pixels wide give P5 or P6 one column: P6 and P7 see it with a column of
+    zeros added (model.one_column_padded), the same output as without it, since their padding reads
+    zeros there anyway. Under bfloat16 autocast on a CPU their weights' gradient is the same from run
+    to run (without that column, oneDNN's AVX512-BF16 kernel reads memory it never wrote: another
+    gradient each run, NaN at times, though the loss is finite) and near float32's."""
+    torch.manual_seed(0)
+    # BatchNorm on its running statistics: those of a batch of 2 x 3 x 1 values amplify bfloat16's rounding
+    m = RetinaNet(3, backbone="resnet18", weights="none", min_size=64, max_size=96).eval()
+    images = torch.randn(2, 3, 96, width)
+    with torch.no_grad():  # the column changes nothing in float32
+        p5 = m.features(images)[2]  # [2, 256, 3, width / 32]
+        p6 = m.fpn["p6"](p5)
+        p7 = m.fpn["p7"](torch.relu(p6))
+        for conv, x, y in ((m.fpn["p6"], p5, p6), (m.fpn["p7"], torch.relu(p6), p7)):
+            torch.testing.assert_close(y, torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=1),
+                                       rtol=1e-5, atol=1e-6)
+    weights = [m.fpn["p6"].weight, m.fpn["p7"].weight]
+    directions = [torch.randn(2, 256, *p.shape[-2:]) for p in (p6, p7)]
+
+    def gradients(dtype):
+        m.zero_grad()
+        stale = [torch.full((1 << k,), float("nan")) for k in range(10, 22)]  # freed memory that holds NaN
+        del stale
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            p6, p7 = m.features(images)[3:]
+        sum((p.float() * d).sum() for p, d in zip((p6, p7), directions)).backward()
+        return [w.grad.clone() for w in weights]
+
+    exact = gradients(torch.float32)
+    runs = [gradients(torch.bfloat16) for _ in range(4)]
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+    for got, want in zip(runs[0], exact):
+        assert torch.isfinite(got).all()
+        assert (got - want).norm() <= 0.05 * want.norm()
+
+
 def test_config_rebuilds_the_model():
     m = tiny(frozen_bn=True, min_size=(32, 64))
     rebuilt = RetinaNet(**{**m.config, "weights": "none"})
