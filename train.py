@@ -342,6 +342,84 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def print_dataset_notes(dataset):
+    """What training leaves out of the annotation file or reads other than it is written, said once
+    before the run, never silently."""
+    if dataset.tiny_boxes or dataset.images_without_boxes:
+        print(f"note: training leaves out {dataset.tiny_boxes} box(es) of {dataset.ann_file} under 1 px wide or "
+              f"high once clipped to their image, and {dataset.images_without_boxes} image(s) without a usable box "
+              f"(none annotated, or only crowd regions and such boxes)", flush=True)
+    if dataset.unseen_categories:
+        print(f"note: {len(dataset.unseen_categories)} of the {len(dataset.categories)} categories of "
+              f"{dataset.ann_file} {'has' if len(dataset.unseen_categories) == 1 else 'have'} no usable box there ({', '.join(dataset.unseen_categories[:8])}"
+              f"{', ...' if len(dataset.unseen_categories) > 8 else ''}): the model gets a class for each, which it "
+              f"never sees an example of", flush=True)
+    if dataset.shared_names:
+        print(f"note: categories of {dataset.ann_file} share a name ({', '.join(dataset.shared_names[:8])}"
+              f"{', ...' if len(dataset.shared_names) > 8 else ''}): they are told apart by id only, in the "
+              f"evaluation's tables and pictures", flush=True)
+    if dataset.boxes_past_border:
+        print(f"note: {dataset.boxes_past_border} of the {dataset.num_boxes} boxes of {dataset.ann_file} extend more "
+              f"than 1 px past their image and are clipped to it (COCO boxes are [x, y, width, height])", flush=True)
+
+
+def resume_from(last_path, cfg, loss_cfg, dataset, model, optimizer, device, world, master):
+    """--resume: last.pt checked against this run (its settings, categories and data), its weights,
+    optimizer state and random number generators loaded into this process; notes on what differs
+    but may (settings that change only the numbers, the annotations, the number of processes).
+    Returns the iteration to go on from (cfg.max_iter for a complete run, said by the caller)."""
+    try:
+        # on the CPU: the RNG states must stay CPU tensors; the optimizer moves its own state
+        ckpt = load_checkpoint_file(last_path)
+        missing = [k for k in ("config", "categories", "iteration", "model", "optimizer", "rng")
+                   if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:  # a plain state dict, say, saved over last.pt
+            raise TypeError(f"not a last.pt of train.py (no {', '.join(missing)})")
+        saved, ckpt_categories, start_iter = ckpt["config"], ckpt["categories"], ckpt["iteration"]
+        if not isinstance(saved, dict) or not isinstance(ckpt.get("loss_config") or {}, dict):
+            raise TypeError("its settings are not a dict")
+        if not isinstance(start_iter, int) or not 0 <= start_iter <= saved.get("max_iter", start_iter):
+            raise TypeError(f"iteration {start_iter!r} is not a count from 0 to its --max-iter {saved.get('max_iter')}")
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {last_path}: {error_line(e)}") from None
+    if ckpt_categories != dataset.categories:
+        raise ValueError(f"{last_path} was trained on other categories than {dataset.ann_file}")
+    given, given_loss = dataclasses.asdict(cfg), dataclasses.asdict(loss_cfg)
+    changed = resume_changes(RESUME_MUST_MATCH, saved, given)
+    changed += resume_changes(given_loss, ckpt.get("loss_config") or {}, given_loss)
+    if changed:
+        raise ValueError(f"{last_path} belongs to a different run ({'; '.join(changed)}): "
+                         f"resume with the run's own settings, or use another --output")
+    try:
+        model.load_state_dict(ckpt["model"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{last_path} does not fit this model: {str(e).splitlines()[0]}") from None
+    try:
+        set_rng_state(ckpt["rng"], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot read checkpoint {last_path}: its random number generator states: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if start_iter == cfg.max_iter and os.path.exists(os.path.join(cfg.output, "model_final.pt")):
+        return start_iter  # complete: nothing to say, nothing to touch
+    changed = resume_changes(RESUME_MAY_CHANGE, saved, given)
+    if changed and master:
+        print(f"note: resuming with other settings than {last_path}'s ({'; '.join(changed)}): the run goes on, "
+              f"but its weights will not be those of an uninterrupted run", flush=True)
+    digest = dataset.fingerprint
+    if ckpt.get("dataset", digest) != digest and master:
+        print(f"note: {dataset.ann_file} has changed since {last_path} was written (its images or boxes): the run "
+              f"goes on, but its batches and weights will not be those of an uninterrupted run", flush=True)
+    if master:
+        print(f"resuming {last_path} at iteration {start_iter}/{cfg.max_iter}", flush=True)
+        if ckpt.get("world_size", world) != world:
+            per_process_bn = not model.config["frozen_bn"] and device.type != "cuda"  # no SyncBatchNorm on CPU
+            print(f"note: {last_path} was written by {ckpt['world_size']} process(es), this run has {world}: the "
+                  f"batches are the same{', but BatchNorm statistics (per process) differ' if per_process_bn else ''}",
+                  flush=True)
+    return start_iter
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -386,23 +464,8 @@ def train(cfg, loss_cfg, held):
     # recorded for evaluate.py, which may run from another directory (and there would build another shapes)
     cfg.data = os.path.abspath(root)
     dataset = CocoDataset(root, cfg.train_split, train=True, max_size=cfg.max_size, exif=not cfg.raw_orientation)
-    data_digest = dataset.fingerprint  # kept in last.pt: --resume notes annotations changed under the same path
-    if master and (dataset.tiny_boxes or dataset.images_without_boxes):  # said once, never silent
-        print(f"note: training leaves out {dataset.tiny_boxes} box(es) of {dataset.ann_file} under 1 px wide or "
-              f"high once clipped to their image, and {dataset.images_without_boxes} image(s) without a usable box "
-              f"(none annotated, or only crowd regions and such boxes)", flush=True)
-    if master and dataset.unseen_categories:
-        print(f"note: {len(dataset.unseen_categories)} of the {len(dataset.categories)} categories of "
-              f"{dataset.ann_file} {'has' if len(dataset.unseen_categories) == 1 else 'have'} no usable box there ({', '.join(dataset.unseen_categories[:8])}"
-              f"{', ...' if len(dataset.unseen_categories) > 8 else ''}): the model gets a class for each, which it "
-              f"never sees an example of", flush=True)
-    if master and dataset.shared_names:
-        print(f"note: categories of {dataset.ann_file} share a name ({', '.join(dataset.shared_names[:8])}"
-              f"{', ...' if len(dataset.shared_names) > 8 else ''}): they are told apart by id only, in the "
-              f"evaluation's tables and pictures", flush=True)
-    if master and dataset.boxes_past_border:
-        print(f"note: {dataset.boxes_past_border} of the {dataset.num_boxes} boxes of {dataset.ann_file} extend more "
-              f"than 1 px past their image and are clipped to it (COCO boxes are [x, y, width, height])", flush=True)
+    if master:
+        print_dataset_notes(dataset)
     val_file, _ = split_files(root, cfg.val_split)
     if master and not os.path.isfile(val_file):  # said now, not when evaluate.py looks for it after the run
         print(f"note: --val-split {cfg.val_split}: there is no {val_file}; evaluate.py will need --split", flush=True)
@@ -440,56 +503,11 @@ def train(cfg, loss_cfg, held):
 
     start_iter = 0
     if cfg.resume and os.path.exists(last_path):
-        try:
-            # on the CPU: the RNG states must stay CPU tensors; the optimizer moves its own state
-            ckpt = load_checkpoint_file(last_path)
-            missing = [k for k in ("config", "categories", "iteration", "model", "optimizer", "rng")
-                       if not isinstance(ckpt, dict) or k not in ckpt]
-            if missing:  # a plain state dict, say, saved over last.pt
-                raise TypeError(f"not a last.pt of train.py (no {', '.join(missing)})")
-            saved, ckpt_categories, start_iter = ckpt["config"], ckpt["categories"], ckpt["iteration"]
-            if not isinstance(saved, dict) or not isinstance(ckpt.get("loss_config") or {}, dict):
-                raise TypeError("its settings are not a dict")
-            if not isinstance(start_iter, int) or not 0 <= start_iter <= saved.get("max_iter", start_iter):
-                raise TypeError(f"iteration {start_iter!r} is not a count from 0 to its --max-iter {saved.get('max_iter')}")
-        except Exception as e:
-            raise ValueError(f"cannot read checkpoint {last_path}: {error_line(e)}") from None
-        if ckpt_categories != dataset.categories:
-            raise ValueError(f"{last_path} was trained on other categories than {dataset.ann_file}")
-        given, given_loss = dataclasses.asdict(cfg), dataclasses.asdict(loss_cfg)
-        changed = resume_changes(RESUME_MUST_MATCH, saved, given)
-        changed += resume_changes(given_loss, ckpt.get("loss_config") or {}, given_loss)
-        if changed:
-            raise ValueError(f"{last_path} belongs to a different run ({'; '.join(changed)}): "
-                             f"resume with the run's own settings, or use another --output")
-        try:
-            model.load_state_dict(ckpt["model"])
-            load_optimizer_state(optimizer, ckpt["optimizer"])
-        except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as e:
-            raise ValueError(f"{last_path} does not fit this model: {str(e).splitlines()[0]}") from None
-        try:
-            set_rng_state(ckpt["rng"], device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"cannot read checkpoint {last_path}: its random number generator states: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+        start_iter = resume_from(last_path, cfg, loss_cfg, dataset, model, optimizer, device, world, master)
         if start_iter == cfg.max_iter and os.path.exists(final_path):  # nothing left to do: touch nothing
             if master:
                 print(f"the run in {cfg.output} is complete ({final_path}): nothing to resume", flush=True)
             return final_path
-        changed = resume_changes(RESUME_MAY_CHANGE, saved, given)
-        if changed and master:
-            print(f"note: resuming with other settings than {last_path}'s ({'; '.join(changed)}): the run goes on, "
-                  f"but its weights will not be those of an uninterrupted run", flush=True)
-        if ckpt.get("dataset", data_digest) != data_digest and master:
-            print(f"note: {dataset.ann_file} has changed since {last_path} was written (its images or boxes): the run "
-                  f"goes on, but its batches and weights will not be those of an uninterrupted run", flush=True)
-        if master:
-            print(f"resuming {last_path} at iteration {start_iter}/{cfg.max_iter}", flush=True)
-            if ckpt.get("world_size", world) != world:
-                per_process_bn = not model.config["frozen_bn"] and device.type != "cuda"  # no SyncBatchNorm on CPU
-                print(f"note: {last_path} was written by {ckpt['world_size']} process(es), this run has {world}: the "
-                      f"batches are the same{', but BatchNorm statistics (per process) differ' if per_process_bn else ''}",
-                      flush=True)
     elif cfg.resume and master:
         print(f"no checkpoint in {cfg.output} yet: starting from iteration 0", flush=True)
     raw_model = model
@@ -549,10 +567,12 @@ def train(cfg, loss_cfg, held):
               f"{cfg.batch_size // world} image{'' if cfg.batch_size == world else 's'}, {cfg.loss} loss, {cfg.backbone} ({cfg.weights}), "
               f"iterations {start_iter}..{cfg.max_iter}, {cfg.device} ({speed}), output {cfg.output}", flush=True)
 
+    data_digest = dataset.fingerprint
+
     def checkpoint(iteration):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "iteration": iteration, "rng": rng_state(device), "categories": dataset.categories, "world_size": world,
-                     "dataset": data_digest,
+                     "dataset": data_digest,  # --resume notes annotations changed under the same path
                      "model_config": raw_model.config, "config": dataclasses.asdict(cfg),
                      "loss_config": dataclasses.asdict(loss_cfg)}, last_path)
 
