@@ -225,12 +225,19 @@ def bag_likelihood(cls_logits, box_deltas, anchors, bag, boxes, labels, cfg):
     P_cls_ij = sigmoid(cls_logits)[j, label_i]; P_loc_ij = exp(-beta L_loc_ij) (beta of Eq. 1,
     cfg.loc_weight), L_loc the SmoothL1 between the predicted deltas and those that would move a_j
     onto b_i. Gradient flows into both.
+
+    The predictions are read with gathers, not advanced indexing (cls_logits[img, bag, labels]): the
+    backward of a gather adds each anchor's share of the gradient in a fixed order, where that of
+    advanced indexing, on a CPU with several threads, adds them in parallel once the bags hold 32768
+    values (one image with about 160 objects): another rounding on each run.
     """
-    img = torch.arange(bag.shape[0], device=bag.device)[:, None, None]  # [B, 1, 1]
-    p_cls = torch.sigmoid(cls_logits[img, bag, labels[:, :, None]])  # [B, G, n]  P_cls_ij
+    B, G, n = bag.shape
+    K = cls_logits.shape[-1]
+    logit = cls_logits.flatten(1).gather(1, (bag * K + labels[:, :, None]).flatten(1))  # [B, G n]  row j, column label_i
+    p_cls = torch.sigmoid(logit).view(B, G, n)  # [B, G, n]  P_cls_ij
+    deltas = box_deltas.gather(1, bag.flatten(1)[..., None].expand(-1, -1, 4)).view(B, G, n, 4)  # [B, G, n, 4]
     target = encode(anchors[bag], boxes[:, :, None, :])  # [B, G, n, 4]  deltas a_j -> b_i
-    loss_loc = F.smooth_l1_loss(box_deltas[img, bag], target, beta=cfg.smooth_l1_beta,
-                                reduction="none").sum(-1)  # [B, G, n]  L_loc_ij
+    loss_loc = F.smooth_l1_loss(deltas, target, beta=cfg.smooth_l1_beta, reduction="none").sum(-1)  # [B, G, n]  L_loc_ij
     p_loc = torch.exp(-cfg.loc_weight * loss_loc)  # [B, G, n]  P_loc_ij
     return p_cls * p_loc  # [B, G, n]
 

@@ -584,6 +584,32 @@ def test_two_stage_bag_equals_one_sort(A, values):
     assert torch.equal(freeanchor.bag_indices(iou, n), want)
 
 
+def test_the_same_gradient_on_every_run_for_a_crowded_image():
+    """One image of 200 objects whose bags share anchors, on 2 threads: the same gradients, bit for bit,
+    on every run (the predictions read by gathers, whose backward adds in a fixed order; advanced
+    indexing's added in parallel there, a different rounding on each run)."""
+    from model import grid_anchors
+    gen = torch.Generator().manual_seed(0)
+    size, G, K = 64, 200, 80
+    anchors = grid_anchors([(-(-size // s),) * 2 for s in (8, 16, 32, 64, 128)], (size, size), "cpu")  # [774, 4]
+    cls_logits = torch.randn(1, anchors.shape[0], K, generator=gen) - 4
+    box_deltas = 0.1 * torch.randn(1, anchors.shape[0], 4, generator=gen)
+    xy, wh = 0.8 * size * torch.rand(G, 2, generator=gen), 0.3 * size * torch.rand(G, 2, generator=gen) + 4
+    gt_boxes, gt_labels = [torch.cat([xy, (xy + wh).clamp(max=size)], 1)], [torch.randint(0, K, (G,), generator=gen)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(6):
+            logits, deltas = cls_logits.clone().requires_grad_(), box_deltas.clone().requires_grad_()
+            sum(free_anchor_loss(logits, deltas, anchors, gt_boxes, gt_labels).values()).backward()
+            runs.append((logits.grad, deltas.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in runs[0])
+
+
 def test_padded_objects_equal_lists():
     """The padded form train.py's loader yields ([B, G, 4] boxes, [B, G] labels, -1 = padding)
     gives the loss of the lists it pads."""
