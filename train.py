@@ -628,7 +628,15 @@ def train(cfg, loss_cfg, held):
             torch._dynamo.maybe_mark_dynamic(gt_labels, 1)
 
         with autocast:
-            cls_logits, box_deltas, anchors = model(images)
+            try:
+                cls_logits, box_deltas, anchors = model(images)
+            except ValueError as e:  # BatchNorm of a from-scratch backbone given one value per channel
+                if "value per channel" not in str(e):
+                    raise
+                raise ValueError(f"iteration {it + 1}: {cfg.batch_size // world} image(s) of {images.shape[-2]}x"
+                                 f"{images.shape[-1]} px per process leave BatchNorm one value per channel at stride 32"
+                                 f" (from scratch, it normalises over the batch): use a larger --batch-size or "
+                                 f"--min-size") from None
         if cfg.compile and canvases:  # A, fixed by the canvas: the loss compiled once per canvas's A
             torch._dynamo.mark_static(cls_logits, 1)
             torch._dynamo.mark_static(box_deltas, 1)

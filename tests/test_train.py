@@ -552,6 +552,19 @@ def test_a_missing_weights_file_is_said_before_the_data_is_read(tmp_path, capsys
                                        f"dict, or 'imagenet' or 'none')\n")
 
 
+def test_one_value_per_channel_for_batchnorm_is_one_line_naming_the_way_out(tiny_data, tmp_path, capsys):
+    """One 32x32 image per process leaves a from-scratch BatchNorm one value per channel at C5:
+    one line naming the iteration, the images and the settings that help."""
+    args = [*TINY, "--data", tiny_data, "--batch-size", "1", "--max-iter", "2", "--output", str(tmp_path / "r")]
+    args[args.index("--min-size") + 1] = args[args.index("--max-size") + 1] = "32"
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: iteration 1: 1 image(s) of 32x32 px per process leave BatchNorm one value "
+                                       "per channel at stride 32 (from scratch, it normalises over the batch): use a "
+                                       "larger --batch-size or --min-size\n")
+
+
 def test_output_that_cannot_be_written_or_locked(tiny_data, tmp_path, monkeypatch, capsys):
     """--output under a file: one line naming it. A file system without locks (NFS mounted nolock):
     a note, and the run goes on; so does a --val-split without an annotation file (a typo, or a
