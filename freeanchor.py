@@ -191,9 +191,10 @@ def match(anchors, pred_boxes, boxes, labels, valid, n, t, K):
     learned through: it only decides which anchors the negative term leaves alone.
 
     anchors [A, 4], pred_boxes [B, A, 4] (decoded predictions), boxes [B, G, 4], labels [B, G],
-    valid [B, G]; n the bag size, t the IoU threshold of P{a_j -> b_i}, K the classes. Returns bag [B, G, n] anchor indices and p_plus [B, A, K] = P{a_j in A+} per
-    class: the max of P{a_j -> b_i} over the objects i of class c (0 with no object of class c), a
-    transposed view of a [B, K, A] tensor.
+    valid [B, G]; n the bag size, t the IoU threshold of P{a_j -> b_i}, K the classes. Returns
+    bag [B, G, n] anchor indices and p_plus [B, A, K] = P{a_j in A+} per class: the max of
+    P{a_j -> b_i} over the objects i of class c (0 with no object of class c), a transposed view of
+    a [B, K, A] tensor.
     """
     B, G = labels.shape
     A = anchors.shape[0]
@@ -367,8 +368,8 @@ def retinanet_assign(anchors, boxes, valid, cfg):
     < bg_iou negative, in between ignored; every object also keeps the anchors that overlap it
     best (torchvision's low-quality matches, which take their own best object), so small objects
     are never left without a positive; unlike torchvision's Matcher, not where that best IoU is 0
-    (an object that overlaps no anchor would make every anchor positive for it). anchors [A, 4], boxes [B, G, 4], valid [B, G] -> best_obj
-    [B, A], positive [B, A], ignored [B, A].
+    (an object that overlaps no anchor would make every anchor positive for it).
+    anchors [A, 4], boxes [B, G, 4], valid [B, G] -> best_obj [B, A], positive [B, A], ignored [B, A].
     """
     B, G = valid.shape
     A = anchors.shape[0]
