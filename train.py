@@ -367,7 +367,8 @@ def resume_from(last_path, cfg, loss_cfg, dataset, model, optimizer, device, wor
     """--resume: last.pt checked against this run (its settings, categories and data), its weights,
     optimizer state and random number generators loaded into this process; notes on what differs
     but may (settings that change only the numbers, the annotations, the number of processes).
-    Returns the iteration to go on from (cfg.max_iter for a complete run, said by the caller)."""
+    Returns the iteration to go on from, and whether the run is complete (at --max-iter, its
+    model_final.pt written): then nothing is said here and the caller touches nothing."""
     try:
         # on the CPU: the RNG states must stay CPU tensors; the optimizer moves its own state
         ckpt = load_checkpoint_file(last_path)
@@ -401,7 +402,7 @@ def resume_from(last_path, cfg, loss_cfg, dataset, model, optimizer, device, wor
         raise ValueError(f"cannot read checkpoint {last_path}: its random number generator states: "
                          f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
     if start_iter == cfg.max_iter and os.path.exists(os.path.join(cfg.output, "model_final.pt")):
-        return start_iter  # complete: nothing to say, nothing to touch
+        return start_iter, True
     changed = resume_changes(RESUME_MAY_CHANGE, saved, given)
     if changed and master:
         print(f"note: resuming with other settings than {last_path}'s ({'; '.join(changed)}): the run goes on, "
@@ -417,7 +418,7 @@ def resume_from(last_path, cfg, loss_cfg, dataset, model, optimizer, device, wor
             print(f"note: {last_path} was written by {ckpt['world_size']} process(es), this run has {world}: the "
                   f"batches are the same{', but BatchNorm statistics (per process) differ' if per_process_bn else ''}",
                   flush=True)
-    return start_iter
+    return start_iter, False
 
 
 def peak_memory_mb(device):
@@ -503,8 +504,8 @@ def train(cfg, loss_cfg, held):
 
     start_iter = 0
     if cfg.resume and os.path.exists(last_path):
-        start_iter = resume_from(last_path, cfg, loss_cfg, dataset, model, optimizer, device, world, master)
-        if start_iter == cfg.max_iter and os.path.exists(final_path):  # nothing left to do: touch nothing
+        start_iter, complete = resume_from(last_path, cfg, loss_cfg, dataset, model, optimizer, device, world, master)
+        if complete:  # nothing left to do: touch nothing
             if master:
                 print(f"the run in {cfg.output} is complete ({final_path}): nothing to resume", flush=True)
             return final_path
